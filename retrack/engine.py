@@ -1,0 +1,344 @@
+"""The one training loop every method and every model family shares.
+
+    result = unlearn(backend, forget_x0, retain_x0, UnlearnConfig(method="retrack"), on_step=print)
+    save_model(backend, "out/unlearned", result.metadata())
+
+Per step: draw a forget batch (with each row's K nearest retain neighbours) and an independent
+retain batch, call the objective, back-propagate (or, for EraseDiff/SISS, take the two gradients
+separately and combine them after accumulation), average gradients across processes, clip the
+global norm, take an AdamW step, report a `StepEvent`. Runs on `accelerate`'s process state, so
+`accelerate launch --num_processes N` gives data parallelism with no code change: each process
+draws its own rows and gradients are averaged before the update, so all copies stay identical.
+
+The backend's network is trained in place; the folder it was loaded from is never written.
+Results are saved by `save_model`, atomically, to a new folder.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import threading
+import time
+import uuid
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from accelerate import PartialState
+from accelerate.utils import reduce
+from torch import Tensor
+
+from .backends.base import Backend
+from .neighbours import DEFAULT_CACHE, nearest_neighbours
+from .objectives import METHODS, Batch, Params
+
+# Published settings (METHOD.md). K = 10 everywhere; they are starting points, not constants.
+PRESETS: dict[str, dict] = {
+    "mnist": dict(lam=0.005, lr=5e-5, betas=(0.95, 0.999), weight_decay=1e-6, batch_size=128, grad_accum=1, steps=50, eta=1e-3, siss_c=5.0),
+    "cifar": dict(lam=0.02, lr=2e-5, betas=(0.95, 0.999), weight_decay=1e-6, batch_size=128, grad_accum=1, steps=60, eta=1e-3, siss_c=5.0),
+    "celeba": dict(lam=0.005, lr=5e-6, betas=(0.95, 0.999), weight_decay=1e-6, batch_size=4, grad_accum=16, steps=40, eta=1e-3, siss_c=500.0),
+    "sd": dict(lam=0.5, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, batch_size=1, grad_accum=16, steps=30, eta=1e-2, siss_c=750.0),
+}
+
+
+class Cancelled(Exception):
+    """The run was cancelled from another thread; nothing was saved."""
+
+
+class Diverged(RuntimeError):
+    """A loss or gradient became NaN/inf; the run stopped and nothing was saved."""
+
+
+@dataclass
+class UnlearnConfig:
+    method: str = "retrack"
+    k: int = 10
+    lam: float = 0.005
+    lr: float = 5e-5
+    betas: tuple[float, float] = (0.95, 0.999)
+    weight_decay: float = 1e-6
+    batch_size: int = 128  # rows per branch per optimiser step (split across processes)
+    grad_accum: int = 1
+    steps: int = 50
+    clip_norm: float = 1.0
+    seed: int = 0
+    eta: float = 1e-3
+    siss_lambda: float = 0.5
+    siss_c: float = 5.0
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast; GPU only)
+    device: str = "auto"  # "auto" (GPU when present), "cpu", "cuda", "cuda:1", ...
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "UnlearnConfig":
+        """The published settings of one benchmark family ('mnist', 'cifar', 'celeba', 'sd')."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def validate(self) -> None:
+        """Refuse settings that cannot work, before any work starts."""
+        def finite(name: str, value: float) -> None:
+            if not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        for name in ("lam", "lr", "weight_decay", "clip_norm", "eta", "siss_lambda", "siss_c"):
+            finite(name, getattr(self, name))
+        for name in ("k", "batch_size", "grad_accum", "steps", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lambda must lie in [0, 1], got {self.lam}")
+        if not 0.0 < self.lr <= 1.0:
+            raise ValueError(f"learning rate must lie in (0, 1], got {self.lr}")
+        if not 1 <= self.steps <= 1_000_000:
+            raise ValueError(f"steps must lie in [1, 1000000], got {self.steps}")
+        if not 1 <= self.batch_size <= 65_536:
+            raise ValueError(f"batch size must lie in [1, 65536], got {self.batch_size}")
+        if not 1 <= self.grad_accum <= 4096:
+            raise ValueError(f"gradient accumulation must lie in [1, 4096], got {self.grad_accum}")
+        if self.k < 1:
+            raise ValueError(f"K must be at least 1, got {self.k}")
+        if self.clip_norm <= 0:
+            raise ValueError(f"clip norm must be positive, got {self.clip_norm}")
+        if not 0.0 < self.siss_lambda < 1.0:
+            raise ValueError(f"SISS mixture weight must lie in (0, 1), got {self.siss_lambda}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ValueError(f"AdamW betas must be two numbers in [0, 1), got {self.betas}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"mixed precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+
+    def params(self) -> Params:
+        return Params(lam=self.lam, eta=self.eta, siss_lambda=self.siss_lambda, siss_c=self.siss_c)
+
+
+@dataclass
+class StepEvent:
+    """What one optimiser step reports (the CLI progress bar and the app's live plot read it)."""
+
+    step: int  # 1-based
+    steps: int
+    loss: float  # the method's total objective (for two-gradient methods: retain + or - forget)
+    unlearn: float  # the unlearning / forget term
+    retain: float  # the retain term
+    grad_norm: float  # before clipping
+    seconds: float  # since the run started (k-NN included)
+    step_seconds: float
+
+
+@dataclass
+class UnlearnResult:
+    config: UnlearnConfig
+    events: list[StepEvent]
+    seconds: float  # whole run, k-NN included
+    knn_seconds: float
+    neighbours: Optional[Tensor]  # (N_u, K) indices into the retain set, for ReTrack
+    neighbour_distances: Optional[Tensor]
+    source: str
+    n_forget: int
+    n_retain: int
+    world_size: int = 1
+
+    @property
+    def seconds_per_step(self) -> float:
+        train = self.seconds - self.knn_seconds
+        return train / max(1, len(self.events))
+
+    def metadata(self, **extra) -> dict:
+        """How the result was made: enough to reproduce it."""
+        return {
+            "method": self.config.method,
+            "config": asdict(self.config),
+            "source_model": self.source,
+            "n_forget": self.n_forget,
+            "n_retain": self.n_retain,
+            "steps_done": len(self.events),
+            "seconds": round(self.seconds, 3),
+            "knn_seconds": round(self.knn_seconds, 3),
+            "seconds_per_step": round(self.seconds_per_step, 4),
+            "final_loss": self.events[-1].loss if self.events else None,
+            "processes": self.world_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **extra,
+        }
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("a CUDA device was asked for but no GPU is available here")
+    return device
+
+
+def _rows(x: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
+    """Select rows of a per-item tensor; a single row (one shared prompt) is broadcast."""
+    if x is None:
+        return None
+    return x.expand(len(idx), *x.shape[1:]) if x.shape[0] == 1 else x[idx]
+
+
+def check_sets(forget: Tensor, retain: Tensor) -> None:
+    """Refuse sets the method cannot use (empty, mismatched, non-finite, overlapping)."""
+    if forget.shape[0] == 0:
+        raise ValueError("the forget set is empty: choose at least one image to forget")
+    if retain.shape[0] == 0:
+        raise ValueError("the retain set is empty")
+    if forget.shape[1:] != retain.shape[1:]:
+        raise ValueError(f"forget items {tuple(forget.shape[1:])} and retain items {tuple(retain.shape[1:])} differ in shape")
+    if not (torch.isfinite(forget).all() and torch.isfinite(retain).all()):
+        raise ValueError("the forget or retain data contain NaN/inf values")
+    forget_rows = {forget[i].numpy().tobytes() for i in range(forget.shape[0])}
+    overlap = sum(retain[i].numpy().tobytes() in forget_rows for i in range(retain.shape[0]))
+    if overlap == retain.shape[0]:
+        raise ValueError("the retain set holds only forget items: nothing would be left to learn from")
+    if overlap:
+        raise ValueError(f"{overlap} retain item(s) are copies of forget items; remove them from the retain set")
+
+
+def unlearn(
+    backend: Backend,
+    forget: Tensor,
+    retain: Tensor,
+    config: UnlearnConfig,
+    *,
+    forget_cond: Optional[Tensor] = None,
+    retain_cond: Optional[Tensor] = None,
+    neighbours: Optional[Tensor] = None,
+    on_step: Optional[Callable[[StepEvent], None]] = None,
+    cancel: Optional[threading.Event] = None,
+    knn_cache: Optional[Path] = DEFAULT_CACHE,
+) -> UnlearnResult:
+    """Fine-tune `backend.unet` to forget `forget` (x0 rows) while keeping `retain` (x0 rows).
+
+    Raises ValueError for unusable inputs (before any work), Cancelled if `cancel` is set, and
+    Diverged if a loss or gradient becomes non-finite.
+    """
+    config.validate()
+    forget, retain = forget.detach().float().cpu(), retain.detach().float().cpu()
+    check_sets(forget, retain)
+    method = METHODS[config.method]
+    device = resolve_device(config.device)
+    state = PartialState(cpu=device == "cpu")
+    world, rank = state.num_processes, state.process_index
+    if device != "cpu" and world > 1:
+        device = str(state.device)
+    if config.batch_size % world:
+        raise ValueError(f"batch size {config.batch_size} does not split evenly over {world} processes")
+    if config.mixed_precision != "no" and not device.startswith("cuda"):
+        raise ValueError("mixed precision needs a GPU; use 'no' on the CPU")
+
+    start = time.perf_counter()
+    distances = None
+    if method.needs_neighbours and neighbours is None:
+        distances, neighbours = nearest_neighbours(forget, retain, config.k, cache_dir=knn_cache)
+    knn_seconds = time.perf_counter() - start
+
+    unet = backend.unet.to(device)
+    unet.train()
+    parameters = backend.trainable_parameters()
+    optimiser = torch.optim.AdamW(parameters, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    # Each process draws its own rows and noise; all are reproducible from the seed.
+    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
+    schedule, params = backend.schedule, config.params()
+    rows = config.batch_size // world
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16)
+                if config.mixed_precision != "no" else nullcontext())
+
+    def draw() -> Batch:
+        fi = torch.randint(forget.shape[0], (rows,), generator=generator)
+        ri = torch.randint(retain.shape[0], (rows,), generator=generator)
+        nbrs = retain[neighbours[fi]] if neighbours is not None else forget[fi].unsqueeze(1)
+        to = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+        return Batch(forget=to(forget[fi]), neighbours=to(nbrs), retain=to(retain[ri]),
+                     forget_cond=to(_rows(forget_cond, fi)), retain_cond=to(_rows(retain_cond, ri)))
+
+    events: list[StepEvent] = []
+    try:
+        for step in range(1, config.steps + 1):
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled after {step - 1} of {config.steps} steps")
+            t0 = time.perf_counter()
+            sums = torch.zeros(3, dtype=torch.float64)  # total, unlearn, retain (mean over micro-batches)
+            acc_retain = acc_unlearn = None
+            for _ in range(config.grad_accum):
+                with autocast:
+                    terms = method.objective(backend.denoise, draw(), schedule, generator, params)
+                values = torch.stack([terms.total, terms.unlearn, terms.retain]).detach().double().cpu()
+                if not torch.isfinite(values).all():
+                    bad = [n for n, v in zip(("total", "unlearn", "retain"), values) if not math.isfinite(v)]
+                    raise Diverged(f"the {'/'.join(bad)} loss became {values[0].item()} at step {step}; "
+                                   f"try a lower learning rate or lambda")
+                sums += values / config.grad_accum
+                if method.combine is None:
+                    (terms.loss / config.grad_accum).backward()
+                else:
+                    g_r = torch.autograd.grad(terms.retain, parameters, retain_graph=True, allow_unused=True)
+                    g_u = torch.autograd.grad(terms.unlearn, parameters, allow_unused=True)
+                    g_r = [torch.zeros_like(p) if g is None else g / config.grad_accum for g, p in zip(g_r, parameters)]
+                    g_u = [torch.zeros_like(p) if g is None else g / config.grad_accum for g, p in zip(g_u, parameters)]
+                    acc_retain = g_r if acc_retain is None else [a + g for a, g in zip(acc_retain, g_r)]
+                    acc_unlearn = g_u if acc_unlearn is None else [a + g for a, g in zip(acc_unlearn, g_u)]
+            if method.combine is not None:
+                # Combine only after accumulating and averaging: the combination is nonlinear.
+                if world > 1:
+                    acc_retain, acc_unlearn = reduce(acc_retain, "mean"), reduce(acc_unlearn, "mean")
+                for p, g in zip(parameters, method.combine(acc_retain, acc_unlearn, params)):
+                    p.grad = g
+            elif world > 1:
+                grads = reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters], "mean")
+                for p, g in zip(parameters, grads):
+                    p.grad = g
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
+            if not math.isfinite(grad_norm):
+                raise Diverged(f"the gradient norm became {grad_norm} at step {step}; try a lower learning rate")
+            optimiser.step()
+            optimiser.zero_grad(set_to_none=True)
+            now = time.perf_counter()
+            event = StepEvent(step, config.steps, *map(float, sums), grad_norm, now - start, now - t0)
+            events.append(event)
+            if on_step is not None:
+                on_step(event)
+    finally:
+        optimiser.zero_grad(set_to_none=True)
+        unet.eval()
+
+    return UnlearnResult(config=config, events=events, seconds=time.perf_counter() - start, knn_seconds=knn_seconds,
+                         neighbours=neighbours, neighbour_distances=distances, source=backend.source,
+                         n_forget=forget.shape[0], n_retain=retain.shape[0], world_size=world)
+
+
+def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, overwrite: bool = False) -> Path:
+    """Write the model folder plus retrack.json atomically: the folder appears complete or not at all.
+
+    It is written to a hidden `.NAME.<id>.partial` sibling and renamed into place; an interrupted
+    save leaves only that hidden folder, never a half-written one under the real name.
+    """
+    out = Path(out_dir).absolute()
+    if backend.source and Path(backend.source).exists() and out.resolve() == Path(backend.source).resolve():
+        raise ValueError(f"{out} is the source model folder; the source model is never overwritten")
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose a new folder (or pass overwrite)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
+    try:
+        backend.save_pretrained(tmp)
+        (tmp / "retrack.json").write_text(json.dumps(metadata, indent=2, default=str))
+        if out.exists():
+            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,179 @@
+"""Images in and out of the library, converted in one place.
+
+Images enter as files, PIL images or uint8 arrays and leave as NCHW float32 tensors in [-1, 1]
+at the model's resolution and channel count; tensors go back to uint8 HWC arrays for display.
+Every refusal is an `ImageError` whose message says which input and why.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch import Tensor
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+MAX_FILE_BYTES = 20 * 2**20  # uploads above this are refused before decoding
+MAX_PIXELS = 40_000_000  # decompression-bomb guard: larger images are refused, not decoded
+Image.MAX_IMAGE_PIXELS = MAX_PIXELS  # Pillow raises DecompressionBombError at 2x this
+
+ImageLike = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+
+class ImageError(ValueError):
+    """An input image that cannot be used, with a message for people."""
+
+
+@dataclass
+class Loaded:
+    """Converted images plus notes on what was changed (shown to the user)."""
+
+    tensor: Tensor  # (N, C, H, W) float32 in [-1, 1]
+    notes: list[str] = field(default_factory=list)
+
+
+def _name(item: ImageLike, index: int) -> str:
+    if isinstance(item, (str, os.PathLike)):
+        return Path(item).name
+    return f"image {index + 1}"
+
+
+def open_image(item: ImageLike, index: int = 0) -> Image.Image:
+    """Open one image fully (decoded now, so a truncated file fails here, not later)."""
+    name = _name(item, index)
+    if isinstance(item, Image.Image):
+        return item
+    if isinstance(item, np.ndarray):
+        arr = item
+        if arr.dtype != np.uint8:
+            if np.issubdtype(arr.dtype, np.floating) and np.isfinite(arr).all() and arr.min() >= 0 and arr.max() <= 1:
+                arr = (arr * 255).round().astype(np.uint8)
+            else:
+                raise ImageError(f"{name}: arrays must be uint8 (0-255) or float in [0, 1], got {arr.dtype}")
+        if arr.ndim == 3 and arr.shape[-1] == 1:
+            arr = arr[..., 0]
+        if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
+            raise ImageError(f"{name}: array of shape {arr.shape} is not an image (H x W, or H x W x 3/4)")
+        return Image.fromarray(arr)
+    if isinstance(item, bytes):
+        data, source = item, io.BytesIO(item)
+    else:
+        path = Path(item)
+        if not path.is_file():
+            raise ImageError(f"{name}: no such file")
+        size = path.stat().st_size
+        if size == 0:
+            raise ImageError(f"{name}: the file is empty")
+        if size > MAX_FILE_BYTES:
+            raise ImageError(f"{name}: {size / 2**20:.1f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit")
+        source = path
+        data = None
+    if data is not None and len(data) == 0:
+        raise ImageError(f"{name}: the file is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(source)
+            if img.width * img.height > MAX_PIXELS:
+                raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the {MAX_PIXELS:,}-pixel limit")
+            img.seek(0)  # animated images: the first frame
+            img.load()
+    except ImageError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(f"{name}: the image is too large to decode safely") from None
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not an image file Pillow can read") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise ImageError(f"{name}: the image is damaged or truncated ({exc})") from None
+    return img
+
+
+def to_mode(img: Image.Image, channels: int) -> Image.Image:
+    """Grayscale ('L') for 1 channel, 'RGB' for 3; transparency is flattened onto black."""
+    img = ImageOps.exif_transpose(img) if hasattr(img, "getexif") else img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = arr.max() if arr.max() > 255 else 255.0
+        img = Image.fromarray((arr / max(top, 1.0) * 255).round().astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("L" if channels == 1 else "RGB")
+
+
+def load_images(items: Sequence[ImageLike], size: int, channels: int) -> Loaded:
+    """Open, convert and resize images to an (N, channels, size, size) tensor in [-1, 1].
+
+    Non-square images are centre-cropped to a square first. Raises ImageError naming the first
+    unusable input; `Loaded.notes` lists every conversion so the user can see what happened.
+    """
+    if len(items) == 0:
+        raise ImageError("no images given")
+    arrays, notes = [], []
+    for i, item in enumerate(items):
+        img = open_image(item, i)
+        name = _name(item, i)
+        changes = []
+        if getattr(img, "n_frames", 1) > 1:
+            changes.append("first frame of an animation")
+        target = "L" if channels == 1 else "RGB"
+        if img.mode != target:
+            changes.append(f"{img.mode} -> {'grayscale' if channels == 1 else 'RGB'}")
+        img = to_mode(img, channels)
+        if img.size != (size, size):
+            if img.width != img.height:
+                changes.append("centre-cropped to a square")
+                img = ImageOps.fit(img, (min(img.size),) * 2)
+            changes.append(f"resized {img.width}x{img.height} -> {size}x{size}")
+            img = img.resize((size, size), Image.Resampling.LANCZOS if img.width > size else Image.Resampling.BICUBIC)
+        if changes:
+            notes.append(f"{name}: " + ", ".join(changes))
+        arr = np.asarray(img, dtype=np.uint8)
+        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return Loaded(uint8_to_tensor(np.stack(arrays)), notes)
+
+
+def list_image_files(folder: Union[str, os.PathLike]) -> list[Path]:
+    """Image files in a folder (sorted, not recursive)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ImageError(f"{folder}: not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise ImageError(f"{folder}: no image files (.png, .jpg, ...) in it")
+    return files
+
+
+def expand_paths(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
+    """Files stay files; folders become their image files."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        out.extend(list_image_files(p) if p.is_dir() else [p])
+    return out
+
+
+def uint8_to_tensor(arr: np.ndarray) -> Tensor:
+    """uint8 (N, C, H, W) or (N, H, W) -> float32 (N, C, H, W) in [-1, 1]."""
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    return torch.from_numpy(np.ascontiguousarray(arr)).float().div(127.5).sub(1.0)
+
+
+def tensor_to_uint8(x: Tensor) -> np.ndarray:
+    """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()
+
+
+def tensor_to_pil(x: Tensor) -> list[Image.Image]:
+    """float (N, C, H, W) in [-1, 1] -> PIL images (grayscale for one channel)."""
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in tensor_to_uint8(x)]

@@ -1,0 +1,25 @@
+"""Test-wide settings: offline always, no analytics, a private cache, and tiny shared fixtures."""
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+os.environ.setdefault("RETRACK_CACHE", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "retrack"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_pixel_model(tmp_path_factory):
+    """A tiny random UNet2DModel + DDPM scheduler saved as a DDPMPipeline folder (8x8x1)."""
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       norm_num_groups=4)
+    path = tmp_path_factory.mktemp("models") / "tiny-ddpm"
+    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
+    return path
