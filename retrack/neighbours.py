@@ -18,7 +18,9 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-DEFAULT_CACHE = Path(os.environ.get("RETRACK_CACHE", Path.home() / ".cache" / "retrack")) / "knn"
+from .paths import CACHE
+
+DEFAULT_CACHE = CACHE / "knn"
 
 
 def knn(queries: Tensor, keys: Tensor, k: int, chunk_bytes: int = 64 * 2**20) -> tuple[Tensor, Tensor]:
