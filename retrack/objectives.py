@@ -89,9 +89,15 @@ class Terms:
 
 
 # ----------------------------------------------------------------------------- formulas
+def _wide(x: Tensor) -> Tensor:
+    """At least float32: half-precision network outputs are summed in float32 (sums of many
+    squared entries overflow float16)."""
+    return x.float() if x.element_size() < 4 else x
+
+
 def sum_sq(a: Tensor, b: Tensor) -> Tensor:
     """Per-sample squared error summed over all non-batch dimensions: shape (B,)."""
-    return (a - b).float().pow(2).flatten(1).sum(1)
+    return (_wide(a) - _wide(b)).pow(2).flatten(1).sum(1)
 
 
 def noise_to(x_t: Tensor, x0: Tensor, gamma: Tensor, sigma: Tensor) -> Tensor:
@@ -107,13 +113,13 @@ def retrack_targets(x_t: Tensor, neighbours: Tensor, gamma: Tensor, sigma: Tenso
     """
     v = (x_t.unsqueeze(1) - gamma.unsqueeze(1) * neighbours) / sigma.unsqueeze(1)
     # pi is the posterior over the K neighbours given x_t: a fixed weighting, never trained through.
-    pi = torch.softmax(-0.5 * v.detach().float().pow(2).flatten(2).sum(2), dim=1)
+    pi = torch.softmax(-0.5 * _wide(v.detach()).pow(2).flatten(2).sum(2), dim=1)
     return v, pi
 
 
 def retrack_unlearn_loss(eps_pred: Tensor, v: Tensor, pi: Tensor) -> Tensor:
     """Per-sample sum_k pi_k |eps_pred - v_k|^2: shape (B,)."""
-    err = (eps_pred.unsqueeze(1).float() - v.float()).pow(2).flatten(2).sum(2)  # (B, K)
+    err = (_wide(eps_pred).unsqueeze(1) - _wide(v)).pow(2).flatten(2).sum(2)  # (B, K)
     return (pi * err).sum(1)
 
 

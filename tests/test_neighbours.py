@@ -1,0 +1,53 @@
+"""Exact k-NN against brute force, across chunk boundaries, with its cache and its errors."""
+
+import pytest
+import torch
+
+from retrack.neighbours import knn, nearest_neighbours
+
+
+def brute_force(q, keys, k):
+    d = torch.cdist(q.flatten(1).double(), keys.flatten(1).double())
+    top = torch.topk(d, k, dim=1, largest=False)
+    return top.values, top.indices
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 3, 7, 50, 1000])
+def test_knn_equals_brute_force_across_chunk_boundaries(chunk_rows):
+    g = torch.Generator().manual_seed(chunk_rows)
+    queries, keys = torch.randn(5, 2, 3, 3, generator=g), torch.randn(50, 2, 3, 3, generator=g)
+    dim = 2 * 3 * 3
+    d, i = knn(queries, keys, 4, chunk_bytes=chunk_rows * 8 * dim)
+    bd, bi = brute_force(queries, keys, 4)
+    assert torch.equal(i, bi)
+    torch.testing.assert_close(d, bd)
+
+
+def test_k_equal_to_retain_size_and_k_too_large():
+    keys = torch.randn(6, 4)
+    d, i = knn(torch.randn(2, 4), keys, 6)
+    assert sorted(i[0].tolist()) == list(range(6))
+    with pytest.raises(ValueError, match="K = 7 .* 6 item"):
+        knn(torch.randn(2, 4), keys, 7)
+    with pytest.raises(ValueError, match="same shape"):
+        knn(torch.randn(2, 5), keys, 2)
+
+
+def test_memory_stays_bounded_for_large_items():
+    # 2,000 items of 4x64x64 latents with a 1 MB chunk budget: never one (2000 x 16384) float64 matrix
+    keys = torch.randn(2000, 4, 64, 64)
+    queries = keys[[3, 1500]] + 0.01
+    d, i = knn(queries, keys, 2, chunk_bytes=2**20)
+    assert i[:, 0].tolist() == [3, 1500]
+
+
+def test_cache_returns_the_same_result_and_is_keyed_by_k(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    forget, retain = torch.randn(3, 8, generator=g), torch.randn(30, 8, generator=g)
+    d1, i1 = nearest_neighbours(forget, retain, 5, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 1
+    d2, i2 = nearest_neighbours(forget, retain, 5, cache_dir=tmp_path)
+    assert torch.equal(i1, i2) and torch.equal(d1, d2)
+    nearest_neighbours(forget, retain, 3, cache_dir=tmp_path)
+    nearest_neighbours(forget, retain[:-1], 3, cache_dir=tmp_path)
+    assert len(list(tmp_path.iterdir())) == 3
