@@ -1,0 +1,49 @@
+"""The built-in default: the digits + T-shirt DDPM in assets/builtin and its training data.
+
+The training set is not shipped as files: `assets/builtin/dataset.json` records the parameters of
+the deterministic builder in `retrack.data`, and `builtin_dataset()` rebuilds the identical set
+(checked against the recorded fingerprint when present).
+"""
+
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .data import BuiltinDataset, build_digits_tshirt, dataset_fingerprint
+from .images import uint8_to_tensor
+from .paths import BUILTIN_DATASET, BUILTIN_MODEL
+
+
+def available() -> bool:
+    """Whether the built-in model and its dataset description are present."""
+    return (BUILTIN_MODEL / "model_index.json").is_file() and BUILTIN_DATASET.is_file()
+
+
+@lru_cache(maxsize=1)
+def builtin_dataset() -> BuiltinDataset:
+    """The exact training set of the built-in model."""
+    if not BUILTIN_DATASET.is_file():
+        raise FileNotFoundError(f"{BUILTIN_DATASET} is missing: the built-in model has not been built")
+    spec = json.loads(BUILTIN_DATASET.read_text())
+    dataset = build_digits_tshirt(seed=spec["seed"], n_digits=spec["n_digits"], tshirt_fraction=spec["tshirt_fraction"])
+    expected = spec.get("fingerprint")
+    if expected and dataset_fingerprint(dataset.images) != expected:
+        raise RuntimeError("the rebuilt built-in dataset differs from the one the model was trained on "
+                           "(different fonts or package versions?); delete ~/.cache/retrack and retry")
+    return dataset
+
+
+def builtin_sets() -> tuple[Tensor, Tensor]:
+    """(forget, retain) x0 tensors in [-1, 1]: the distinct T-shirt image(s) and all digits.
+
+    The forget set holds many identical copies; one of each distinct image is the same set for
+    sampling rows and neighbours, and far cheaper to search.
+    """
+    dataset = builtin_dataset()
+    forget = np.unique(dataset.forget_images, axis=0)
+    return uint8_to_tensor(forget), uint8_to_tensor(dataset.retain_images)
