@@ -170,6 +170,15 @@ class UnlearnResult:
         }
 
 
+def preset_for(backend: Backend) -> str:
+    """The published settings closest to a model: 'sd' for latent models, else by image size."""
+    if backend.family == "latent":
+        return "sd"
+    if backend.channels == 1 and backend.image_size <= 32:
+        return "mnist"
+    return "cifar" if backend.image_size <= 64 else "celeba"
+
+
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

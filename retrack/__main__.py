@@ -1,0 +1,7 @@
+"""`python -m retrack ...`: see retrack/cli.py."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,164 @@
+"""Command line: `python -m retrack unlearn | sample | bench ...` (or the `retrack` script).
+
+    python -m retrack unlearn --model builtin --out outputs/no-tshirt
+    python -m retrack unlearn --model my-ddpm --forget bad1.png bad2.png --retain train/ --out my-ddpm-clean
+    python -m retrack sample --model outputs/no-tshirt --n 64 --out grid.png
+
+Argument and input errors print one line (`retrack: error: ...`) and exit with status 2; a
+diverged or cancelled run exits with status 1. Nothing is written unless the run succeeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from . import __version__
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+def _model_path(name: str) -> Path:
+    from .paths import BUILTIN_MODEL
+
+    return BUILTIN_MODEL if name == "builtin" else Path(name)
+
+
+def load_sets(args: argparse.Namespace, backend) -> tuple:
+    """Forget and retain x0 for a run: the built-in sets, or images the user names."""
+    from .images import expand_paths, load_images
+
+    if args.model == "builtin" and not args.forget:
+        from .builtin import builtin_sets
+
+        forget, retain = builtin_sets()
+        if args.retain:
+            raise ValueError("--retain is only used together with --forget")
+        return backend.encode(forget), backend.encode(retain), []
+    if not args.forget:
+        raise ValueError("--forget is required (image files or folders) unless --model builtin")
+    if args.retain:
+        retain_files = expand_paths([args.retain])
+        retain_images = load_images(retain_files, backend.image_size, backend.channels).tensor
+    elif args.model == "builtin":
+        from .builtin import builtin_sets
+
+        retain_images = builtin_sets()[1]
+    else:
+        raise ValueError("--retain is required: a folder of the images to keep (the model's training data)")
+    forget = load_images(expand_paths(args.forget), backend.image_size, backend.channels)
+    return backend.encode(forget.tensor), backend.encode(retain_images), forget.notes
+
+
+def cmd_unlearn(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .backends import load_backend
+    from .engine import UnlearnConfig, preset_for, save_model, unlearn
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    backend = load_backend(_model_path(args.model), device="cpu")
+    preset = args.preset or preset_for(backend)
+    overrides = {name: getattr(args, name) for name in ("k", "lam", "lr", "steps", "batch_size", "grad_accum", "seed")
+                 if getattr(args, name) is not None}
+    config = UnlearnConfig.preset(preset, method=args.method, device=args.device,
+                                  mixed_precision=args.mixed_precision, **overrides)
+    config.validate()
+    forget, retain, notes = load_sets(args, backend)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    print(f"{config.method}: {forget.shape[0]} forget / {retain.shape[0]} retain items, preset {preset}, "
+          f"{config.steps} steps x batch {config.batch_size} x accum {config.grad_accum}", file=sys.stderr)
+    with tqdm(total=config.steps, desc=config.method, unit="step") as bar:
+        def on_step(event):
+            bar.set_postfix(loss=f"{event.loss:.4g}", unlearn=f"{event.unlearn:.4g}", retain=f"{event.retain:.4g}",
+                            grad=f"{event.grad_norm:.3g}")
+            bar.update(1)
+
+        result = unlearn(backend, forget, retain, config, on_step=on_step)
+    saved = save_model(backend, out, result.metadata(), overwrite=args.overwrite)
+    print(f"saved {saved} ({result.seconds:.1f} s, k-NN {result.knn_seconds:.1f} s, "
+          f"{result.seconds_per_step:.3f} s/step)")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from .backends import load_backend
+    from .engine import resolve_device
+    from .sampling import sample, save_grid
+
+    backend = load_backend(_model_path(args.model), device=resolve_device(args.device))
+    cond = None
+    if args.prompt is not None:
+        if backend.family != "latent":
+            raise ValueError("--prompt is only for text-conditioned (Stable Diffusion) models")
+        cond = backend.encode_prompt([args.prompt])
+    samples = sample(backend, args.n, seed=args.seed, steps=args.steps, scheduler=args.sampler, cond=cond,
+                     guidance=args.guidance)
+    path = save_grid(samples.images, args.out, ncol=args.ncol, labels=[str(s) for s in samples.seeds])
+    print(f"wrote {path} ({args.n} samples, seeds {args.seed}..{args.seed + args.n - 1})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .objectives import METHODS
+
+    parser = argparse.ArgumentParser(prog="retrack", description="Make a diffusion model forget specific training images.")
+    parser.add_argument("--version", action="version", version=f"retrack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("unlearn", help="fine-tune a model to forget images", description=cmd_unlearn.__doc__)
+    p.add_argument("--model", default="builtin", help="diffusers model folder, or 'builtin' (default)")
+    p.add_argument("--forget", nargs="+", help="images or folders to forget (default for builtin: the T-shirt)")
+    p.add_argument("--retain", help="folder of images to keep (the training data without the forget images)")
+    p.add_argument("--method", default="retrack", choices=sorted(METHODS))
+    p.add_argument("--preset", choices=["mnist", "cifar", "celeba", "sd"], help="published settings (default: by model family)")
+    p.add_argument("--k", type=int, help="neighbours per forget item (ReTrack; default 10)")
+    p.add_argument("--lam", type=float, help="weight of the unlearning term, in [0, 1]")
+    p.add_argument("--lr", type=float, help="AdamW learning rate")
+    p.add_argument("--steps", type=int, help="optimiser steps")
+    p.add_argument("--batch", dest="batch_size", type=int, help="rows per branch per step")
+    p.add_argument("--accum", dest="grad_accum", type=int, help="gradient accumulation micro-batches")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1")
+    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--out", required=True, help="new folder for the unlearned model")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(run=cmd_unlearn)
+
+    p = sub.add_parser("sample", help="draw a seeded grid of samples")
+    p.add_argument("--model", default="builtin")
+    p.add_argument("--n", type=int, default=64)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="sampler steps")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm"])
+    p.add_argument("--prompt", help="text prompt (Stable Diffusion models)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (Stable Diffusion)")
+    p.add_argument("--ncol", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(run=cmd_sample)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .engine import Cancelled, Diverged
+    from .images import ImageError
+
+    try:
+        return args.run(args)
+    except (ImageError, *USER_ERRORS) as exc:
+        print(f"retrack: error: {exc}", file=sys.stderr)
+        return 2
+    except (Diverged, Cancelled) as exc:
+        print(f"retrack: stopped: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("retrack: interrupted; nothing was saved", file=sys.stderr)
+        return 130
