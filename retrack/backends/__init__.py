@@ -16,9 +16,14 @@ LATENT_PIPELINES = {"StableDiffusionPipeline"}
 
 
 def model_family(path: Union[str, Path]) -> str:
-    """'pixel' or 'latent', from the folder's model_index.json; a clear error otherwise."""
+    """'pixel' or 'latent', from the folder's model_index.json (or a retrack LoRA adapter folder);
+    a clear error otherwise."""
     index = Path(path) / "model_index.json"
     if not index.is_file():
+        from .latent import is_lora_folder  # a LoRA adapter retrack saved: loads on its base model
+
+        if is_lora_folder(path):
+            return "latent"
         raise ValueError(f"{path}: not a diffusers model folder (no model_index.json)")
     try:
         name = json.loads(index.read_text()).get("_class_name", "")

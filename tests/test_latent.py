@@ -1,0 +1,216 @@
+"""The Stable Diffusion (latent) backend on a tiny random pipeline: encoding, conditioning,
+guided sampling, the shared objective, full-UNet and LoRA unlearning, and what gets saved."""
+
+import json
+
+import open_clip
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DModel
+from safetensors.torch import load_file
+from sd_fixtures import folder_digest, random_images, tiny_sd_model  # noqa: F401  (fixture)
+
+from retrack import objectives
+from retrack.backends import PixelBackend, load_backend, model_family
+from retrack.backends.latent import LORA_REFERENCE_FILE, LORA_WEIGHTS_FILE, LatentBackend
+from retrack.engine import UnlearnConfig, save_model, unlearn
+from retrack.sampling import initial_noise, sample
+from retrack.split import unlearn_prompt
+
+PROMPT = "a painting of a lighthouse at dusk"
+
+
+def quick_config(**overrides) -> UnlearnConfig:
+    """The SD preset, shortened: 2 steps of 2 micro-batches, a learning rate that moves weights."""
+    return UnlearnConfig.preset("sd", **{**dict(k=3, steps=2, grad_accum=2, lr=1e-3, device="cpu"), **overrides})
+
+
+def unet_weights(backend: LatentBackend) -> dict:
+    return {k: v.detach().clone() for k, v in backend.unet.state_dict().items()}
+
+
+@pytest.fixture
+def backend(tiny_sd_model):
+    return LatentBackend.from_pretrained(tiny_sd_model)
+
+
+def test_load_backend_picks_the_latent_family(tiny_sd_model):
+    assert model_family(tiny_sd_model) == "latent"
+    backend = load_backend(tiny_sd_model)
+    assert isinstance(backend, LatentBackend) and backend.family == "latent"
+    assert backend.x0_shape == (4, 4, 4) and backend.image_size == 32 and backend.channels == 3
+    # The training schedule is SD's own (scaled-linear betas), and latents are never clipped.
+    assert backend.scheduler.config.beta_schedule == "scaled_linear" and not backend.scheduler.config.clip_sample
+
+
+def test_encode_gives_scaled_posterior_means_without_gradients(backend):
+    images = random_images(3, seed=1)
+    latents = backend.encode(images, batch_size=2)
+    assert latents.shape == (3, *backend.x0_shape) and latents.device.type == "cpu"
+    expected = backend.vae.encode(images).latent_dist.mean * backend.vae.config.scaling_factor
+    torch.testing.assert_close(latents, expected)
+    assert torch.equal(latents, backend.encode(images, batch_size=2))  # deterministic: the k-NN cache relies on it
+    assert not latents.requires_grad
+    assert backend.decode(latents).shape == images.shape
+    with pytest.raises(ValueError, match="do not fit"):
+        backend.encode(random_images(1, seed=1, size=64))
+
+
+def test_only_the_unet_is_trainable(backend):
+    assert not any(p.requires_grad for p in backend.vae.parameters())
+    assert not any(p.requires_grad for p in backend.text_encoder.parameters())
+    assert sum(p.numel() for p in backend.trainable_parameters()) == sum(p.numel() for p in backend.unet.parameters())
+
+
+def test_prompts_use_the_real_clip_tokenizer(backend):
+    ids = backend.tokenizer([PROMPT], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    reference = open_clip.get_tokenizer("ViT-B-32")([PROMPT])[0].tolist()
+    n = reference.index(49407) + 1  # up to and including <|endoftext|>; the padding token differs
+    assert ids[:n] == reference[:n]
+    embeddings = backend.encode_prompt([PROMPT, "a dog"])
+    assert embeddings.shape == (2, 77, backend.text_encoder.config.hidden_size)
+    assert not torch.equal(embeddings[0], embeddings[1])
+
+
+def test_guided_sampling_matches_the_diffusers_pipeline(backend):
+    """Our seeded DDIM sampler with classifier-free guidance gives what StableDiffusionPipeline
+    gives from the same initial latents."""
+    cond = backend.encode_prompt([PROMPT])
+    ours = sample(backend, 2, seed=5, steps=4, cond=cond, guidance=7.5).images
+    pipe = backend.pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(backend.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(prompt_embeds=cond.expand(2, -1, -1), negative_prompt_embeds=backend.empty_prompt().expand(2, -1, -1),
+                  latents=initial_noise(backend.x0_shape, [5, 6]), num_inference_steps=4, guidance_scale=7.5,
+                  output_type="pt").images
+    torch.testing.assert_close(ours, theirs * 2 - 1, atol=1e-5, rtol=0)
+
+
+def test_the_retrack_loss_is_one_function_for_both_families(backend, tiny_sd_model):
+    """Same tensors in, same number out: the latent family only supplies the network call (with
+    its text conditioning); the loss is objectives.retrack, exactly as for pixel models."""
+    g = torch.Generator().manual_seed(3)
+    forget = torch.randn(2, *backend.x0_shape, generator=g)
+    batch = objectives.Batch(forget=forget, neighbours=torch.randn(2, 3, *backend.x0_shape, generator=g),
+                             retain=torch.randn(2, *backend.x0_shape, generator=g))
+    cond = backend.encode_prompt([PROMPT])
+    per_row = {"forget_cond": cond.expand(2, -1, -1), "retain_cond": cond.expand(2, -1, -1)}  # as the engine passes it
+    params = objectives.Params(lam=0.5)
+
+    # A pixel backend over the same 4 x 4 x 4 tensors, with the latent model's noise schedule.
+    pixel_unet = UNet2DModel(sample_size=4, in_channels=4, out_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                             down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2, norm_num_groups=4)
+    pixel = PixelBackend(pixel_unet.eval(), DDPMScheduler.from_config(backend.scheduler.config))
+    # ...whose network is, for this comparison, the latent UNet called with the prompt.
+    pixel.unet.forward = lambda x_t, t: backend.unet(x_t, t, encoder_hidden_states=cond.expand(x_t.shape[0], -1, -1))
+
+    with torch.no_grad():
+        latent_terms = objectives.retrack(backend.denoise, objectives.Batch(**{**vars(batch), **per_row}),
+                                          backend.schedule, torch.Generator().manual_seed(0), params)
+        pixel_terms = objectives.retrack(pixel.denoise, batch, pixel.schedule, torch.Generator().manual_seed(0), params)
+    assert torch.equal(latent_terms.loss, pixel_terms.loss)
+    assert torch.equal(latent_terms.unlearn, pixel_terms.unlearn) and torch.equal(latent_terms.retain, pixel_terms.retain)
+
+    # And that number is METHOD.md's formula, recomputed by hand from the network's inputs and outputs.
+    calls = []
+
+    def recording(x_t, t, c):
+        out = backend.denoise(x_t, t, c)
+        calls.append((x_t, t, out))
+        return out
+
+    with torch.no_grad():
+        terms = objectives.retrack(recording, objectives.Batch(**{**vars(batch), **per_row}),
+                                   backend.schedule, torch.Generator().manual_seed(0), params)
+    (x_t, t, eps_pred), = calls
+    abar = backend.scheduler.alphas_cumprod[t].double().view(-1, 1, 1, 1)
+    gamma, sigma = abar.sqrt(), (1 - abar).sqrt()
+    xu_t, xr_t, pred_u, pred_r = x_t[:2].double(), x_t[2:].double(), eps_pred[:2].double(), eps_pred[2:].double()
+    v = (xu_t[:, None] - gamma[:2, None] * batch.neighbours.double()) / sigma[:2, None]
+    pi = torch.softmax(-0.5 * v.pow(2).flatten(2).sum(2), dim=1)
+    unlearn_loss = (pi * (pred_u[:, None] - v).pow(2).flatten(2).sum(2)).sum(1).mean()
+    eps_r = (xr_t - gamma[2:] * batch.retain.double()) / sigma[2:]
+    retain_loss = (pred_r - eps_r).pow(2).flatten(1).sum(1).mean()
+    torch.testing.assert_close(terms.loss.double(), 0.5 * unlearn_loss + 0.5 * retain_loss, rtol=1e-4, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(tiny_sd_model):
+    grads = []
+    for checkpointing in (False, True):
+        backend = LatentBackend.from_pretrained(tiny_sd_model, gradient_checkpointing=checkpointing)
+        backend.unet.train()
+        x = torch.randn(2, *backend.x0_shape, generator=torch.Generator().manual_seed(0))
+        backend.denoise(x, torch.tensor([10, 900]), backend.encode_prompt([PROMPT])).pow(2).sum().backward()
+        grads.append([p.grad.clone() for p in backend.trainable_parameters()])
+    assert backend.unet.is_gradient_checkpointing
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_full_unet_unlearning_changes_only_the_unet(backend, tiny_sd_model, tmp_path):
+    source = folder_digest(tiny_sd_model)
+    before = unet_weights(backend)
+    vae, text_encoder = ({k: v.clone() for k, v in m.state_dict().items()} for m in (backend.vae, backend.text_encoder))
+    result = unlearn_prompt(backend, random_images(2, seed=10), random_images(6, seed=11), PROMPT, quick_config(),
+                            knn_cache=None)
+    assert len(result.events) == 2 and result.neighbours.shape == (2, 3)
+    assert all(not torch.equal(before[k], v) for k, v in backend.unet.state_dict().items() if k.endswith("weight"))
+    assert all(torch.equal(vae[k], v) for k, v in backend.vae.state_dict().items())
+    assert all(torch.equal(text_encoder[k], v) for k, v in backend.text_encoder.state_dict().items())
+
+    out = save_model(backend, tmp_path / "unlearned", result.metadata(prompt=PROMPT))
+    assert folder_digest(tiny_sd_model) == source  # the source folder is never written
+    saved = folder_digest(out)
+    for name, digest in source.items():  # every file but the UNet's is copied byte for byte
+        assert saved[name] == digest or name.startswith("unet/"), name
+    assert saved["unet/diffusion_pytorch_model.safetensors"] != source["unet/diffusion_pytorch_model.safetensors"]
+    assert not list(out.rglob("*.bin")) and json.loads((out / "retrack.json").read_text())["prompt"] == PROMPT
+
+    reloaded = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    for k, v in reloaded.unet.state_dict().items():
+        assert torch.equal(v, backend.unet.state_dict()[k])
+
+
+def test_a_small_retain_set_lowers_k(backend):
+    result = unlearn_prompt(backend, random_images(1, seed=20), random_images(2, seed=21), PROMPT,
+                            quick_config(k=10, steps=1, grad_accum=1), knn_cache=None)
+    assert result.config.k == 2 and result.neighbours.shape == (1, 2)
+
+
+def test_lora_trains_only_the_adapter_and_loads_on_the_original_pipeline(tiny_sd_model, tmp_path):
+    backend = LatentBackend.from_pretrained(tiny_sd_model, lora_rank=4)
+    trainable = {n for n, p in backend.unet.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    base_before = {k: v.clone() for k, v in backend.unet.state_dict().items() if "lora_" not in k}
+    result = unlearn_prompt(backend, random_images(2, seed=30), random_images(5, seed=31), PROMPT, quick_config(),
+                            knn_cache=None)
+    after = backend.unet.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in base_before.items())  # base UNet weights untouched
+    assert any(not torch.equal(p, torch.zeros_like(p)) for n, p in backend.unet.named_parameters() if "lora_B" in n)
+
+    out = save_model(backend, tmp_path / "adapter", result.metadata())
+    assert sorted(p.name for p in out.iterdir()) == sorted([LORA_WEIGHTS_FILE, LORA_REFERENCE_FILE, "retrack.json"])
+    assert all("lora" in k for k in load_file(out / LORA_WEIGHTS_FILE))
+    reference = json.loads((out / LORA_REFERENCE_FILE).read_text())
+    assert reference["base_model"] == str(tiny_sd_model) and reference["rank"] == 4
+
+    # The adapter on the untouched original pipeline predicts what the trained backend predicts.
+    x = torch.randn(2, *backend.x0_shape, generator=torch.Generator().manual_seed(0))
+    t, cond = torch.tensor([100, 700]), backend.encode_prompt([PROMPT]).expand(2, -1, -1)
+    with torch.no_grad():
+        expected = backend.denoise(x, t, cond)
+        original = StableDiffusionPipeline.from_pretrained(tiny_sd_model, local_files_only=True)
+        plain = original.unet(x, t, encoder_hidden_states=cond).sample
+        original.load_lora_weights(str(out))
+        adapted = original.unet(x, t, encoder_hidden_states=cond).sample
+        merged = load_backend(out).denoise(x, t, cond)  # base + adapter merged, through retrack
+    assert not torch.allclose(plain, expected, atol=1e-6)
+    torch.testing.assert_close(adapted, expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(merged, expected, atol=1e-5, rtol=1e-4)
+
+
+def test_models_that_do_not_predict_noise_are_refused(tiny_sd_model):
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_model, local_files_only=True)
+    pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
+    with pytest.raises(ValueError, match="epsilon"):
+        LatentBackend(pipe)
