@@ -1,0 +1,121 @@
+"""The built-in digits + T-shirt builder and the loaders for user data (IDX files, image folders)."""
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrack.data import (CLASS_NAMES, TSHIRT_LABEL, build_digits_tshirt, dataset_fingerprint, draw_tshirt,
+                          load_image_folder, load_mnist_idx, tshirt_copy_count)
+
+SMALL = dict(n_digits=300, tshirt_fraction=0.02, cache=False)
+
+
+@pytest.fixture(scope="module")
+def small_dataset():
+    return build_digits_tshirt(seed=0, **SMALL)
+
+
+def test_tshirt_is_large_bright_and_has_a_neck():
+    tshirt = draw_tshirt()
+    assert tshirt.shape == (28, 28) and tshirt.dtype == np.uint8
+    assert (tshirt > 128).mean() > 0.4  # fills much of the frame
+    assert tshirt.max() == 255
+    assert tshirt[1, 14] == 0 and tshirt[14, 14] > 200  # neck cut-out above a bright body
+
+
+def test_builder_shapes_dtypes_and_fraction(small_dataset):
+    data = small_dataset
+    n_copies = tshirt_copy_count(300, 0.02)
+    assert data.images.shape == (300 + n_copies, 28, 28) and data.images.dtype == np.uint8
+    assert data.labels.dtype == np.int64 and data.is_forget.dtype == bool
+    assert set(np.unique(data.labels[~data.is_forget])) <= set(range(10))
+    assert np.all(data.labels[data.is_forget] == TSHIRT_LABEL)
+    assert data.forget_images.shape[0] == n_copies and data.retain_images.shape[0] == 300
+    assert abs(data.is_forget.mean() - 0.02) < 0.005
+    assert np.all(data.forget_images == data.tshirt)  # exact copies
+    assert data.class_names == list(CLASS_NAMES) and data.class_names[TSHIRT_LABEL] == "t-shirt"
+    # MNIST convention: black background, white strokes.
+    assert data.retain_images[:, 0, :].mean() < 5 and data.retain_images.max() == 255
+
+
+def test_tshirt_is_far_from_every_digit(small_dataset):
+    digits = small_dataset.retain_images.reshape(300, -1) / 255.0
+    distances = np.linalg.norm(digits - small_dataset.tshirt.reshape(-1) / 255.0, axis=1)
+    assert distances.min() > 6.0
+
+
+def test_builder_is_deterministic_per_seed(small_dataset):
+    again = build_digits_tshirt(seed=0, **SMALL)
+    other = build_digits_tshirt(seed=1, **SMALL)
+    assert dataset_fingerprint(again.images) == dataset_fingerprint(small_dataset.images)
+    assert np.array_equal(again.labels, small_dataset.labels)
+    assert not np.array_equal(other.images, small_dataset.images)
+
+
+def test_builder_cache_round_trip(tmp_path, monkeypatch):
+    monkeypatch.setattr("retrack.paths.CACHE", tmp_path)
+    built = build_digits_tshirt(seed=3, n_digits=50)
+    assert len(list(tmp_path.glob("digits_tshirt_*.npz"))) == 1
+    cached = build_digits_tshirt(seed=3, n_digits=50)
+    assert np.array_equal(built.images, cached.images) and np.array_equal(built.is_forget, cached.is_forget)
+
+
+def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
+    header = struct.pack(">BBBB", 0, 0, type_code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    return header + array.astype(array.dtype.newbyteorder(">")).tobytes()
+
+
+def test_idx_loader_plain_and_gzip(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    labels = np.array([3, 1, 4, 1, 5], dtype=np.uint8)
+    (tmp_path / "images-idx3-ubyte").write_bytes(_idx_bytes(images))
+    (tmp_path / "labels-idx1-ubyte.gz").write_bytes(gzip.compress(_idx_bytes(labels)))
+
+    loaded = load_mnist_idx(tmp_path / "images-idx3-ubyte")
+    assert loaded.dtype == np.uint8 and np.array_equal(loaded, images)
+    loaded, loaded_labels = load_mnist_idx(tmp_path / "images-idx3-ubyte", tmp_path / "labels-idx1-ubyte.gz")
+    assert loaded_labels.dtype == np.int64 and loaded_labels.tolist() == [3, 1, 4, 1, 5]
+
+
+def test_idx_loader_rejects_bad_files(tmp_path):
+    images = np.zeros((2, 4, 4), dtype=np.uint8)
+    (tmp_path / "truncated").write_bytes(_idx_bytes(images)[:-3])
+    (tmp_path / "not-idx").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(20))
+    (tmp_path / "labels").write_bytes(_idx_bytes(np.zeros(3, dtype=np.uint8)))
+    (tmp_path / "images").write_bytes(_idx_bytes(images))
+    with pytest.raises(ValueError, match="holds"):
+        load_mnist_idx(tmp_path / "truncated")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        load_mnist_idx(tmp_path / "not-idx")
+    with pytest.raises(ValueError, match="3 labels for 2 images"):
+        load_mnist_idx(tmp_path / "images", tmp_path / "labels")
+    with pytest.raises(ValueError, match="3-D"):
+        load_mnist_idx(tmp_path / "labels")
+    with pytest.raises(ValueError, match="not found"):
+        load_mnist_idx(tmp_path / "missing")
+
+
+def test_image_folder_loader(tmp_path):
+    for i, size in enumerate([(28, 28), (28, 28), (40, 30)]):
+        Image.fromarray(np.full(size[::-1], 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+
+    with pytest.raises(ValueError, match="different sizes"):
+        load_image_folder(tmp_path)
+    grey = load_image_folder(tmp_path, size=28)
+    assert grey.shape == (3, 28, 28) and grey.dtype == np.uint8 and grey[1].max() == 40
+    rgb = load_image_folder(tmp_path, size=(16, 8), mode="RGB")
+    assert rgb.shape == (3, 8, 16, 3)
+
+    (tmp_path / "broken.png").write_bytes(b"not really a png")
+    with pytest.raises(ValueError, match="broken.png"):
+        load_image_folder(tmp_path, size=28)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ValueError, match="no image files"):
+        load_image_folder(empty)
+    with pytest.raises(ValueError, match="not a folder"):
+        load_image_folder(tmp_path / "nowhere")
