@@ -1,0 +1,321 @@
+"""Metrics for unlearning runs: memorisation (CLIP and pixel L2) and sample quality.
+
+Memorisation
+    ``ClipScorer`` wraps any open_clip model: the tiny built-in one trained on the digits +
+    T-shirt data (``assets/builtin/clip``, the offline default), a local open_clip folder, or a
+    real CLIP by name and pretrained tag. ``memorisation_scores`` gives each generated sample its
+    highest cosine similarity to the forget images; ``memorisation_rate`` is the share at or
+    above a threshold, which ``calibrate_threshold`` chooses from data. The pixel criterion of
+    the paper's MNIST benchmark is ``l2_memorised`` with ``calibrated_l2_threshold``.
+
+Quality (computed, as in the paper, on the samples that are NOT memorised)
+    ``frechet_distance`` between two feature sets (FID when the features are Inception's; here
+    usually CLIP image features), ``inception_style_score`` exp(E KL(p(y|x) || p(y))) from class
+    probabilities (e.g. ``ClipScorer.zero_shot``), and ``class_histogram``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import paths
+
+LOCAL_DIR_PREFIX = "local-dir:"
+DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class ClipScorer:
+    """Image and text features, and zero-shot probabilities, from an open_clip model.
+
+    Build it with ``ClipScorer.load``. Features come back L2-normalised, float32, on the CPU.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, device: torch.device | str,
+                 image_size: int, mean: Sequence[float], std: Sequence[float], name: str = "") -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.device = torch.device(device)
+        self.image_size = int(image_size)
+        self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+        self.name = name
+
+    @classmethod
+    def load(cls, model: str = "builtin", pretrained: str | None = None,
+             device: torch.device | str | None = None) -> "ClipScorer":
+        """Load a scorer.
+
+        ``model`` is "builtin" (the tiny CLIP in ``assets/builtin/clip``), a folder path or
+        ``local-dir:<folder>`` holding ``open_clip_config.json`` and weights, or an open_clip
+        model name with a ``pretrained`` tag or file (e.g. "ViT-B-32", "laion2b_s34b_b79k"),
+        which needs network access or an already-filled cache.
+        """
+        import open_clip
+
+        device = torch.device(device) if device is not None else _default_device()
+        if model == "builtin":
+            if not (paths.BUILTIN_CLIP / "open_clip_config.json").is_file():
+                raise FileNotFoundError(
+                    f"the built-in CLIP scorer is missing from {paths.BUILTIN_CLIP}; build it with "
+                    "`python scripts/build_builtin.py --what clip`")
+            model = LOCAL_DIR_PREFIX + str(paths.BUILTIN_CLIP)
+        elif not model.startswith(LOCAL_DIR_PREFIX) and Path(model).is_dir():
+            model = LOCAL_DIR_PREFIX + str(Path(model).resolve())
+        if model.startswith(LOCAL_DIR_PREFIX):
+            pretrained = None  # open_clip ignores it for local folders; say so by not passing it
+
+        clip_model = open_clip.create_model(model, pretrained=pretrained, device=device)
+        tokenizer = open_clip.get_tokenizer(model)
+        preprocess = clip_model.visual.preprocess_cfg
+        size = preprocess["size"]
+        size = size if isinstance(size, int) else size[0]
+        return cls(clip_model, tokenizer, device, size, preprocess["mean"], preprocess["std"], name=model)
+
+    # ---------------------------------------------------------------------------------------
+    def to_model_input(self, images) -> torch.Tensor:
+        """Bring images to the model's normalised NCHW RGB input at its resolution.
+
+        Accepts: float tensors or arrays NCHW in [-1, 1] (1 or 3 channels, the library's pixel
+        convention); uint8 arrays (H, W), (N, H, W), (N, H, W, C) or (N, C, H, W) with C in
+        {1, 3}; a PIL image or a list of them.
+        """
+        pixels01 = _images_to_unit_nchw(images)
+        if pixels01.shape[1] == 1:
+            pixels01 = pixels01.expand(-1, 3, -1, -1)
+        if pixels01.shape[-2:] != (self.image_size, self.image_size):
+            pixels01 = F.interpolate(pixels01, size=(self.image_size, self.image_size), mode="bicubic",
+                                     align_corners=False, antialias=True).clamp(0.0, 1.0)
+        return (pixels01 - self.mean) / self.std
+
+    @torch.no_grad()
+    def image_features(self, images, batch_size: int = 256) -> torch.Tensor:
+        """L2-normalised image embeddings (N, D) on the CPU."""
+        inputs = self.to_model_input(images)
+        chunks = [
+            self.model.encode_image(inputs[i:i + batch_size].to(self.device), normalize=True).float().cpu()
+            for i in range(0, len(inputs), batch_size)
+        ]
+        return torch.cat(chunks) if chunks else torch.empty(0, 0)
+
+    @torch.no_grad()
+    def text_features(self, texts: str | Sequence[str]) -> torch.Tensor:
+        """L2-normalised text embeddings (M, D) on the CPU."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        tokens = self.tokenizer(texts).to(self.device)
+        return self.model.encode_text(tokens, normalize=True).float().cpu()
+
+    @torch.no_grad()
+    def zero_shot(self, images, class_names: Sequence[str],
+                  templates: Sequence[str] = DEFAULT_PROMPT_TEMPLATES) -> np.ndarray:
+        """Class probabilities (N, C): softmax of the model's scaled image-text similarities.
+
+        Each class is described by every template (``"{}"`` replaced by its name); their text
+        features are averaged and renormalised (CLIP's prompt ensembling).
+        """
+        class_features = []
+        for name in class_names:
+            prompts = self.text_features([template.format(name) for template in templates])
+            class_features.append(F.normalize(prompts.mean(dim=0), dim=0))
+        text = torch.stack(class_features)
+        image = self.image_features(images)
+        logit_scale = self.model.logit_scale.exp().float().cpu()
+        return torch.softmax(logit_scale * image @ text.T, dim=-1).numpy()
+
+
+def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, folder: str | Path,
+                          preprocess_cfg: dict | None = None, dtype: torch.dtype = torch.float32) -> Path:
+    """Save an open_clip model as a folder that ``ClipScorer.load(folder)`` reads offline.
+
+    The layout is open_clip's ``local-dir:`` schema: ``open_clip_config.json`` with
+    ``model_cfg`` (and ``preprocess_cfg``: mean/std/size of the input normalisation) next to
+    ``open_clip_model.safetensors``. ``dtype`` lets small checkpoints be stored in float16;
+    open_clip copies them into its float32 parameters on load.
+    """
+    import json
+
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": model_cfg, "preprocess_cfg": dict(preprocess_cfg or {})}
+    (folder / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    state = {name: tensor.detach().to("cpu", dtype if tensor.is_floating_point() else tensor.dtype).contiguous()
+             for name, tensor in model.state_dict().items()}
+    save_file(state, str(folder / "open_clip_model.safetensors"))
+    return folder
+
+
+def _images_to_unit_nchw(images) -> torch.Tensor:
+    """Convert the accepted image forms to float32 NCHW in [0, 1] on the CPU."""
+    from PIL import Image
+
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+        images = np.stack([np.asarray(image.convert("RGB")) for image in images])
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8:
+            array = images.astype(np.float32) / 255.0
+            if array.ndim == 2:
+                array = array[None, None]
+            elif array.ndim == 3:
+                array = array[:, None]
+            elif array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
+                array = array.transpose(0, 3, 1, 2)
+            return torch.from_numpy(np.ascontiguousarray(array))
+        images = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"unsupported image type {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return _images_to_unit_nchw(images.numpy())
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"float images must be NCHW with 1 or 3 channels, got shape {tuple(images.shape)}")
+    return ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------
+# Memorisation by CLIP similarity
+# --------------------------------------------------------------------------------------------
+
+def max_cosine_similarity(features, reference_features) -> np.ndarray:
+    """For each row of ``features``, its highest cosine similarity to any reference row."""
+    queries = F.normalize(torch.as_tensor(np.asarray(features), dtype=torch.float32), dim=-1)
+    references = F.normalize(torch.as_tensor(np.asarray(reference_features), dtype=torch.float32), dim=-1)
+    return (queries @ references.T).max(dim=1).values.numpy()
+
+
+def memorisation_scores(scorer: ClipScorer, samples, forget_images) -> np.ndarray:
+    """Per generated sample, its highest CLIP cosine similarity to any forget image (N,)."""
+    return max_cosine_similarity(scorer.image_features(samples), scorer.image_features(forget_images))
+
+
+def memorisation_rate(scores: np.ndarray, threshold: float) -> float:
+    """Share of samples whose memorisation score is at or above ``threshold``."""
+    scores = np.asarray(scores)
+    return float((scores >= threshold).mean()) if scores.size else 0.0
+
+
+def calibrate_threshold(forget_features, retain_features, retain_quantile: float = 1.0) -> float:
+    """Choose the CLIP memorisation threshold from data (features from ``image_features``).
+
+    Rule: the midpoint between
+      * the forget band: the lowest similarity of a forget image to its nearest OTHER forget
+        image (1.0 when there is one forget image or all are identical copies), i.e. how close a
+        true copy looks; and
+      * the retain ceiling: the ``retain_quantile`` quantile (default: the maximum) over retain
+        images of their highest similarity to the forget set, i.e. how close legitimate,
+        never-memorised data gets.
+    A sample above the midpoint is nearer to "a copy" than any retain image is. Warns when the
+    two bands overlap, because then the scorer cannot tell copies from retain data.
+    """
+    forget = F.normalize(torch.as_tensor(np.asarray(forget_features), dtype=torch.float32), dim=-1)
+    if len(forget) > 1:
+        pairwise = forget @ forget.T
+        pairwise.fill_diagonal_(-np.inf)
+        forget_band = float(pairwise.max(dim=1).values.min())
+    else:
+        forget_band = 1.0
+    retain_ceiling = float(np.quantile(max_cosine_similarity(retain_features, forget), retain_quantile))
+    if retain_ceiling >= forget_band:
+        warnings.warn(f"retain images reach similarity {retain_ceiling:.3f} to the forget set, at or above "
+                      f"the forget images' own band {forget_band:.3f}: the scorer does not separate them")
+    return (forget_band + retain_ceiling) / 2.0
+
+
+# --------------------------------------------------------------------------------------------
+# Memorisation by pixel distance (the paper's MNIST T-shirt criterion)
+# --------------------------------------------------------------------------------------------
+
+def nearest_l2_distances(images01: np.ndarray, reference01: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Per image, the Euclidean distance over all pixels to its nearest reference image.
+
+    Inputs are (N, ...) and (M, ...) arrays of the same per-image shape, in [0, 1].
+    """
+    queries = np.asarray(images01, dtype=np.float64).reshape(len(images01), -1)
+    references = np.asarray(reference01, dtype=np.float64).reshape(len(reference01), -1)
+    if queries.shape[1] != references.shape[1]:
+        raise ValueError(f"image sizes differ: {queries.shape[1]} vs {references.shape[1]} values per image")
+    reference_sq = (references ** 2).sum(axis=1)
+    nearest = np.full(len(queries), np.inf)
+    for start in range(0, len(references), chunk):
+        block = references[start:start + chunk]
+        # ‖q − r‖² = ‖q‖² + ‖r‖² − 2 q·r, evaluated a block of references at a time.
+        squared = (queries ** 2).sum(axis=1)[:, None] + reference_sq[None, start:start + chunk] - 2.0 * queries @ block.T
+        nearest = np.minimum(nearest, squared.min(axis=1))
+    return np.sqrt(np.maximum(nearest, 0.0))
+
+
+def l2_memorised(samples01: np.ndarray, forget01: np.ndarray, threshold: float) -> np.ndarray:
+    """Boolean (N,): the sample lies within pixel-L2 ``threshold`` of some forget image.
+
+    The paper uses threshold 10 on 28x28 images in [0, 1]; on the built-in data that does not
+    separate copies from digits, so use ``calibrated_l2_threshold``.
+    """
+    return nearest_l2_distances(samples01, forget01) < threshold
+
+
+def calibrated_l2_threshold(forget01: np.ndarray, retain01: np.ndarray) -> float:
+    """Half the pixel-L2 distance from the forget images to their nearest retain image.
+
+    Anything closer to a forget image than that is nearer to it than to all legitimate data.
+    """
+    return 0.5 * float(nearest_l2_distances(forget01, retain01).min())
+
+
+# --------------------------------------------------------------------------------------------
+# Quality
+# --------------------------------------------------------------------------------------------
+
+def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N_a, D) and (N_b, D).
+
+    ‖μa − μb‖² + Tr(Σa + Σb − 2 (Σa Σb)^½). The trace of the matrix square root is computed as
+    Σ sqrt(eig(√Σa Σb √Σa)) on symmetric matrices with negative round-off eigenvalues clipped,
+    which stays finite when there are fewer samples than dimensions (singular covariances).
+    Pass the features of non-memorised samples, as the paper does for FID.
+    """
+    a = np.asarray(feats_a, dtype=np.float64)
+    b = np.asarray(feats_b, dtype=np.float64)
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+        raise ValueError(f"expected two (N, D) feature arrays of equal D, got {a.shape} and {b.shape}")
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("the Fréchet distance needs at least two samples in each set")
+    mean_a, mean_b = a.mean(axis=0), b.mean(axis=0)
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+
+    eigvals_a, eigvecs_a = np.linalg.eigh(cov_a)
+    sqrt_cov_a = (eigvecs_a * np.sqrt(np.clip(eigvals_a, 0.0, None))) @ eigvecs_a.T
+    middle = sqrt_cov_a @ cov_b @ sqrt_cov_a
+    trace_sqrt_product = np.sqrt(np.clip(np.linalg.eigvalsh((middle + middle.T) / 2.0), 0.0, None)).sum()
+
+    distance = ((mean_a - mean_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * trace_sqrt_product
+    return float(max(distance, 0.0))
+
+
+def inception_style_score(probs: np.ndarray, eps: float = 1e-12) -> float:
+    """exp(mean_x KL(p(y|x) || p(y))) from class probabilities (N, C); 1 ≤ score ≤ C.
+
+    High when each sample is confidently one class and the classes are spread evenly. Pass the
+    probabilities of non-memorised samples (the paper's Inception Score on MNIST does).
+    """
+    probs = np.asarray(probs, dtype=np.float64)
+    marginal = probs.mean(axis=0, keepdims=True)
+    kl = (probs * (np.log(probs + eps) - np.log(marginal + eps))).sum(axis=1)
+    return float(np.exp(kl.mean()))
+
+
+def class_histogram(probs: np.ndarray) -> np.ndarray:
+    """Share of samples whose most probable class is each class (C,), summing to 1."""
+    probs = np.asarray(probs)
+    counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
+    return counts / max(len(probs), 1)

@@ -1,0 +1,121 @@
+"""Metrics against closed forms, and the CLIP scorer on a tiny random open_clip model."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrack import paths
+from retrack.metrics import (ClipScorer, calibrate_threshold, calibrated_l2_threshold, class_histogram,
+                             frechet_distance, inception_style_score, l2_memorised, max_cosine_similarity,
+                             memorisation_rate, memorisation_scores, nearest_l2_distances, save_open_clip_folder)
+
+# Small enough to build in a fraction of a second; the full CLIP vocabulary keeps the real tokenizer.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(200, 8))
+    assert frechet_distance(feats, feats) == pytest.approx(0.0, abs=1e-6)
+    # Same covariance, shifted mean: the trace term vanishes and FD = ‖μa − μb‖² exactly.
+    shift = np.array([1.0, -2.0, 0.5, 0, 0, 0, 0, 3.0])
+    assert frechet_distance(feats, feats + shift) == pytest.approx((shift ** 2).sum(), rel=1e-6)
+    # Isotropic Gaussians of scales a and b in D dims: FD → D (a − b)² for many samples.
+    wide = np.random.default_rng(1).normal(size=(20000, 4)) * 2.0
+    narrow = np.random.default_rng(2).normal(size=(20000, 4))
+    assert frechet_distance(wide, narrow) == pytest.approx(4 * (2.0 - 1.0) ** 2, rel=0.05)
+
+
+def test_frechet_distance_fewer_samples_than_dimensions():
+    rng = np.random.default_rng(0)
+    distance = frechet_distance(rng.normal(size=(5, 64)), rng.normal(size=(7, 64)))
+    assert np.isfinite(distance) and distance > 0
+    with pytest.raises(ValueError, match="two samples"):
+        frechet_distance(rng.normal(size=(1, 4)), rng.normal(size=(3, 4)))
+
+
+def test_inception_style_score_and_histogram():
+    uniform = np.full((50, 10), 0.1)
+    assert inception_style_score(uniform) == pytest.approx(1.0)
+    one_hot = np.eye(10)[np.arange(50) % 10]  # confident and evenly spread
+    assert inception_style_score(one_hot) == pytest.approx(10.0, rel=1e-6)
+    one_class = np.eye(10)[np.zeros(50, dtype=int)]  # confident but all the same
+    assert inception_style_score(one_class) == pytest.approx(1.0)
+    histogram = class_histogram(np.eye(3)[[0, 0, 1, 2]])
+    assert histogram.tolist() == [0.5, 0.25, 0.25]
+
+
+def test_memorisation_on_hand_built_features():
+    forget = np.array([[1.0, 0.0, 0.0]])
+    samples = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    scores = max_cosine_similarity(samples, forget)
+    assert scores == pytest.approx([1.0, 0.0, np.sqrt(0.5)], abs=1e-6)
+    assert memorisation_rate(scores, 0.9) == pytest.approx(1 / 3)
+    assert memorisation_rate(np.array([]), 0.5) == 0.0
+
+    # Forget copies are identical (band 1.0); the closest retain image has cosine 0.6.
+    retain = np.array([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
+    assert calibrate_threshold(np.repeat(forget, 3, axis=0), retain) == pytest.approx(0.8)
+    with pytest.warns(UserWarning, match="does not separate"):
+        calibrate_threshold(forget, np.array([[1.0, 0.0, 0.0]]))
+
+
+def test_pixel_l2_criterion():
+    forget = np.zeros((1, 4, 4))
+    forget[0, :2] = 1.0  # 8 bright pixels
+    retain = np.zeros((3, 4, 4))  # all black: distance sqrt(8) to the forget image
+    retain[1, 3, 3] = 1.0
+    assert nearest_l2_distances(forget, retain)[0] == pytest.approx(np.sqrt(8))
+    threshold = calibrated_l2_threshold(forget, retain)
+    assert threshold == pytest.approx(np.sqrt(8) / 2)
+    samples = np.stack([forget[0], forget[0] * 0.9, retain[0]])  # a copy, a dimmed copy, a retain image
+    assert l2_memorised(samples, forget, threshold).tolist() == [True, True, False]
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tmp_path_factory):
+    import open_clip
+
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**TINY_CLIP_CONFIG)
+    folder = save_open_clip_folder(model, TINY_CLIP_CONFIG, tmp_path_factory.mktemp("clip") / "tiny",
+                                   preprocess_cfg={"mean": [0.5] * 3, "std": [0.5] * 3})
+    return ClipScorer.load(str(folder), device="cpu")
+
+
+def test_tiny_clip_scorer_features(tiny_scorer):
+    assert tiny_scorer.image_size == 32
+    as_tensor = tiny_scorer.image_features(torch.rand(3, 1, 28, 28) * 2 - 1)
+    as_uint8 = tiny_scorer.image_features(np.random.default_rng(0).integers(0, 256, (2, 28, 28), dtype=np.uint8))
+    text = tiny_scorer.text_features(["a t-shirt", "a handwritten digit seven"])
+    assert as_tensor.shape == (3, 32) and as_uint8.shape == (2, 32) and text.shape == (2, 32)
+    for feats in (as_tensor, as_uint8, text):
+        assert torch.allclose(feats.norm(dim=1), torch.ones(len(feats)), atol=1e-5)
+
+    grey = torch.rand(2, 1, 28, 28) * 2 - 1  # grey as 1 channel or replicated to RGB: same features
+    assert torch.allclose(tiny_scorer.image_features(grey), tiny_scorer.image_features(grey.repeat(1, 3, 1, 1)),
+                          atol=1e-5)
+    probs = tiny_scorer.zero_shot(grey, ["t-shirt", "seven", "eight"])
+    assert probs.shape == (2, 3) and np.allclose(probs.sum(axis=1), 1.0, atol=1e-5)
+    scores = memorisation_scores(tiny_scorer, grey, grey[:1])
+    assert scores.shape == (2,) and scores[0] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.skipif(not (paths.BUILTIN_CLIP / "open_clip_config.json").is_file(),
+                    reason="the built-in CLIP scorer is built on a GPU machine and committed to assets/")
+def test_builtin_clip_ranks_the_tshirt_above_digits():
+    from retrack.data import build_digits_tshirt
+
+    data = build_digits_tshirt(seed=123, n_digits=200, cache=False)  # unseen jitter of the same kind
+    scorer = ClipScorer.load("builtin", device="cpu")
+    samples = np.concatenate([data.tshirt[None], data.retain_images[:100]])
+    scores = memorisation_scores(scorer, samples, data.tshirt[None])
+    assert scores[0] > scores[1:].max()
+    probs = scorer.zero_shot(data.retain_images[:100], data.class_names)
+    assert (probs.argmax(axis=1) == data.labels[~data.is_forget][:100]).mean() > 0.5
