@@ -104,6 +104,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from . import bench
+
+    settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
+    overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "samples", "sample_steps", "seed")
+                 if getattr(args, name) is not None}
+    settings = bench.BenchSettings(**{**settings.__dict__, **overrides, "device": args.device,
+                                      "methods": tuple(args.methods.split(",")) if args.methods else settings.methods})
+    bench.run(settings, Path(args.out), log=lambda line: print(line, flush=True))
+    print(f"wrote {args.out}/results.md, results.json, tradeoff.png")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .objectives import METHODS
 
@@ -142,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(run=cmd_sample)
+
+    p = sub.add_parser("bench", help="compare all methods on the built-in model (table + plot)")
+    p.add_argument("--methods", help="comma-separated subset of pretrained,vanilla,neggrad,erasediff,siss,retrack,oracle")
+    p.add_argument("--steps", type=int, help="unlearning steps (default 50)")
+    p.add_argument("--batch", dest="batch_size", type=int, help="rows per branch (default 128)")
+    p.add_argument("--samples", type=int, help="evaluation samples per model (default 1000)")
+    p.add_argument("--sample-steps", type=int, help="DDIM steps per sample (default 50)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI)")
+    p.add_argument("--out", default="benchmarks/results/builtin", help="folder for the table, JSON and plots")
+    p.set_defaults(run=cmd_bench)
     return parser
 
 

@@ -1,0 +1,201 @@
+"""Side-by-side benchmark of the unlearning methods on the built-in digits + T-shirt model.
+
+    python -m retrack bench                  # the published budget: 50 steps, batch 128, 1,000 samples
+    python -m retrack bench --quick          # a few steps and samples (CI)
+
+From the same built-in model, with the same steps, batch and seeds, it runs: the pretrained
+model (no change), vanilla, NegGrad, EraseDiff, SISS and ReTrack, plus the retrained oracle. Each
+model then draws the same seeded samples, which are scored:
+- T-shirt rate by the pixel-L2 criterion (threshold calibrated on this data, see metrics.py),
+- CLIP memorisation: per-sample max cosine similarity to the forget image, and the rate above a
+  calibrated threshold,
+- quality on the non-T-shirt samples: Fréchet distance of CLIP features to the retain set and an
+  Inception-style score from zero-shot CLIP digit classes.
+It writes results.json, results.md (table), tradeoff.png (memorisation vs quality, one point per
+method) and one sample grid per method. All timings come from this one process.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import metrics
+from .backends import load_backend
+from .builtin import builtin_dataset, builtin_sets
+from .engine import UnlearnConfig, resolve_device, unlearn
+from .images import uint8_to_tensor
+from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
+from .sampling import sample, save_grid
+
+ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack", "oracle")
+
+
+@dataclass
+class BenchSettings:
+    methods: Sequence[str] = ALL_METHODS
+    steps: int = 50
+    batch_size: int = 128
+    samples: int = 1000
+    sample_steps: int = 50
+    seed: int = 0
+    device: str = "auto"
+    retain_reference: int = 2000  # retain images whose CLIP features are the quality reference
+
+    @classmethod
+    def quick(cls) -> "BenchSettings":
+        return cls(steps=3, batch_size=16, samples=32, sample_steps=10, retain_reference=256)
+
+
+@dataclass
+class Row:
+    method: str
+    tshirt_rate: float  # share of samples within the calibrated pixel-L2 threshold of the T-shirt
+    clip_rate: float  # share of samples above the calibrated CLIP memorisation threshold
+    clip_score_mean: float  # mean per-sample CLIP memorisation score
+    clip_score_max: float
+    fd: float  # Fréchet distance of CLIP features, non-T-shirt samples vs retain images (lower is better)
+    class_score: float  # Inception-style score from zero-shot CLIP digit classes (higher is better)
+    unlearn_seconds: Optional[float] = None  # k-NN + all steps
+    knn_seconds: Optional[float] = None
+    seconds_per_step: Optional[float] = None
+    sampling_seconds: float = 0.0
+    final_loss: Optional[float] = None
+
+
+@dataclass
+class Reference:
+    """What every evaluation compares against, computed once."""
+
+    scorer: metrics.ClipScorer
+    forget01: np.ndarray  # (N_u, H, W) in [0, 1]
+    forget_features: torch.Tensor
+    l2_threshold: float
+    clip_threshold: float
+    retain_features: np.ndarray
+    digit_names: list[str] = field(default_factory=list)
+
+
+def build_reference(settings: BenchSettings, device: str) -> Reference:
+    dataset = builtin_dataset()
+    forget = np.unique(dataset.forget_images, axis=0)
+    rng = np.random.default_rng(settings.seed)
+    pick = rng.choice(len(dataset.retain_images), min(settings.retain_reference, len(dataset.retain_images)), replace=False)
+    retain = dataset.retain_images[np.sort(pick)]
+    scorer = metrics.ClipScorer.load("builtin", device=device)
+    forget_features = scorer.image_features(uint8_to_tensor(forget))
+    retain_features = scorer.image_features(uint8_to_tensor(retain))
+    return Reference(
+        scorer=scorer,
+        forget01=forget / 255.0,
+        forget_features=forget_features,
+        l2_threshold=metrics.calibrated_l2_threshold(forget / 255.0, dataset.retain_images / 255.0),
+        clip_threshold=metrics.calibrate_threshold(forget_features, retain_features),
+        retain_features=retain_features.cpu().numpy(),
+        digit_names=dataset.class_names[:10],
+    )
+
+
+def evaluate(images: torch.Tensor, ref: Reference) -> dict:
+    """Memorisation and quality of samples (N, 1, 28, 28) in [-1, 1]."""
+    images01 = ((images[:, 0].clamp(-1, 1) + 1) / 2).numpy()
+    tshirt = metrics.l2_memorised(images01, ref.forget01, ref.l2_threshold)
+    features = ref.scorer.image_features(images)
+    scores = metrics.max_cosine_similarity(features, ref.forget_features)
+    keep = ~tshirt  # quality is measured on the non-T-shirt samples, as in the paper
+    fd = class_score = float("nan")
+    if keep.sum() >= 2:
+        fd = metrics.frechet_distance(features[torch.from_numpy(keep)].cpu().numpy(), ref.retain_features)
+        probs = ref.scorer.zero_shot(images[torch.from_numpy(keep)], ref.digit_names)
+        class_score = metrics.inception_style_score(probs)
+    return dict(tshirt_rate=float(tshirt.mean()), clip_rate=metrics.memorisation_rate(scores, ref.clip_threshold),
+                clip_score_mean=float(scores.mean()), clip_score_max=float(scores.max()), fd=float(fd),
+                class_score=float(class_score))
+
+
+def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) -> list[Row]:
+    """Run every method in one process and write the results under `out`."""
+    unknown = set(settings.methods) - set(ALL_METHODS)
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_METHODS)}")
+    device = resolve_device(settings.device)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    ref = build_reference(settings, device)
+    log(f"thresholds: pixel L2 {ref.l2_threshold:.3f}, CLIP similarity {ref.clip_threshold:.3f}")
+    forget, retain = builtin_sets()
+    rows = []
+    for method in settings.methods:
+        backend = load_backend(BUILTIN_ORACLE if method == "oracle" else BUILTIN_MODEL, device=device)
+        extra = {}
+        if method not in ("pretrained", "oracle"):
+            config = UnlearnConfig.preset("mnist", method=method, steps=settings.steps, batch_size=settings.batch_size,
+                                          seed=settings.seed, device=device)
+            result = unlearn(backend, forget, retain, config)
+            extra = dict(unlearn_seconds=result.seconds, knn_seconds=result.knn_seconds,
+                         seconds_per_step=result.seconds_per_step, final_loss=result.events[-1].loss)
+            log(f"{method}: {result.seconds:.1f} s ({result.knn_seconds:.2f} s k-NN, {result.seconds_per_step:.3f} s/step)")
+        t0 = time.perf_counter()
+        samples = sample(backend, settings.samples, seed=settings.seed, steps=settings.sample_steps, batch_size=250)
+        sampling_seconds = time.perf_counter() - t0
+        row = Row(method=method, **evaluate(samples.images, ref), sampling_seconds=sampling_seconds, **extra)
+        rows.append(row)
+        save_grid(samples.images[:64], out / f"samples-{method}.png", ncol=16)
+        log(f"{method}: T-shirt rate {row.tshirt_rate:.1%}, CLIP rate {row.clip_rate:.1%}, FD {row.fd:.3f}, "
+            f"class score {row.class_score:.2f} ({sampling_seconds:.1f} s sampling)")
+    write_results(rows, settings, out, time.perf_counter() - started, device, ref)
+    return rows
+
+
+def _fmt(value: Optional[float], spec: str) -> str:
+    return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
+
+
+def write_results(rows: list[Row], settings: BenchSettings, out: Path, seconds: float, device: str, ref: Reference) -> None:
+    """results.json, results.md and tradeoff.png."""
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    meta = dict(settings=asdict(settings), device=where, total_seconds=round(seconds, 1),
+                l2_threshold=ref.l2_threshold, clip_threshold=ref.clip_threshold,
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
+    lines = [
+        f"Built-in digits + T-shirt model; {settings.steps} steps x batch {settings.batch_size} per branch; "
+        f"{settings.samples} samples x {settings.sample_steps} DDIM steps per model, seed {settings.seed}; "
+        f"device: {where}; whole benchmark {seconds:.0f} s.",
+        "",
+        "| method | T-shirt rate (pixel L2) | CLIP memorisation rate | mean CLIP score | FD to retain (CLIP) ↓ | class score ↑ | unlearning time (s) | s/step |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r.method} | {r.tshirt_rate:.1%} | {r.clip_rate:.1%} | {r.clip_score_mean:.3f} | {_fmt(r.fd, '.3f')} | "
+                     f"{_fmt(r.class_score, '.2f')} | {_fmt(r.unlearn_seconds, '.1f')} | {_fmt(r.seconds_per_step, '.3f')} |")
+    lines += ["", f"Pixel-L2 threshold {ref.l2_threshold:.3f} (images in [0, 1]); CLIP threshold {ref.clip_threshold:.3f}."]
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    plot_tradeoff(rows, out / "tradeoff.png")
+
+
+def plot_tradeoff(rows: list[Row], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    for r in rows:
+        colour = {"retrack": "tab:red", "oracle": "tab:green", "pretrained": "black"}.get(r.method, "tab:blue")
+        ax.scatter(100 * r.tshirt_rate, r.fd, s=60, color=colour, zorder=3)
+        ax.annotate(r.method, (100 * r.tshirt_rate, r.fd), textcoords="offset points", xytext=(6, 4), fontsize=9)
+    ax.set_xlabel("T-shirt samples (%)  ← forgets better")
+    ax.set_ylabel("Fréchet distance to retain set (CLIP)  ← better digits")
+    ax.set_title("Memorisation vs quality, same steps and seeds")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
