@@ -1,0 +1,419 @@
+"""The retrack web app: make a diffusion model forget images, in the browser.
+
+    python app.py                          # the built-in digits + T-shirt model, http://127.0.0.1:7860
+    python app.py --model path/to/ddpm     # your own pixel DDPM folder (or a Hub id, when online)
+    python app.py --model m --data train/  # ... with the folder of images it was trained on
+    python app.py --quick                  # tiny settings: a run takes seconds (for tests, demos)
+
+Every option also reads an environment variable (RETRACK_APP_MODEL, RETRACK_APP_DATA,
+RETRACK_APP_HOST, RETRACK_APP_PORT, RETRACK_APP_OUTPUT, RETRACK_APP_QUICK).
+
+This file is the page only. What the page does (open a model and its training data, build the
+forget set, run a job in the background, sample, score) lives in `retrack.session`, which
+never imports gradio. The page reads top to bottom in the order a user works: model, forget
+set, method, run, results, teaching view.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outside look-ups at launch
+
+import gradio as gr  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from retrack import paths  # noqa: E402
+from retrack.engine import PRESETS, UnlearnConfig, resolve_device  # noqa: E402
+from retrack.sampling import image_grid  # noqa: E402
+from retrack.session import (  # noqa: E402
+    METHOD_LABELS, EvalSettings, Job, JobState, ModelInfo, build_forget_set, describe_device, gallery_items,
+    open_model, parse_picks, toggle_pick,
+)
+
+log = logging.getLogger("retrack.app")
+
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
+
+
+# ============================================================================ settings
+@dataclass(frozen=True)
+class AppSettings:
+    """What `python app.py` was started with."""
+
+    model: str = str(paths.BUILTIN_MODEL)
+    data: str = ""  # training-data folder for a model that is not the built-in one
+    output_dir: Path = Path("outputs/app")
+    quick: bool = False  # tiny run settings (tests, demos): seconds instead of minutes on a CPU
+    max_file_size: str = "20mb"
+
+    def run_defaults(self, preset: str) -> dict:
+        """Training and evaluation defaults for a model family: the published training settings;
+        fewer eval samples and DDIM steps than a paper would use, so a CPU run stays short."""
+        training = dict(PRESETS[preset])
+        on_gpu = resolve_device("auto") != "cpu"
+        defaults = dict(k=10, lam=training["lam"], lr=training["lr"], steps=training["steps"],
+                        batch_size=training["batch_size"], grad_accum=training["grad_accum"],
+                        weight_decay=training["weight_decay"], beta1=training["betas"][0], beta2=training["betas"][1],
+                        eta=training["eta"], siss_c=training["siss_c"], seed=0,
+                        n_samples=32 if on_gpu else 16, sampling_steps=25, eval_seed=0, trajectory_points=6)
+        if self.quick:
+            defaults.update(steps=3, batch_size=8, grad_accum=1, n_samples=4, sampling_steps=5, trajectory_points=4)
+        return defaults
+
+
+def settings_from_args(argv: Optional[list[str]] = None) -> tuple[AppSettings, str, int]:
+    env = os.environ.get
+    parser = argparse.ArgumentParser(description="The retrack web app: make a diffusion model forget images.")
+    parser.add_argument("--model", default=env("RETRACK_APP_MODEL", str(paths.BUILTIN_MODEL)),
+                        help="diffusers model folder or Hub id (default: the built-in digits + T-shirt DDPM)")
+    parser.add_argument("--data", default=env("RETRACK_APP_DATA", ""),
+                        help="folder of the images the model was trained on (not needed for the built-in model)")
+    parser.add_argument("--host", default=env("RETRACK_APP_HOST", "127.0.0.1"),
+                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=int(env("RETRACK_APP_PORT", "7860")),
+                        help="port (default 7860)")
+    parser.add_argument("--output-dir", default=env("RETRACK_APP_OUTPUT", "outputs/app"),
+                        help="where unlearned models and their zips are written (default outputs/app)")
+    parser.add_argument("--quick", action="store_true", default=env("RETRACK_APP_QUICK", "") not in ("", "0"),
+                        help="tiny default settings so a run takes seconds (tests, demos)")
+    args = parser.parse_args(argv)
+    settings = AppSettings(model=args.model, data=args.data, output_dir=Path(args.output_dir).absolute(),
+                           quick=args.quick)
+    return settings, args.host, args.port
+
+
+# ============================================================================ helpers
+@functools.lru_cache(maxsize=4)
+def cached_model(spec: str, data_folder: str) -> ModelInfo:
+    """Opened models, so each click does not rebuild the training data (the Load button clears it)."""
+    return open_model(spec, data_folder)
+
+
+def readable_errors(handler: Callable) -> Callable:
+    """Show failures as a short message in the page, never a stack trace (which goes to the log)."""
+    @functools.wraps(handler)
+    def wrapper(*args, **kwargs):
+        try:
+            return handler(*args, **kwargs)
+        except gr.Error:
+            raise
+        except USER_ERRORS as exc:
+            raise gr.Error(str(exc), print_exception=False) from None
+        except Exception as exc:
+            log.exception("%s failed", handler.__name__)
+            raise gr.Error(f"Unexpected error ({type(exc).__name__}: {exc}); details are in the server log",
+                           print_exception=False) from None
+    return wrapper
+
+
+def loss_frame(state: JobState) -> pd.DataFrame:
+    """The loss history in long form: one row per (step, term) for the line plot."""
+    rows = []
+    for event in state.losses:
+        rows += [dict(step=event.step, loss=event.loss, term="total"),
+                 dict(step=event.step, loss=event.unlearn, term="unlearning term"),
+                 dict(step=event.step, loss=event.retain, term="retain term")]
+    return pd.DataFrame(rows, columns=["step", "loss", "term"])
+
+
+def metrics_table(state: JobState) -> str:
+    """Before/after memorisation rate and quality as a Markdown table."""
+    before, after = state.before, state.after
+    if before is None:
+        return ""
+
+    def rate(evaluation) -> str:
+        return "…" if evaluation is None else \
+            f"{evaluation.rate:.0%} ({int(evaluation.flags.sum())} of {len(evaluation.scores)})"
+
+    def quality(evaluation) -> str:
+        return "…" if evaluation is None or evaluation.quality is None else f"{evaluation.quality:.3g}"
+
+    def top(evaluation) -> str:
+        return "…" if evaluation is None else f"{evaluation.scores.max():.2f}"
+
+    note = f"\n\n*{state.scorer_note}*" if state.scorer_note else ""
+    return "\n".join([
+        "| | before | after |", "|---|---|---|",
+        f"| memorisation rate (samples scoring above {before.threshold:.2f}) | {rate(before)} | {rate(after)} |",
+        f"| highest memorisation score | {top(before)} | {top(after)} |",
+        f"| quality: CLIP Fréchet distance to the retain set (lower is better) | {quality(before)} | {quality(after)} |",
+    ]) + note
+
+
+# ============================================================================ the page
+def build_app(settings: AppSettings) -> gr.Blocks:
+    """The whole page; `settings` picks the model shown first and the run defaults."""
+    running: dict[str, Job] = {}  # browser session -> its job, so Cancel finds it
+    running_lock = threading.Lock()
+    first = settings.run_defaults("mnist")
+
+    with gr.Blocks(title="retrack: make a diffusion model forget") as demo:
+        gr.Markdown("# retrack: make a diffusion model forget images\n"
+                    "Pick images the model should no longer generate, fine-tune it with **ReTrack** (or a baseline) "
+                    "and compare samples from the same seeds before and after.")
+        gr.Markdown(f"**Device:** {describe_device()}", elem_id="device")
+
+        # --- 1. model ---------------------------------------------------------------------
+        gr.Markdown("## 1 · Model")
+        with gr.Row():
+            model_box = gr.Textbox(settings.model, label="Model", elem_id="model-path", scale=4,
+                                   info="A diffusers DDPM folder, or a Hub model id when online. "
+                                        "Default: the built-in digits + T-shirt model.")
+            data_box = gr.Textbox(settings.data, label="Training-data folder", elem_id="data-folder", scale=3,
+                                  info="Only for your own model: the images it was trained on (the retain set).")
+            load_button = gr.Button("Load", elem_id="load-model", scale=1)
+        model_info = gr.Markdown(elem_id="model-info")
+
+        # --- 2. forget set ----------------------------------------------------------------
+        gr.Markdown("## 2 · What to forget")
+        with gr.Row():
+            with gr.Column(scale=3):
+                gallery = gr.Gallery(label="Training items: click to add to or remove from the forget set",
+                                     elem_id="training-gallery", columns=8, height=330, allow_preview=False,
+                                     format="png", object_fit="contain")
+                gallery_indices = gr.State([])  # training index of each gallery tile
+            with gr.Column(scale=2):
+                picks_box = gr.Textbox(label="Training items to forget", elem_id="forget-picks",
+                                       info="Numbers of training items (click the gallery, or type them).")
+                uploads = gr.File(label="Or upload images to forget", elem_id="forget-upload",
+                                  file_count="multiple", file_types=["image"], type="filepath")
+                forget_summary = gr.Markdown(elem_id="forget-summary")
+                forget_preview = gr.Image(label="Forget set", elem_id="forget-preview", format="png",
+                                          interactive=False)
+
+        # --- 3. method --------------------------------------------------------------------
+        gr.Markdown("## 3 · Method")
+        with gr.Row():
+            method = gr.Dropdown([(label, name) for name, label in METHOD_LABELS.items()], value="retrack",
+                                 label="Method", elem_id="method",
+                                 info="ReTrack, or a baseline for comparison (same data, steps and optimiser).")
+            k = gr.Number(first["k"], label="K neighbours", elem_id="k", precision=0, minimum=1,
+                          info="Retain images each forget image is redirected to.")
+            lam = gr.Number(first["lam"], label="λ (unlearning weight)", elem_id="lam", minimum=0, maximum=1,
+                            info="Weight of the unlearning term; the retain term gets 1 − λ.")
+            lr = gr.Number(first["lr"], label="Learning rate", elem_id="lr", info="AdamW, constant.")
+            steps = gr.Number(first["steps"], label="Steps", elem_id="steps", precision=0, minimum=1,
+                              info="Optimiser steps.")
+            batch_size = gr.Number(first["batch_size"], label="Batch size", elem_id="batch-size", precision=0,
+                                   minimum=1, info="Rows per branch (forget and retain) per micro-batch.")
+        with gr.Accordion("More settings", open=False, elem_id="more-settings"):
+            with gr.Row():
+                grad_accum = gr.Number(first["grad_accum"], label="Gradient accumulation", elem_id="grad-accum",
+                                       precision=0, minimum=1, info="Micro-batches per step.")
+                weight_decay = gr.Number(first["weight_decay"], label="Weight decay", elem_id="weight-decay",
+                                         info="AdamW weight decay.")
+                beta1 = gr.Number(first["beta1"], label="AdamW β1", elem_id="beta1", info="First-moment decay.")
+                beta2 = gr.Number(first["beta2"], label="AdamW β2", elem_id="beta2", info="Second-moment decay.")
+                seed = gr.Number(first["seed"], label="Training seed", elem_id="seed", precision=0, minimum=0,
+                                 info="Seeds the batches and noise.")
+            with gr.Row():
+                eta = gr.Number(first["eta"], label="EraseDiff η", elem_id="eta", info="EraseDiff's projection margin.")
+                siss_c = gr.Number(first["siss_c"], label="SISS C", elem_id="siss-c",
+                                   info="SISS: norm the forget gradient is rescaled to.")
+            with gr.Row():
+                n_samples = gr.Number(first["n_samples"], label="Samples to compare", elem_id="n-samples",
+                                      precision=0, minimum=1, maximum=256,
+                                      info="Drawn before and after from the same seeds.")
+                sampling_steps = gr.Number(first["sampling_steps"], label="DDIM steps", elem_id="sampling-steps",
+                                           precision=0, minimum=1, info="Sampler steps per sample.")
+                eval_seed = gr.Number(first["eval_seed"], label="First sample seed", elem_id="eval-seed",
+                                      precision=0, minimum=0, info="Samples use seeds s, s+1, ...")
+                trajectory_points = gr.Number(first["trajectory_points"], label="Trajectory points",
+                                              elem_id="trajectory-points", precision=0, minimum=2, maximum=20,
+                                              info="Timesteps shown in the teaching view.")
+
+        # --- 4. run -----------------------------------------------------------------------
+        gr.Markdown("## 4 · Run")
+        with gr.Row():
+            run_button = gr.Button("Unlearn", variant="primary", elem_id="run")
+            cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+        status = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=2)
+        loss_plot = gr.LinePlot(x="step", y="loss", color="term", label="Loss per step", elem_id="loss-plot",
+                                x_title="step", y_title="loss", height=260)
+
+        # --- 5. results -------------------------------------------------------------------
+        gr.Markdown("## 5 · Results\nSamples from the same seeds, captioned *seed: memorisation score*; "
+                    "red frames mark samples above the threshold (they reproduce a forget image).")
+        with gr.Row():
+            before_grid = gr.Image(label="Before", elem_id="before-grid", format="png", interactive=False)
+            after_grid = gr.Image(label="After", elem_id="after-grid", format="png", interactive=False)
+        metrics = gr.Markdown(elem_id="metrics")
+        neighbours = gr.Image(label="Where the trajectories go: each forget image (red), then its nearest retain "
+                                    "images; w = ReTrack weight, d = distance", elem_id="neighbours", format="png",
+                              interactive=False)
+        download = gr.File(label="Unlearned model (zip)", elem_id="download", interactive=False)
+
+        # --- 6. teaching view -------------------------------------------------------------
+        gr.Markdown("## 6 · Teaching view\nThe model's guess of the clean image at several timesteps while it "
+                    "denoises one seed, from pure noise (left) to the final sample (right), before and after.")
+        teaching_note = gr.Markdown(elem_id="teaching-note")
+        trajectory = gr.Image(label="Denoising trajectory: before (top), after (bottom)", elem_id="trajectory",
+                              format="png", interactive=False)
+
+        # ============================================================================ events
+        hyper = [k, lam, lr, steps, batch_size, grad_accum, weight_decay, beta1, beta2, eta, siss_c]
+
+        def load(spec: str, data_folder: str, fresh: bool = False):
+            if fresh:
+                cached_model.cache_clear()
+            try:
+                model = cached_model(spec.strip(), data_folder.strip())
+            except USER_ERRORS as exc:
+                return (f"⚠ {exc}", gr.update(value=[]), [], "") + tuple(gr.skip() for _ in hyper)
+            items = gallery_items(model.training_data) if model.training_data is not None else []
+            tiles = [(item.image[..., 0] if item.image.shape[-1] == 1 else item.image, item.caption) for item in items]
+            defaults = settings.run_defaults(model.preset)
+            values = [defaults[name] for name in ("k", "lam", "lr", "steps", "batch_size", "grad_accum",
+                                                    "weight_decay", "beta1", "beta2", "eta", "siss_c")]
+            return (model.summary(), tiles, [item.index for item in items], "") + tuple(values)
+
+        def reload(spec: str, data_folder: str):
+            """The Load button: read the folders again (they may have changed on disk)."""
+            return load(spec, data_folder, fresh=True)
+
+        load_outputs = [model_info, gallery, gallery_indices, picks_box] + hyper
+        demo.load(load, [model_box, data_box], load_outputs, api_name="load_model")
+        load_button.click(reload, [model_box, data_box], load_outputs, api_visibility="private")
+        model_box.submit(reload, [model_box, data_box], load_outputs, api_visibility="private")
+
+        def pick(positions: list[int], picks: str, event: gr.SelectData) -> str:
+            return toggle_pick(picks, positions[event.index])
+
+        gallery.select(pick, [gallery_indices, picks_box], picks_box, api_visibility="private")
+
+        @readable_errors
+        def preview(spec: str, data_folder: str, picks: str, files: Optional[list[str]]):
+            """The forget set as it will be used, or why it cannot be."""
+            try:
+                model = cached_model(spec.strip(), data_folder.strip())
+                forget = build_forget_set(model, parse_picks(picks), files or [])
+            except USER_ERRORS as exc:
+                message = str(exc) if parse_picks(picks) or files else "Nothing picked yet."
+                return ("⚠ " if parse_picks(picks) or files else "") + message, None
+            tiles = image_grid(forget.images[:32], labels=[source[:14] for source in forget.sources[:32]])
+            lines = [f"**{len(forget)} image(s) to forget**; {len(forget.retain_index):,} training images kept."]
+            lines += [f"- {note}" for note in forget.notes]
+            return "\n".join(lines), tiles
+
+        preview_inputs = [model_box, data_box, picks_box, uploads]
+        picks_box.change(preview, preview_inputs, [forget_summary, forget_preview], api_name="preview_forget")
+        uploads.change(preview, preview_inputs, [forget_summary, forget_preview], api_visibility="private")
+
+        def show_method_settings(name: str):
+            return gr.update(visible=name == "retrack"), gr.update(visible=name == "retrack")
+
+        method.change(show_method_settings, method, [k, lam], api_visibility="private")
+
+        run_outputs = [status, loss_plot, before_grid, after_grid, metrics, neighbours, download,
+                       teaching_note, trajectory]
+
+        def run(spec: str, data_folder: str, picks: str, files: Optional[list[str]], method_name: str,
+                k_value, lam_value, lr_value, steps_value, batch_value, accum_value, wd_value, beta1_value,
+                beta2_value, eta_value, siss_c_value, seed_value, n_value, sampling_value, eval_seed_value,
+                trajectory_value, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+            """Start a job and stream its state to the page until it ends."""
+            try:
+                model = cached_model(spec.strip(), data_folder.strip())
+                forget = build_forget_set(model, parse_picks(picks), files or [])
+                config = UnlearnConfig(method=method_name, k=whole(k_value), lam=float(lam_value), lr=float(lr_value),
+                                       steps=whole(steps_value), batch_size=whole(batch_value),
+                                       grad_accum=whole(accum_value), weight_decay=float(wd_value),
+                                       betas=(float(beta1_value), float(beta2_value)), eta=float(eta_value),
+                                       siss_c=float(siss_c_value), seed=whole(seed_value))
+                evaluation = EvalSettings(n_samples=whole(n_value), seed=whole(eval_seed_value),
+                                          sampling_steps=whole(sampling_value),
+                                          trajectory_points=whole(trajectory_value))
+                job = Job(model, forget, config, evaluation, settings.output_dir).start()
+            except USER_ERRORS as exc:
+                yield (f"⚠ {exc}",) + tuple(gr.skip() for _ in run_outputs[1:])
+                return
+            except Exception as exc:  # never a stack trace in the page
+                log.exception("could not start a job")
+                yield (f"⚠ Unexpected error ({type(exc).__name__}: {exc})",) + tuple(gr.skip() for _ in run_outputs[1:])
+                return
+            session = request.session_hash or job.id
+            with running_lock:
+                running[session] = job
+            sent: dict[str, object] = {}
+            try:
+                for state in job.watch():
+                    progress(state.progress, desc=state.message)
+                    yield render(state, sent)
+            finally:
+                # The page was closed or the event was stopped: stop the job too.
+                job.cancel()
+                with running_lock:
+                    if running.get(session) is job:
+                        del running[session]
+
+        def render(state: JobState, sent: dict[str, object]) -> tuple:
+            """Outputs for one state; pictures only when they changed (they are sent as files)."""
+            def once(name: str, value: object, make: Callable[[], object]):
+                if value is None or sent.get(name) is value:
+                    return gr.skip()
+                sent[name] = value
+                return make()
+
+            before = once("before", state.before, lambda: state.before.grid())
+            after = once("after", state.after, lambda: state.after.grid())
+            nearest = once("neighbours", state.neighbours, lambda: state.neighbours)
+            archive = once("archive", state.archive, lambda: str(state.archive))
+            picture = once("trajectory", state.trajectory, lambda: state.trajectory)
+            table = metrics_table(state) or gr.skip()
+            losses = loss_frame(state) if state.losses else gr.skip()  # an empty frame would fix the axes as categories
+            return (state.message, losses, before, after, table, nearest, archive,
+                    state.teaching_note or gr.skip(), picture)
+
+        run_inputs = [model_box, data_box, picks_box, uploads, method] + hyper[:9] + [eta, siss_c, seed, n_samples,
+                                                                                     sampling_steps, eval_seed,
+                                                                                     trajectory_points]
+        # Jobs queue per device inside retrack.session (one training job per device at a time,
+        # and a waiting job can still be cancelled), so gradio may start several run events.
+        run_button.click(run, run_inputs, run_outputs, api_name="unlearn", show_progress_on=[status],
+                         concurrency_limit=16, concurrency_id="unlearn")
+
+        def cancel(request: gr.Request) -> str:
+            with running_lock:
+                job = running.get(request.session_hash)
+            if job is None:
+                return "Nothing is running."
+            job.cancel()
+            return "Cancelling..."
+
+        cancel_button.click(cancel, None, status, api_name="cancel", concurrency_limit=None, show_progress="hidden")
+    return demo
+
+
+def whole(value) -> int:
+    """A whole number from a number box (which may send 3.0); refuses 2.5."""
+    if value is None:
+        raise ValueError("a number box is empty")
+    number = float(value)
+    if not number.is_integer():
+        raise ValueError(f"{value} is not a whole number")
+    return int(number)
+
+
+def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
+    """Start the server; returns gradio's (app, local_url, share_url)."""
+    settings.output_dir.mkdir(parents=True, exist_ok=True)
+    demo = build_app(settings)
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(server_name=host, server_port=port, max_file_size=settings.max_file_size,
+                       allowed_paths=[str(settings.output_dir)], prevent_thread_lock=not block, show_error=True,
+                       footer_links=["api"])
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    app_settings, app_host, app_port = settings_from_args()
+    launch(app_settings, app_host, app_port)

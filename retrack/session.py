@@ -1,0 +1,824 @@
+"""Unlearning jobs for an interactive front end: pick a model and images, run in the background.
+
+The Gradio app (`app.py`) is only the page. Everything it does that is not layout lives here, so
+it can be tested without a browser and reused by other front ends; nothing here imports gradio.
+
+- `open_model` resolves a folder (or a Hub id when online), reads what kind of model it is and
+  finds the images it was trained on: the built-in digits + T-shirt set, or a folder the user
+  names.
+- `gallery_items` picks training items to show, exact duplicates first: an image copied many
+  times into the training set is the classic source of memorisation (the built-in model's
+  T-shirt is one image copied hundreds of times).
+- `build_forget_set` turns gallery picks and uploaded files into the forget set and the retain
+  set (the training data minus every copy of a forget image).
+- `Job` runs one unlearning job in a worker thread. It waits its turn for the device (one
+  training job per device at a time), loads a fresh copy of the model (the copy the page shows
+  is never trained), samples "before" grids (cached per model and seeds), trains with
+  `engine.unlearn`, saves and zips the result, samples "after" with the same seeds, scores every
+  sample with the CLIP memorisation detector and builds the teaching view. Progress comes out as
+  `JobState` snapshots; `Job.cancel()` stops the job between steps.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import re
+import shutil
+import threading
+import time
+import uuid
+import warnings
+from collections import OrderedDict, deque
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import paths
+from .backends import load_backend, model_family
+from .backends.base import Backend
+from .engine import Cancelled, Diverged, StepEvent, UnlearnConfig, preset_for, resolve_device, save_model, unlearn
+from .images import ImageError, expand_paths, load_images, tensor_to_uint8, uint8_to_tensor
+from .objectives import retrack_targets
+from .sampling import Samples, image_grid, sample
+
+log = logging.getLogger(__name__)
+
+# The method names the app offers, ReTrack first; the others are the baselines of METHOD.md.
+METHOD_LABELS: dict[str, str] = {
+    "retrack": "ReTrack (redirect to nearest retain images)",
+    "vanilla": "Vanilla: fine-tune on the retain set only",
+    "neggrad": "NegGrad: gradient ascent on the forget set",
+    "erasediff": "EraseDiff: retain loss + projected push to noise",
+    "siss": "SISS: importance-sampled retain minus rescaled forget loss",
+}
+
+# Memorisation scorer for models that ship without their own (needs network or a filled cache the
+# first time; the app falls back to the built-in tiny CLIP, with a note, when it cannot load it).
+DEFAULT_SCORER = "ViT-B-32:laion2b_s34b_b79k"
+GALLERY_SIZE = 48  # training items shown to pick from
+MAX_TRAINING_IMAGES = 200_000  # a folder larger than this is refused (memory, time)
+
+
+def describe_device(device: str = "auto") -> str:
+    """'NVIDIA H100 80GB HBM3 (cuda:0)' or 'CPU (2 threads)': what the page shows."""
+    device = resolve_device(device)
+    if device.startswith("cuda"):
+        index = torch.device(device).index or 0
+        return f"{torch.cuda.get_device_name(index)} ({device})"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+# ============================================================================ the model
+@dataclass
+class TrainingData:
+    """The images a model was trained on, at the model's resolution, as the app knows them."""
+
+    images: np.ndarray  # uint8 (N, H, W, C), C = 1 or 3
+    names: list[str]  # one per item: a class name ("t-shirt") or a file name
+    origin: str  # for people: "built-in digits + T-shirt set (20,408 images)"
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+@dataclass
+class ModelInfo:
+    """A model the app can unlearn: where it is, its family and format, and its training data."""
+
+    spec: str  # what the user typed: a folder or a Hub id
+    path: Path  # the local diffusers folder
+    family: str  # "pixel" or "latent"
+    image_size: int
+    channels: int
+    preset: str  # key of engine.PRESETS with this family's published settings
+    training_data: Optional[TrainingData]
+    scorer: str  # the CLIP model that scores memorisation: a folder, or "name:pretrained-tag"
+
+    @property
+    def cache_key(self) -> str:
+        """Changes whenever the weights on disk change (for the "before" sample cache)."""
+        weights = sorted(self.path.rglob("*.safetensors")) or [self.path / "model_index.json"]
+        stamp = "|".join(f"{p}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in weights)
+        return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+
+    def summary(self) -> str:
+        """A few lines of Markdown for the page."""
+        colour = "grayscale" if self.channels == 1 else "RGB"
+        lines = [f"**{self.path.name}**: {self.family} diffusion model, {self.image_size}×{self.image_size} {colour}, "
+                 f"published settings of the *{self.preset}* family."]
+        if self.training_data is not None:
+            lines.append(f"Training data: {self.training_data.origin}.")
+        else:
+            lines.append("Training data unknown: name the folder of images it was trained on (the retain set).")
+        return "  \n".join(lines)
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local model folder for `spec`: the folder itself, or a Hub id downloaded when online."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("no model given: type a model folder or a Hub model id")
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if not HUB_ID.match(spec):
+        raise ValueError(f"{spec}: no such folder (and not a Hub model id like 'google/ddpm-cifar10-32')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        # Configs and safetensors weights only: no pickled weights, no remote code.
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+    except Exception as exc:  # offline, unknown id, gated repo: all end up here
+        raise ValueError(f"could not fetch the model {spec!r} from the Hugging Face Hub "
+                         f"({type(exc).__name__}); without network use a local model folder") from None
+
+
+def open_model(spec: str, data_folder: str = "") -> ModelInfo:
+    """Resolve a model and its training data; raises ValueError with a readable message.
+
+    The model is loaded once on the CPU to read its format and then dropped: every job loads
+    its own fresh copy, so nothing the page holds is ever trained.
+    """
+    path = resolve_model_path(spec)
+    if model_family(path) != "pixel":
+        raise ValueError(f"{path.name}: Stable Diffusion models are not supported by the app yet; "
+                         "use a pixel DDPM folder (or the command line)")
+    backend = load_backend(path, device="cpu")
+    image_size, channels, family, preset = backend.image_size, backend.channels, backend.family, preset_for(backend)
+    del backend
+    home = companion_folder(path)
+    if data_folder.strip():
+        data = load_training_folder(data_folder.strip(), image_size, channels)
+    elif home is not None and (home / "dataset.json").is_file():
+        data = load_builtin_training_data(_read_json(home / "dataset.json"))
+    else:
+        data = None
+    if data is not None and data.images.shape[1:] != (image_size, image_size, channels):
+        raise ValueError(f"the training data has images of shape {data.images.shape[1:]}, "
+                         f"but the model makes {image_size}×{image_size}×{channels}")
+    own_scorer = None if home is None else home / "clip"
+    scorer = str(own_scorer) if own_scorer is not None and (own_scorer / "open_clip_config.json").is_file() \
+        else DEFAULT_SCORER
+    return ModelInfo(spec=spec.strip(), path=path, family=family, image_size=image_size, channels=channels,
+                     preset=preset, training_data=data, scorer=scorer)
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+
+
+def companion_folder(model_path: Path) -> Optional[Path]:
+    """The folder holding a model's companions, laid out as assets/builtin is: `dataset.json`
+    (how its training set is rebuilt) and `clip/` (the scorer trained on that data), next to
+    the model folder. A model unlearned from it leads there through its retrack.json."""
+    for folder in (model_path, model_path.parent):
+        if (folder / "dataset.json").is_file():
+            return folder
+    made_by = model_path / "retrack.json"
+    if made_by.is_file():
+        source = Path(_read_json(made_by).get("source_model") or "")
+        if source.is_dir() and source.resolve() != model_path.resolve():
+            return companion_folder(source.resolve())
+    return None
+
+
+def load_builtin_training_data(spec: dict) -> TrainingData:
+    """Rebuild the built-in digits + T-shirt training set from its description (cached on disk),
+    checked against the recorded fingerprint so the gallery shows exactly what the model saw."""
+    from .data import build_digits_tshirt, dataset_fingerprint
+
+    dataset = build_digits_tshirt(seed=int(spec["seed"]), n_digits=int(spec["n_digits"]),
+                                  tshirt_fraction=float(spec["tshirt_fraction"]))
+    expected = spec.get("fingerprint")
+    if expected and dataset_fingerprint(dataset.images) != expected:
+        raise ValueError("the rebuilt built-in training set differs from the one the model was trained on "
+                         "(different fonts or package versions?); delete ~/.cache/retrack and retry")
+    names = [dataset.class_names[int(label)] for label in dataset.labels]
+    origin = (f"built-in digits + T-shirt set ({len(dataset):,} images, "
+              f"{int(dataset.is_forget.sum())} copies of one T-shirt)")
+    return TrainingData(images=dataset.images[..., None], names=names, origin=origin)
+
+
+def load_training_folder(folder: str, image_size: int, channels: int) -> TrainingData:
+    """Every image in a folder, converted to the model's format (for the user's own model)."""
+    files = expand_paths([Path(folder).expanduser()])
+    if len(files) > MAX_TRAINING_IMAGES:
+        raise ValueError(f"{folder}: {len(files):,} images is over the app's limit of {MAX_TRAINING_IMAGES:,}")
+    loaded = load_images(files, image_size, channels)
+    return TrainingData(images=tensor_to_uint8(loaded.tensor), names=[f.name for f in files],
+                        origin=f"folder {folder} ({len(files):,} images)")
+
+
+@dataclass
+class GalleryItem:
+    index: int  # position in the training data (what the user picks)
+    image: np.ndarray  # uint8 (H, W, C)
+    copies: int  # how many identical images the training data holds
+    caption: str
+
+
+def duplicate_groups(images: np.ndarray) -> dict[bytes, list[int]]:
+    """Identical images grouped by their bytes, in order of first appearance."""
+    groups: dict[bytes, list[int]] = {}
+    for index in range(len(images)):
+        groups.setdefault(images[index].tobytes(), []).append(index)
+    return groups
+
+
+def gallery_items(data: TrainingData, limit: int = GALLERY_SIZE, seed: int = 0) -> list[GalleryItem]:
+    """Training items to pick from: every image that occurs more than once (most copies first),
+    then a seeded random choice of the others."""
+    groups = list(duplicate_groups(data.images).values())
+    repeated = sorted((g for g in groups if len(g) > 1), key=len, reverse=True)
+    single = [g[0] for g in groups if len(g) == 1]
+    rng = np.random.default_rng(seed)
+    room = max(0, limit - len(repeated))
+    chosen_single = sorted(rng.choice(single, size=min(room, len(single)), replace=False).tolist()) if single else []
+    items = []
+    for group in repeated[:limit]:
+        first = group[0]
+        items.append(GalleryItem(first, data.images[first], len(group),
+                                 f"#{first} {data.names[first]} ×{len(group)} copies"))
+    for index in chosen_single:
+        items.append(GalleryItem(index, data.images[index], 1, f"#{index} {data.names[index]}"))
+    return items
+
+
+# ============================================================================ forget set
+@dataclass
+class ForgetSet:
+    """Distinct images to forget, and which training items stay as the retain set."""
+
+    images: np.ndarray  # uint8 (N_u, H, W, C)
+    sources: list[str]  # one per forget image: "#17 t-shirt" or an uploaded file's name
+    notes: list[str]  # conversions applied to uploads, copies removed from the retain set
+    retain_index: np.ndarray  # indices into the training data kept as the retain set
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def parse_picks(text: str) -> list[int]:
+    """Training item numbers from text like '#17, 203 4051' (what the gallery writes)."""
+    numbers = re.findall(r"\d+", text or "")
+    return sorted({int(n) for n in numbers})
+
+
+def toggle_pick(text: str, index: int) -> str:
+    """Add `index` to the picked items, or remove it if it was there."""
+    picks = set(parse_picks(text))
+    picks.symmetric_difference_update({index})
+    return ", ".join(f"#{i}" for i in sorted(picks))
+
+
+def load_uploads(files: Sequence[str], model: ModelInfo) -> tuple[np.ndarray, list[str], list[str]]:
+    """Uploaded image files converted to the model's format: (uint8 NHWC, names, notes)."""
+    paths_ = [Path(f) for f in files]
+    loaded = load_images(paths_, model.image_size, model.channels)
+    return tensor_to_uint8(loaded.tensor), [p.name for p in paths_], loaded.notes
+
+
+def build_forget_set(model: ModelInfo, picks: Sequence[int], uploads: Sequence[str] = ()) -> ForgetSet:
+    """Forget = picked training items plus uploads (each distinct image once); retain = the
+    training data minus every copy of a forget image. Raises ValueError/ImageError."""
+    data = model.training_data
+    if data is None:
+        raise ValueError("this model's training data is unknown: name the folder of images it was trained on")
+    bad = [i for i in picks if not 0 <= i < len(data)]
+    if bad:
+        raise ValueError(f"training item number(s) {', '.join(map(str, bad))} do not exist (0 to {len(data) - 1})")
+    images = [data.images[i] for i in picks]
+    sources = [f"#{i} {data.names[i]}" for i in picks]
+    notes: list[str] = []
+    if uploads:
+        uploaded, names, upload_notes = load_uploads(uploads, model)
+        images.extend(uploaded)
+        sources.extend(names)
+        notes.extend(upload_notes)
+    if not images:
+        raise ValueError("the forget set is empty: pick training items in the gallery or upload images")
+
+    # One entry per distinct image: copies add nothing but weight.
+    distinct: dict[bytes, int] = {}
+    for position, image in enumerate(images):
+        distinct.setdefault(image.tobytes(), position)
+    keep = sorted(distinct.values())
+    forget_bytes = set(distinct)
+    in_forget = np.fromiter((data.images[i].tobytes() in forget_bytes for i in range(len(data))), bool, len(data))
+    retain_index = np.flatnonzero(~in_forget)
+    if in_forget.any():
+        notes.append(f"{int(in_forget.sum())} training item(s) identical to a forget image are left out of the retain set")
+    if len(retain_index) == 0:
+        raise ValueError("every training item is a forget image: nothing would be left to keep")
+    return ForgetSet(images=np.stack([images[i] for i in keep]), sources=[sources[i] for i in keep],
+                     notes=notes, retain_index=retain_index)
+
+
+def to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
+    return uint8_to_tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
+# ============================================================================ evaluation
+@dataclass(frozen=True)
+class EvalSettings:
+    """How "before" and "after" are compared: the same seeds, sampler and step count."""
+
+    n_samples: int = 16
+    seed: int = 0
+    sampling_steps: int = 25  # DDIM steps (deterministic given the seed)
+    trajectory_points: int = 6  # predicted clean images shown in the teaching view
+
+    def validate(self) -> None:
+        if not 1 <= self.n_samples <= 256:
+            raise ValueError(f"number of samples must lie in [1, 256], got {self.n_samples}")
+        if not 1 <= self.sampling_steps <= 1000:
+            raise ValueError(f"sampling steps must lie in [1, 1000], got {self.sampling_steps}")
+        if not 2 <= self.trajectory_points <= 20:
+            raise ValueError(f"trajectory points must lie in [2, 20], got {self.trajectory_points}")
+        if self.seed < 0:
+            raise ValueError(f"the seed must not be negative, got {self.seed}")
+
+
+@dataclass
+class Evaluation:
+    """One set of seeded samples with their memorisation scores."""
+
+    samples: Samples
+    scores: np.ndarray  # CLIP memorisation score per sample (higher = closer to a forget image)
+    threshold: float  # scores at or above it count as reproducing a forget image
+    quality: Optional[float]  # Fréchet distance to the retain set in CLIP space (lower is better)
+
+    @property
+    def flags(self) -> np.ndarray:
+        return self.scores >= self.threshold  # as metrics.memorisation_rate counts
+
+    @property
+    def rate(self) -> float:
+        """Share of samples flagged as memorised."""
+        return float(self.flags.mean())
+
+    def grid(self, ncol: int = 8) -> Image.Image:
+        """The samples, each captioned with its seed and score; flagged ones framed in red."""
+        labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds, self.scores)]
+        return image_grid(self.samples.images, ncol=ncol, labels=labels, flags=self.flags.tolist())
+
+    def teaching_seed(self) -> tuple[int, bool]:
+        """The seed whose sample is closest to a forget image, and whether it was flagged."""
+        best = int(np.argmax(self.scores))
+        return self.samples.seeds[best], bool(self.flags[best])
+
+
+# ============================================================================ the device queue
+class DeviceQueue:
+    """First come, first served use of one device: one job at a time, the others wait in line.
+
+    The app's page stays responsive because waiting happens in each job's own worker thread; a
+    waiting job can be cancelled and leaves the line at once.
+    """
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._line: deque[object] = deque()
+        self._holder: Optional[object] = None
+
+    def acquire(self, owner: object, cancel: threading.Event, on_wait: Callable[[int], None] = lambda ahead: None) -> bool:
+        """Block until `owner` holds the device (True) or `cancel` is set (False).
+        `on_wait(jobs_ahead)` is called whenever the position in the line changes."""
+        with self._changed:
+            self._line.append(owner)
+            last_reported = -1
+            try:
+                while True:
+                    if cancel.is_set():
+                        return False
+                    if self._holder is None and self._line[0] is owner:
+                        self._line.popleft()
+                        self._holder = owner
+                        return True
+                    ahead = list(self._line).index(owner) + (self._holder is not None)
+                    if ahead != last_reported:
+                        on_wait(ahead)
+                        last_reported = ahead
+                    self._changed.wait(timeout=0.2)  # wake up regularly to see `cancel`
+            finally:
+                if self._holder is not owner and owner in self._line:
+                    self._line.remove(owner)
+                    self._changed.notify_all()
+
+    def release(self, owner: object) -> None:
+        with self._changed:
+            if self._holder is owner:
+                self._holder = None
+                self._changed.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        return self._holder is not None
+
+
+_DEVICE_QUEUES: dict[str, DeviceQueue] = {}
+_DEVICE_QUEUES_LOCK = threading.Lock()
+
+
+def device_queue(device: str) -> DeviceQueue:
+    """The one queue of a device ("cpu", "cuda:0", ...), shared by every job in this process."""
+    key = "cuda:0" if device == "cuda" else device
+    with _DEVICE_QUEUES_LOCK:
+        return _DEVICE_QUEUES.setdefault(key, DeviceQueue())
+
+
+# ============================================================================ helpers of a job
+class _SampleCache:
+    """"Before" samples per (model weights, device, seeds, steps): the model does not change
+    between jobs, so its samples need not be drawn again. Small LRU; thread-safe."""
+
+    def __init__(self, capacity: int = 8) -> None:
+        self._items: OrderedDict[tuple, Samples] = OrderedDict()
+        self._lock = threading.Lock()
+        self.capacity = capacity
+
+    def get(self, key: tuple) -> Optional[Samples]:
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+            return None
+
+    def put(self, key: tuple, samples: Samples) -> None:
+        with self._lock:
+            self._items[key] = samples
+            self._items.move_to_end(key)
+            while len(self._items) > self.capacity:
+                self._items.popitem(last=False)
+
+
+BEFORE_SAMPLES = _SampleCache()
+
+
+@torch.no_grad()
+def neighbour_weights(forget_x0: Tensor, neighbours_x0: Tensor, backend: Backend, draws: int = 256, seed: int = 0) -> Tensor:
+    """How much of ReTrack's unlearning target goes to each neighbour: the posterior weights
+    pi_k = softmax_k(-|v_k|^2 / 2) averaged over the training draws of (t, eps) around each
+    forget item. Shapes: forget (N_u, *x0), neighbours (N_u, K, *x0) -> (N_u, K)."""
+    schedule = backend.schedule
+    generator = torch.Generator().manual_seed(seed)
+    k, entries = neighbours_x0.shape[1], neighbours_x0[0, 0].numel()
+    chunk = max(1, min(draws, (64 * 2**20) // (4 * k * entries)))  # keep each chunk near 64 MB
+    weights = []
+    for item, nbrs in zip(forget_x0, neighbours_x0):
+        total = torch.zeros(k, dtype=torch.float64)
+        for start in range(0, draws, chunk):
+            n = min(chunk, draws - start)
+            t = schedule.sample_t(n, generator)
+            eps = torch.randn((n, *item.shape), generator=generator)
+            gamma, sigma = schedule.gamma_sigma(t, eps)
+            x_t = gamma * item + sigma * eps
+            _, pi = retrack_targets(x_t, nbrs.expand(n, *nbrs.shape), gamma, sigma)
+            total += pi.double().sum(0)
+        weights.append(total / draws)
+    return torch.stack(weights).float()
+
+
+def trajectory_strip(backend: Backend, seed: int, settings: EvalSettings) -> Samples:
+    """One sample's denoising path: predicted clean image at evenly spaced timesteps."""
+    return sample(backend, 1, seed=seed, steps=settings.sampling_steps, trajectory_points=settings.trajectory_points)
+
+
+def trajectory_image(before: Samples, after: Samples, before_flagged: bool, after_flagged: bool) -> Image.Image:
+    """Two rows, before over after: the predicted clean image from pure noise (left) to the
+    final sample at t = 0 (right); a final sample that reproduces a forget image is framed red."""
+    timesteps = list(before.trajectory)  # highest t first, as recorded
+    tiles = [before.trajectory[t] for t in timesteps] + [after.trajectory[t] for t in timesteps]
+    labels = [f"{row} t={t}" for row in ("before", "after") for t in timesteps]
+    flags = [False] * (len(timesteps) - 1) + [before_flagged] + [False] * (len(timesteps) - 1) + [after_flagged]
+    return image_grid(torch.cat(tiles), ncol=len(timesteps), labels=labels, flags=flags)
+
+
+def zip_folder(folder: Path, archive: Path) -> Path:
+    """Zip `folder` (as one top-level folder inside the archive), written atomically."""
+    tmp = archive.with_name(f".{archive.stem}.{uuid.uuid4().hex[:8]}")
+    try:
+        made = shutil.make_archive(str(tmp), "zip", root_dir=folder.parent, base_dir=folder.name)
+        Path(made).replace(archive)
+    finally:
+        Path(f"{tmp}.zip").unlink(missing_ok=True)
+    return archive
+
+
+# ============================================================================ the job
+FINISHED_PHASES = ("done", "cancelled", "failed")
+
+
+@dataclass
+class JobState:
+    """A snapshot of a job, as the page shows it. `revision` grows with every change."""
+
+    phase: str = "queued"  # queued, loading, before, training, saving, after, done, cancelled, failed
+    message: str = "Waiting to start"
+    progress: float = 0.0  # 0..1 over the whole job
+    losses: list[StepEvent] = field(default_factory=list)
+    before: Optional[Evaluation] = None
+    after: Optional[Evaluation] = None
+    neighbours: Optional[Image.Image] = None  # each forget image, then its K nearest retain images
+    trajectory: Optional[Image.Image] = None
+    teaching_note: str = ""
+    scorer_note: str = ""  # set when a fallback scorer is used
+    model_dir: Optional[Path] = None
+    archive: Optional[Path] = None
+    error: Optional[str] = None
+    revision: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.phase in FINISHED_PHASES
+
+
+# Share of the progress bar each phase ends at: training dominates on every device.
+_PROGRESS_AT = {"loading": 0.02, "before": 0.10, "training": 0.85, "saving": 0.90, "after": 1.0}
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
+
+
+class Job:
+    """One unlearning job, run in a worker thread:
+
+        job = Job(model, forget, UnlearnConfig.preset("mnist"), EvalSettings(), Path("outputs/app")).start()
+        for state in job.watch():
+            print(state.progress, state.message)
+
+    Settings are checked when the job is made (ValueError), so a bad request never queues.
+    """
+
+    def __init__(self, model: ModelInfo, forget: ForgetSet, config: UnlearnConfig, evaluation: EvalSettings,
+                 output_root: Path):
+        config.validate()
+        evaluation.validate()
+        if model.training_data is None:
+            raise ValueError("this model's training data is unknown: name the folder of images it was trained on")
+        if config.method == "retrack" and config.k > len(forget.retain_index):
+            raise ValueError(f"K = {config.k} neighbours asked for, but the retain set has only "
+                             f"{len(forget.retain_index)} image(s)")
+        self.model, self.forget, self.config, self.evaluation = model, forget, config, evaluation
+        self.device = resolve_device(config.device)
+        self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{uuid.uuid4().hex[:6]}"
+        self.output_dir = Path(output_root).absolute() / self.id
+        self._state = JobState()
+        self._changed = threading.Condition()
+        self._cancel = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"retrack-job-{self.id}", daemon=True)
+
+    # --- control ------------------------------------------------------------------------
+    def start(self) -> "Job":
+        self._thread.start()
+        return self
+
+    def cancel(self) -> None:
+        """Ask the job to stop; it does so before its next training step or sampling batch."""
+        self._cancel.set()
+        with self._changed:
+            if not self._state.finished:
+                self._set(message="Cancelling...")
+
+    def snapshot(self) -> JobState:
+        with self._changed:
+            return replace(self._state, losses=list(self._state.losses))
+
+    def watch(self, timeout: Optional[float] = None) -> Iterator[JobState]:
+        """Yield a snapshot after every change until the job finishes (the last one is final)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        seen = -1
+        while True:
+            with self._changed:
+                while self._state.revision == seen:
+                    left = None if deadline is None else deadline - time.monotonic()
+                    if left is not None and left <= 0:
+                        raise TimeoutError(f"job {self.id} did not finish in {timeout} s")
+                    self._changed.wait(timeout=left)
+                seen = self._state.revision
+                state = self.snapshot()
+            yield state
+            if state.finished:
+                return
+
+    def wait(self, timeout: Optional[float] = None) -> JobState:
+        """Block until the job finishes; return its final state."""
+        state = self.snapshot()
+        for state in self.watch(timeout):
+            pass
+        return state
+
+    # --- the worker ---------------------------------------------------------------------
+    def _set(self, **changes) -> None:
+        with self._changed:
+            for name, value in changes.items():
+                setattr(self._state, name, value)
+            self._state.revision += 1
+            self._changed.notify_all()
+
+    def _phase(self, phase: str, message: str) -> None:
+        self._check_cancel()
+        previous = {"loading": 0.0, "before": 0.02, "training": 0.10, "saving": 0.85, "after": 0.90}
+        self._set(phase=phase, message=message, progress=previous.get(phase, self._state.progress))
+
+    def _check_cancel(self, *_: object) -> None:
+        if self._cancel.is_set():
+            raise Cancelled("cancelled")
+
+    def _run(self) -> None:
+        queue = device_queue(self.device)
+        waiting = lambda ahead: self._set(message=f"Waiting for the {self.device.upper()}: {ahead} job(s) ahead")  # noqa: E731
+        if not queue.acquire(self, self._cancel, waiting):
+            self._set(phase="cancelled", message="Cancelled before it started; nothing was changed")
+            return
+        try:
+            self._work()
+        except Cancelled:
+            steps = len(self._state.losses)
+            self._set(phase="cancelled", message=f"Cancelled after {steps} of {self.config.steps} training steps; "
+                                                 "nothing was saved")
+        except (ValueError, Diverged, FileExistsError) as exc:  # ImageError is a ValueError
+            self._set(phase="failed", error=str(exc), message=f"Stopped: {exc}")
+        except Exception as exc:  # the page shows a message, the log keeps the traceback
+            log.exception("job %s failed", self.id)
+            self._set(phase="failed", error=f"{type(exc).__name__}: {exc}",
+                      message=f"Unexpected error ({type(exc).__name__}: {exc}); details are in the server log")
+        finally:
+            queue.release(self)
+            if self.device.startswith("cuda"):
+                torch.cuda.empty_cache()
+
+    def _work(self) -> None:
+        settings, config, data = self.evaluation, self.config, self.model.training_data
+        self._phase("loading", f"Loading a fresh copy of {self.model.path.name} on {describe_device(self.device)}")
+        backend = load_backend(self.model.path, device=self.device)
+        detector = MemorisationDetector.for_model(self.model, self.forget, device=self.device)
+        self._set(scorer_note=detector.note)
+
+        self._phase("before", f"Sampling {settings.n_samples} images before unlearning")
+        sampling_started = time.perf_counter()
+        before = self._evaluate(backend, detector, cached=True)
+        teaching_seed, teaching_flagged = before.teaching_seed()
+        before_path = trajectory_strip(backend, teaching_seed, settings)
+        sampling_seconds = time.perf_counter() - sampling_started
+        self._set(before=before, progress=_PROGRESS_AT["before"])
+
+        self._phase("training", f"Training: {METHOD_LABELS[config.method].split(':')[0]}, {config.steps} steps")
+        forget_x0 = backend.encode(to_tensor(self.forget.images))
+        retain_x0 = backend.encode(to_tensor(data.images[self.forget.retain_index]))
+
+        def on_step(event: StepEvent) -> None:
+            per_step = (event.seconds) / event.step
+            left = (event.steps - event.step) * per_step + sampling_seconds
+            span = _PROGRESS_AT["training"] - _PROGRESS_AT["before"]
+            with self._changed:
+                self._state.losses.append(event)
+            self._set(progress=_PROGRESS_AT["before"] + span * event.step / event.steps,
+                      message=f"Training step {event.step}/{event.steps} · loss {event.loss:.4g} "
+                              f"(unlearn {event.unlearn:.4g}, retain {event.retain:.4g}) · "
+                              f"{event.step_seconds:.2f} s/step · about {_seconds(left)} left")
+
+        result = unlearn(backend, forget_x0, retain_x0, config, on_step=on_step, cancel=self._cancel)
+        if result.neighbours is not None:
+            self._set(neighbours=self._neighbour_grid(backend, forget_x0, retain_x0, result))
+
+        self._phase("saving", "Saving and zipping the unlearned model")
+        name = f"{self.model.path.name}-{config.method}"
+        metadata = result.metadata(app_job=self.id, forget_sources=self.forget.sources,
+                                   evaluation=vars(settings) | {"before_memorisation_rate": before.rate})
+        model_dir = save_model(backend, self.output_dir / name, metadata)
+        archive = zip_folder(model_dir, self.output_dir / f"{name}.zip")
+        self._set(model_dir=model_dir, archive=archive, progress=_PROGRESS_AT["saving"])
+
+        self._phase("after", f"Sampling the same {settings.n_samples} seeds after unlearning")
+        after = self._evaluate(backend, detector, cached=False)
+        after_path = trajectory_strip(backend, teaching_seed, settings)
+        after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
+        note = (f"Seed {teaching_seed}: its sample {'reproduced' if teaching_flagged else 'came closest to'} a "
+                f"forget image before unlearning (score {before.scores.max():.2f}, threshold {before.threshold:.2f})")
+        if not teaching_flagged:
+            note += "; no sample was above the threshold, so this is the nearest one"
+        quality = "" if after.quality is None or before.quality is None else \
+            f" · quality (CLIP Fréchet distance to the retain set) {before.quality:.3g} → {after.quality:.3g}"
+        self._set(after=after, trajectory=trajectory_image(before_path, after_path, teaching_flagged, after_flagged),
+                  teaching_note=note + ".", phase="done", progress=1.0,
+                  message=f"Done in {_seconds(result.seconds)}: memorisation rate {before.rate:.0%} → {after.rate:.0%}"
+                          f"{quality} · saved to {model_dir}")
+
+    def _evaluate(self, backend: Backend, detector: "MemorisationDetector", cached: bool) -> Evaluation:
+        settings = self.evaluation
+        key = (self.model.cache_key, self.device, settings.n_samples, settings.seed, settings.sampling_steps)
+        samples = BEFORE_SAMPLES.get(key) if cached else None
+        if samples is None:
+            samples = sample(backend, settings.n_samples, seed=settings.seed, steps=settings.sampling_steps,
+                             batch_size=16, on_batch=self._check_cancel)
+            if cached:
+                BEFORE_SAMPLES.put(key, samples)
+        self._check_cancel()
+        return detector.evaluate(samples)
+
+    def _neighbour_grid(self, backend: Backend, forget_x0: Tensor, retain_x0: Tensor, result) -> Image.Image:
+        """One row per forget image: the image, then its K nearest retain images captioned with
+        their ReTrack weight (w) and distance (d), nearest first."""
+        shown = min(len(forget_x0), 4)  # enough to see where trajectories go
+        indices = result.neighbours[:shown]
+        weights = neighbour_weights(forget_x0[:shown], retain_x0[indices], backend, seed=self.config.seed)
+        distances = result.neighbour_distances
+        data = self.model.training_data
+        tiles, labels = [], []
+        for row in range(shown):
+            tiles.append(self.forget.images[row])
+            labels.append(f"forget {self.forget.sources[row].split()[0]}"[:16])
+            for col, retain_row in enumerate(indices[row].tolist()):
+                tiles.append(data.images[int(self.forget.retain_index[retain_row])])
+                distance = "" if distances is None else f" d{float(distances[row, col]):.1f}"
+                labels.append(f"w{float(weights[row, col]):.2f}{distance}")
+        return image_grid(np.stack(tiles), ncol=indices.shape[1] + 1, labels=labels,
+                          flags=[i % (indices.shape[1] + 1) == 0 for i in range(len(tiles))])
+
+
+# ============================================================================ memorisation detector
+_SCORERS: dict[tuple[str, str], object] = {}
+_SCORERS_LOCK = threading.Lock()
+REFERENCE_SIZE = 2000  # retain images the threshold and the quality figure are measured against
+
+
+def load_scorer(spec: str, device: str) -> tuple[object, str]:
+    """The CLIP scorer for `spec` (a folder or "name:pretrained"), loaded once per device.
+
+    Returns (scorer, note): if a named CLIP cannot be loaded (no network), the built-in tiny CLIP
+    is used instead and the note says so, because its scores are rough outside its own data.
+    """
+    from .metrics import ClipScorer
+
+    with _SCORERS_LOCK:
+        if (spec, device) in _SCORERS:
+            return _SCORERS[(spec, device)], ""
+        note = ""
+        try:
+            name, _, tag = spec.partition(":")
+            scorer = ClipScorer.load(spec, device=device) if Path(spec).is_dir() else \
+                ClipScorer.load(name, pretrained=tag or None, device=device)
+        except Exception as exc:
+            if Path(spec).is_dir():
+                raise ValueError(f"could not load the CLIP scorer in {spec} ({type(exc).__name__}: {exc})") from None
+            log.warning("CLIP scorer %s unavailable (%s); using the built-in one", spec, exc)
+            scorer = ClipScorer.load("builtin", device=device)
+            note = (f"The CLIP scorer {spec} could not be loaded (offline?), so memorisation is scored with the "
+                    "built-in tiny CLIP, which was trained on digits: treat the scores as rough.")
+        else:
+            _SCORERS[(spec, device)] = scorer
+        return scorer, note
+
+
+class MemorisationDetector:
+    """Decides which samples reproduce a forget image, and measures quality.
+
+    A sample's score is its highest CLIP cosine similarity to any forget image. The threshold
+    is calibrated on this forget set against retain images (`metrics.calibrate_threshold`:
+    midway between how close copies look and how close legitimate data gets). Quality is the
+    Fréchet distance, in CLIP space, from the samples that are not memorised to retain images.
+    """
+
+    def __init__(self, scorer, forget_images: np.ndarray, reference_images: np.ndarray, note: str = ""):
+        from .metrics import calibrate_threshold
+
+        self.scorer, self.note = scorer, note
+        self.forget_features = scorer.image_features(forget_images)
+        self.reference_features = scorer.image_features(reference_images)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an overlap is reported by the scores themselves
+            self.threshold = calibrate_threshold(self.forget_features, self.reference_features)
+
+    @classmethod
+    def for_model(cls, model: ModelInfo, forget: ForgetSet, device: str = "cpu") -> "MemorisationDetector":
+        scorer, note = load_scorer(model.scorer, device)
+        rng = np.random.default_rng(0)
+        retain = forget.retain_index
+        reference = retain if len(retain) <= REFERENCE_SIZE else np.sort(rng.choice(retain, REFERENCE_SIZE, replace=False))
+        return cls(scorer, forget.images, model.training_data.images[reference], note)
+
+    def evaluate(self, samples: Samples) -> Evaluation:
+        from .metrics import frechet_distance, max_cosine_similarity
+
+        features = self.scorer.image_features(samples.images)
+        scores = max_cosine_similarity(features, self.forget_features)
+        clean = features[torch.from_numpy(scores < self.threshold)]
+        quality = frechet_distance(clean.numpy(), self.reference_features.numpy()) if len(clean) >= 2 else None
+        return Evaluation(samples=samples, scores=scores, threshold=self.threshold, quality=quality)

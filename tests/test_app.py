@@ -1,0 +1,238 @@
+"""The Gradio app against a real server on 127.0.0.1, driven with gradio_client.
+
+One server is started for the module (in a thread of this process, on a free port) with the
+built-in model and `quick` settings, so a whole unlearning job takes seconds on a CPU. The tests
+go through the same HTTP/SSE API a browser uses: a short ReTrack job streams progress and loss
+points and returns both grids and scores; Cancel stops a running job and the next job runs; an
+invalid upload or setting returns a readable message and the server keeps serving.
+
+A few fast tests of `retrack.session` (what the page calls) come first.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from retrack import paths
+from retrack.session import (
+    DeviceQueue, TrainingData, build_forget_set, gallery_items, parse_picks, toggle_pick,
+)
+
+# ============================================================================ session logic
+def test_picks_parse_and_toggle():
+    assert parse_picks("#17, 3 #17 x9") == [3, 9, 17]
+    assert toggle_pick("#3, #17", 17) == "#3"
+    assert toggle_pick("#3", 5) == "#3, #5"
+    assert parse_picks("") == []
+
+
+def _toy_data() -> TrainingData:
+    """Ten distinct 4x4 images plus three extra copies of image 2."""
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (10, 4, 4, 1), dtype=np.uint8)
+    images = np.concatenate([images, np.repeat(images[2:3], 3, axis=0)])
+    return TrainingData(images=images, names=[f"item{i}" for i in range(13)], origin="toy")
+
+
+def test_gallery_shows_duplicated_images_first():
+    items = gallery_items(_toy_data(), limit=5)
+    assert len(items) == 5
+    assert items[0].index == 2 and items[0].copies == 4 and "×4 copies" in items[0].caption
+    assert all(item.copies == 1 for item in items[1:])
+
+
+def test_forget_set_drops_every_copy_from_the_retain_set():
+    from retrack.session import ModelInfo
+
+    data = _toy_data()
+    model = ModelInfo(spec="toy", path=Path("toy"), family="pixel", image_size=4, channels=1, preset="mnist",
+                      training_data=data, scorer="builtin")
+    forget = build_forget_set(model, [2, 12])  # the same image picked twice: forgotten once
+    assert len(forget) == 1
+    assert len(forget.retain_index) == 9 and not set(forget.retain_index) & {2, 10, 11, 12}
+    with pytest.raises(ValueError, match="empty"):
+        build_forget_set(model, [])
+    with pytest.raises(ValueError, match="do not exist"):
+        build_forget_set(model, [99])
+
+
+def test_device_queue_is_first_come_first_served_and_cancellable():
+    queue, order = DeviceQueue(), []
+    first, second, third = object(), object(), object()
+    never = threading.Event()
+    assert queue.acquire(first, never)
+    cancel_third = threading.Event()
+
+    def wait(owner, cancel, name):
+        if queue.acquire(owner, cancel):
+            order.append(name)
+            queue.release(owner)
+        else:
+            order.append(f"{name} cancelled")
+
+    waiters = [threading.Thread(target=wait, args=(second, never, "second")),
+               threading.Thread(target=wait, args=(third, cancel_third, "third"))]
+    for thread in waiters:
+        thread.start()
+        time.sleep(0.1)
+    cancel_third.set()
+    waiters[1].join(5)
+    assert order == ["third cancelled"]  # a waiting job leaves the line at once
+    queue.release(first)
+    waiters[0].join(5)
+    assert order == ["third cancelled", "second"] and not queue.busy
+
+
+# ============================================================================ the server
+# The built-in model, or another with the same companions (dataset.json, clip/) beside it.
+MODEL = Path(os.environ.get("RETRACK_APP_MODEL", paths.BUILTIN_MODEL))
+pytestmark_server = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(),
+                                       reason=f"the model {MODEL} is not built")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app on a free 127.0.0.1 port with the built-in model and quick settings."""
+    import app
+
+    settings = app.AppSettings(model=str(MODEL), output_dir=tmp_path_factory.mktemp("app-output"), quick=True)
+    _, url, _ = app.launch(settings, host="127.0.0.1", port=free_port(), block=False)
+    yield url, settings
+    import gradio as gr
+
+    gr.close_all()
+
+
+@pytest.fixture
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+def tshirt_pick(client) -> str:
+    """The gallery's T-shirt item, as the page would write it into the picks box."""
+    loaded = client.predict(str(MODEL), "", api_name="/load_model")
+    captions = [tile["caption"] for tile in loaded[1]]
+    shirt = next(caption for caption in captions if "t-shirt" in caption)
+    assert "copies" in shirt, "the T-shirt is copied many times and shown first"
+    return re.match(r"#\d+", shirt).group(0)
+
+
+def run_args(picks: str, steps: int = 3, uploads: list | None = None, lr: float = 5e-5) -> list:
+    """Inputs of /unlearn in page order: model, data, picks, uploads, method, K, λ, lr, steps, batch,
+    accumulation, weight decay, β1, β2, η, SISS C, seed, samples, DDIM steps, eval seed, trajectory points."""
+    return [str(MODEL), "", picks, uploads or [], "retrack", 10, 0.005, lr, steps, 8, 1, 1e-6,
+            0.95, 0.999, 1e-3, 5.0, 0, 4, 5, 0, 4]
+
+
+def merged(outputs: list) -> list:
+    """The page as it ends up: each output's last real value (the app skips unchanged pictures,
+    which reach the client as {'__type__': 'update'})."""
+    page = list(outputs[0])
+    for update in outputs[1:]:
+        for i, value in enumerate(update):
+            if not (isinstance(value, dict) and value.get("__type__") == "update"):
+                page[i] = value
+    return page
+
+
+def follow(job, timeout: float = 300) -> list:
+    """Poll a submitted job until it ends; return every progress description seen."""
+    progress, deadline = [], time.monotonic() + timeout
+    while not job.done():
+        assert time.monotonic() < deadline, "the job did not finish in time"
+        status = job.status()
+        if status.progress_data:
+            progress += [unit.desc for unit in status.progress_data if unit.desc]
+        time.sleep(0.01)
+    return progress
+
+
+@pytestmark_server
+def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
+    started = time.monotonic()
+    job = client.submit(*run_args(tshirt_pick(client), steps=4), api_name="/unlearn")
+    progress = follow(job)
+    outputs = job.outputs()
+    status, plot, before, after, metrics, nearest, archive, note, trajectory = merged(outputs)
+    assert status.startswith("Done"), status
+    assert progress, "progress updates reach the client while the job runs"
+
+    # The loss plot grew step by step: one update per training step, three terms each.
+    sizes = [len(update[1]["data"]) for update in outputs if isinstance(update[1], dict) and "data" in update[1]]
+    assert sizes == sorted(sizes) and {3, 6, 9, 12} <= set(sizes)
+    assert {row[2] for row in plot["data"]} == {"total", "unlearning term", "retain term"}
+
+    for picture in (before, after, nearest, trajectory):
+        assert Path(picture).is_file()
+    assert "memorisation rate" in metrics and re.search(r"\d+% \(\d+ of 4\)", metrics)
+    assert "Seed" in note
+    with zipfile.ZipFile(archive) as bundle:
+        names = bundle.namelist()
+    assert any(name.endswith("model_index.json") for name in names)
+    assert any(name.endswith("retrack.json") for name in names)
+    print(f"short job: {time.monotonic() - started:.1f} s")
+
+
+@pytestmark_server
+def test_cancel_stops_a_running_job_and_the_next_job_runs(client):
+    picks = tshirt_pick(client)
+    long_job = client.submit(*run_args(picks, steps=2000), api_name="/unlearn")
+    deadline = time.monotonic() + 120
+    while not any(str(update[0]).startswith("Training step") for update in long_job.outputs()):
+        assert time.monotonic() < deadline and not long_job.done(), "the long job never started training"
+        time.sleep(0.05)
+    assert client.predict(api_name="/cancel") == "Cancelling..."
+    follow(long_job, timeout=60)
+    final_status = long_job.outputs()[-1][0]
+    assert re.match(r"Cancelled after \d+ of 2000 training steps", final_status), final_status
+
+    next_job = client.submit(*run_args(picks, steps=2), api_name="/unlearn")
+    follow(next_job)
+    assert next_job.outputs()[-1][0].startswith("Done")
+    assert client.predict(api_name="/cancel") == "Nothing is running."
+
+
+@pytestmark_server
+def test_bad_upload_and_bad_settings_give_messages_and_the_server_keeps_serving(client, tmp_path):
+    from gradio_client import handle_file
+
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"this is not a PNG at all")
+    summary, preview = client.predict(str(MODEL), "", "", [handle_file(str(broken))],
+                                      api_name="/preview_forget")
+    assert summary.startswith("⚠") and "broken.png" in summary and preview is None
+
+    job = client.submit(*run_args("", uploads=[handle_file(str(broken))]), api_name="/unlearn")
+    follow(job, timeout=60)
+    status = job.outputs()[-1][0]
+    assert status.startswith("⚠") and "broken.png" in status and "Traceback" not in status
+
+    job = client.submit(*run_args(tshirt_pick(client), lr=-1.0), api_name="/unlearn")
+    follow(job, timeout=60)
+    assert "learning rate" in job.outputs()[-1][0]
+
+    # Still serving: a good upload is converted, with a note on what was changed.
+    from PIL import Image
+
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
+    summary, preview = client.predict(str(MODEL), "", "", [handle_file(str(photo))],
+                                      api_name="/preview_forget")
+    assert "1 image(s) to forget" in summary and "resized" in summary and Path(preview).is_file()

@@ -1,0 +1,111 @@
+"""The app in a real browser: headless Chromium opens the page, picks the T-shirt in the gallery,
+starts a short run, waits for the after-grid, checks the live loss plot drew points, and saves a
+screenshot (tmp folder; also to $RETRACK_SCREENSHOT when set, e.g. docs/app.png).
+
+The server is `python app.py --quick` in a subprocess, exactly as a user starts it. Needs
+/usr/bin/chromium (`apt-get install -y chromium`; CI installs it) and is skipped without it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from retrack import paths
+
+# The built-in model, or another with the same companions (dataset.json, clip/) beside it; the
+# app reads the same variable.
+MODEL = Path(os.environ.get("RETRACK_APP_MODEL", paths.BUILTIN_MODEL))
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="/usr/bin/chromium is not installed"),
+    pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"the model {MODEL} is not built"),
+]
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    """`python app.py --quick` on a free port; yields its URL, stops it afterwards."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    quick = [] if os.environ.get("RETRACK_BROWSER_FULL") else ["--quick"]  # full: published settings
+    command = [sys.executable, str(REPO / "app.py"), *quick, "--port", str(port),
+               "--output-dir", str(tmp_path_factory.mktemp("app-output"))]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "Running on local URL" not in log.read_text():
+            assert server.poll() is None, f"the app exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the app did not start:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()
+
+
+def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    full = bool(os.environ.get("RETRACK_BROWSER_FULL"))
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
+
+            # The gallery shows the memorised T-shirt first; clicking it fills the picks box.
+            page.wait_for_selector("#training-gallery img", timeout=120_000)
+            page.locator("#training-gallery button.thumbnail-item", has_text="t-shirt").first.click()
+            picks = page.locator("#forget-picks textarea, #forget-picks input").first
+            page.wait_for_function("el => /#\\d+/.test(el.value)", arg=picks.element_handle(), timeout=30_000)
+            page.wait_for_selector("#forget-preview img", timeout=30_000)
+            assert "1 image(s) to forget" in page.locator("#forget-summary").inner_text()
+
+            steps = int(float(page.locator("#steps input").input_value()))
+            page.click("#run")
+            # The loss plot fills in while the job runs: three curves (total, unlearning, retain).
+            lines = page.locator("#loss-plot [aria-roledescription='line mark']")
+            lines.first.wait_for(timeout=(900_000 if full else 180_000))
+            page.wait_for_selector("#after-grid img", timeout=(900_000 if full else 180_000))
+            page.wait_for_selector("#trajectory img", timeout=60_000)
+            status = page.locator("#status textarea").input_value()
+            assert status.startswith("Done"), status
+
+            # ... and in the end holds one point per training step on each curve.
+            assert lines.count() == 3
+            for line in lines.all():
+                assert line.get_attribute("d").count("L") + 1 == steps
+            assert "memorisation rate" in page.locator("#metrics").inner_text()
+
+            page.set_viewport_size({"width": 1400, "height": 2400})
+            page.wait_for_timeout(500)
+            shot = tmp_path / "app.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+            if os.environ.get("RETRACK_SCREENSHOT"):
+                shutil.copy(shot, os.environ["RETRACK_SCREENSHOT"])
+        finally:
+            browser.close()
