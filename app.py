@@ -32,9 +32,9 @@ import pandas as pd  # noqa: E402
 
 from retrack import paths  # noqa: E402
 from retrack.engine import PRESETS, UnlearnConfig, resolve_device  # noqa: E402
-from retrack.sampling import image_grid  # noqa: E402
 from retrack.session import (  # noqa: E402
-    METHOD_LABELS, EvalSettings, Job, JobState, ModelInfo, build_forget_set, describe_device, gallery_items,
+    METHOD_LABELS, EvalSettings, Job, JobState, ModelInfo, build_forget_set, describe_device, display_grid,
+    gallery_items,
     open_model, parse_picks, toggle_pick,
 )
 
@@ -175,6 +175,14 @@ def build_app(settings: AppSettings) -> gr.Blocks:
 
         # --- 2. forget set ----------------------------------------------------------------
         gr.Markdown("## 2 · What to forget")
+        with gr.Group(visible=False) as prompt_group:  # shown for text-to-image models only
+            with gr.Row():
+                prompt_box = gr.Textbox(label="Memorised prompt", elem_id="prompt", scale=3,
+                                        info="The prompt whose generations copy a training image; "
+                                             "before/after samples use it.")
+                training_prompt_box = gr.Textbox(label="Training prompt (optional)", elem_id="training-prompt",
+                                                 scale=3, info="Fine-tune on this prompt instead, e.g. the prompt "
+                                                               "without the words that trigger the copy.")
         with gr.Row():
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Training items: click to add to or remove from the forget set",
@@ -230,6 +238,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 trajectory_points = gr.Number(first["trajectory_points"], label="Trajectory points",
                                               elem_id="trajectory-points", precision=0, minimum=2, maximum=20,
                                               info="Timesteps shown in the teaching view.")
+                guidance = gr.Number(7.5, label="Guidance scale", elem_id="guidance", minimum=0, maximum=50,
+                                     info="Text-to-image models only: classifier-free guidance.")
 
         # --- 4. run -----------------------------------------------------------------------
         gr.Markdown("## 4 · Run")
@@ -262,25 +272,27 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         # ============================================================================ events
         hyper = [k, lam, lr, steps, batch_size, grad_accum, weight_decay, beta1, beta2, eta, siss_c]
 
+        @readable_errors
         def load(spec: str, data_folder: str, fresh: bool = False):
             if fresh:
                 cached_model.cache_clear()
             try:
                 model = cached_model(spec.strip(), data_folder.strip())
             except USER_ERRORS as exc:
-                return (f"⚠ {exc}", gr.update(value=[]), [], "") + tuple(gr.skip() for _ in hyper)
+                return (f"⚠ {exc}", gr.update(value=[]), [], "", gr.skip()) + tuple(gr.skip() for _ in hyper)
             items = gallery_items(model.training_data) if model.training_data is not None else []
             tiles = [(item.image[..., 0] if item.image.shape[-1] == 1 else item.image, item.caption) for item in items]
             defaults = settings.run_defaults(model.preset)
             values = [defaults[name] for name in ("k", "lam", "lr", "steps", "batch_size", "grad_accum",
                                                     "weight_decay", "beta1", "beta2", "eta", "siss_c")]
-            return (model.summary(), tiles, [item.index for item in items], "") + tuple(values)
+            prompts = gr.update(visible=model.family == "latent")
+            return (model.summary(), tiles, [item.index for item in items], "", prompts) + tuple(values)
 
         def reload(spec: str, data_folder: str):
             """The Load button: read the folders again (they may have changed on disk)."""
             return load(spec, data_folder, fresh=True)
 
-        load_outputs = [model_info, gallery, gallery_indices, picks_box] + hyper
+        load_outputs = [model_info, gallery, gallery_indices, picks_box, prompt_group] + hyper
         demo.load(load, [model_box, data_box], load_outputs, api_name="load_model")
         load_button.click(reload, [model_box, data_box], load_outputs, api_visibility="private")
         model_box.submit(reload, [model_box, data_box], load_outputs, api_visibility="private")
@@ -299,7 +311,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             except USER_ERRORS as exc:
                 message = str(exc) if parse_picks(picks) or files else "Nothing picked yet."
                 return ("⚠ " if parse_picks(picks) or files else "") + message, None
-            tiles = image_grid(forget.images[:32], labels=[source[:14] for source in forget.sources[:32]])
+            tiles = display_grid(forget.images[:32], labels=[source[:14] for source in forget.sources[:32]])
             lines = [f"**{len(forget)} image(s) to forget**; {len(forget.retain_index):,} training images kept."]
             lines += [f"- {note}" for note in forget.notes]
             return "\n".join(lines), tiles
@@ -316,10 +328,11 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         run_outputs = [status, loss_plot, before_grid, after_grid, metrics, neighbours, download,
                        teaching_note, trajectory]
 
-        def run(spec: str, data_folder: str, picks: str, files: Optional[list[str]], method_name: str,
-                k_value, lam_value, lr_value, steps_value, batch_value, accum_value, wd_value, beta1_value,
-                beta2_value, eta_value, siss_c_value, seed_value, n_value, sampling_value, eval_seed_value,
-                trajectory_value, request: gr.Request, progress=gr.Progress()) -> Iterator[tuple]:
+        def run(spec: str, data_folder: str, picks: str, files: Optional[list[str]], prompt: str,
+                training_prompt: str, method_name: str, k_value, lam_value, lr_value, steps_value, batch_value,
+                accum_value, wd_value, beta1_value, beta2_value, eta_value, siss_c_value, seed_value, n_value,
+                sampling_value, eval_seed_value, trajectory_value, guidance_value, request: gr.Request,
+                progress=gr.Progress()) -> Iterator[tuple]:
             """Start a job and stream its state to the page until it ends."""
             try:
                 model = cached_model(spec.strip(), data_folder.strip())
@@ -331,8 +344,11 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                                        siss_c=float(siss_c_value), seed=whole(seed_value))
                 evaluation = EvalSettings(n_samples=whole(n_value), seed=whole(eval_seed_value),
                                           sampling_steps=whole(sampling_value),
-                                          trajectory_points=whole(trajectory_value))
-                job = Job(model, forget, config, evaluation, settings.output_dir).start()
+                                          trajectory_points=whole(trajectory_value),
+                                          prompt=prompt if model.family == "latent" else "",
+                                          guidance=float(guidance_value))
+                job = Job(model, forget, config, evaluation, settings.output_dir,
+                          training_prompt=training_prompt if model.family == "latent" else "").start()
             except USER_ERRORS as exc:
                 yield (f"⚠ {exc}",) + tuple(gr.skip() for _ in run_outputs[1:])
                 return
@@ -373,9 +389,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             return (state.message, losses, before, after, table, nearest, archive,
                     state.teaching_note or gr.skip(), picture)
 
-        run_inputs = [model_box, data_box, picks_box, uploads, method] + hyper[:9] + [eta, siss_c, seed, n_samples,
-                                                                                     sampling_steps, eval_seed,
-                                                                                     trajectory_points]
+        run_inputs = ([model_box, data_box, picks_box, uploads, prompt_box, training_prompt_box, method] + hyper +
+                      [seed, n_samples, sampling_steps, eval_seed, trajectory_points, guidance])
         # Jobs queue per device inside retrack.session (one training job per device at a time,
         # and a waiting job can still be cancelled), so gradio may start several run events.
         run_button.click(run, run_inputs, run_outputs, api_name="unlearn", show_progress_on=[status],
@@ -406,6 +421,11 @@ def whole(value) -> int:
 def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, block: bool = True):
     """Start the server; returns gradio's (app, local_url, share_url)."""
     settings.output_dir.mkdir(parents=True, exist_ok=True)
+    try:  # open the default model now, so the first page view is quick (and problems show here)
+        log.info("opening %s", settings.model)
+        cached_model(settings.model.strip(), settings.data.strip())
+    except USER_ERRORS as exc:
+        log.warning("the default model cannot be opened: %s", exc)
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=1)
     return demo.launch(server_name=host, server_port=port, max_file_size=settings.max_file_size,

@@ -42,7 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import paths
-from .backends import load_backend, model_family
+from .backends import load_backend
 from .backends.base import Backend
 from .engine import Cancelled, Diverged, StepEvent, UnlearnConfig, preset_for, resolve_device, save_model, unlearn
 from .images import ImageError, expand_paths, load_images, tensor_to_uint8, uint8_to_tensor
@@ -116,6 +116,9 @@ class ModelInfo:
                  f"published settings of the *{self.preset}* family."]
         if self.training_data is not None:
             lines.append(f"Training data: {self.training_data.origin}.")
+        elif self.family == "latent":
+            lines.append("Training data unknown: name a folder of images to keep (the retain set), including the "
+                         "ones to forget, and type the memorised prompt below.")
         else:
             lines.append("Training data unknown: name the folder of images it was trained on (the retain set).")
         return "  \n".join(lines)
@@ -151,9 +154,6 @@ def open_model(spec: str, data_folder: str = "") -> ModelInfo:
     its own fresh copy, so nothing the page holds is ever trained.
     """
     path = resolve_model_path(spec)
-    if model_family(path) != "pixel":
-        raise ValueError(f"{path.name}: Stable Diffusion models are not supported by the app yet; "
-                         "use a pixel DDPM folder (or the command line)")
     backend = load_backend(path, device="cpu")
     image_size, channels, family, preset = backend.image_size, backend.channels, backend.family, preset_for(backend)
     del backend
@@ -186,7 +186,7 @@ def companion_folder(model_path: Path) -> Optional[Path]:
     (how its training set is rebuilt) and `clip/` (the scorer trained on that data), next to
     the model folder. A model unlearned from it leads there through its retrack.json."""
     for folder in (model_path, model_path.parent):
-        if (folder / "dataset.json").is_file():
+        if (folder / "dataset.json").is_file() or (folder / "clip" / "open_clip_config.json").is_file():
             return folder
     made_by = model_path / "retrack.json"
     if made_by.is_file():
@@ -333,15 +333,30 @@ def to_tensor(images: np.ndarray) -> Tensor:
     return uint8_to_tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
+DISPLAY_SIDE = 128  # tiles of the page's pictures: small images are enlarged, large ones reduced
+
+
+def display_grid(images: Tensor | np.ndarray, **grid_options) -> Image.Image:
+    """`sampling.image_grid` with tiles larger than DISPLAY_SIDE reduced first, so a grid of
+    512-pixel samples stays a picture that fits on a page."""
+    pixels = to_tensor(images) if isinstance(images, np.ndarray) else images
+    if pixels.shape[-1] > DISPLAY_SIDE:
+        pixels = torch.nn.functional.interpolate(pixels.float(), size=(DISPLAY_SIDE, DISPLAY_SIDE), mode="bilinear",
+                                                 antialias=True, align_corners=False).clamp(-1, 1)
+    return image_grid(pixels, **grid_options)
+
+
 # ============================================================================ evaluation
 @dataclass(frozen=True)
 class EvalSettings:
-    """How "before" and "after" are compared: the same seeds, sampler and step count."""
+    """How "before" and "after" are compared: the same seeds, sampler, step count and prompt."""
 
     n_samples: int = 16
     seed: int = 0
     sampling_steps: int = 25  # DDIM steps (deterministic given the seed)
     trajectory_points: int = 6  # predicted clean images shown in the teaching view
+    prompt: str = ""  # text-to-image models: the prompt whose memorised images are forgotten
+    guidance: float = 7.5  # text-to-image models: classifier-free guidance scale
 
     def validate(self) -> None:
         if not 1 <= self.n_samples <= 256:
@@ -352,6 +367,8 @@ class EvalSettings:
             raise ValueError(f"trajectory points must lie in [2, 20], got {self.trajectory_points}")
         if self.seed < 0:
             raise ValueError(f"the seed must not be negative, got {self.seed}")
+        if not 0.0 <= self.guidance <= 50.0:
+            raise ValueError(f"guidance must lie in [0, 50], got {self.guidance}")
 
 
 @dataclass
@@ -375,7 +392,7 @@ class Evaluation:
     def grid(self, ncol: int = 8) -> Image.Image:
         """The samples, each captioned with its seed and score; flagged ones framed in red."""
         labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds, self.scores)]
-        return image_grid(self.samples.images, ncol=ncol, labels=labels, flags=self.flags.tolist())
+        return display_grid(self.samples.images, ncol=ncol, labels=labels, flags=self.flags.tolist())
 
     def teaching_seed(self) -> tuple[int, bool]:
         """The seed whose sample is closest to a forget image, and whether it was flagged."""
@@ -494,9 +511,10 @@ def neighbour_weights(forget_x0: Tensor, neighbours_x0: Tensor, backend: Backend
     return torch.stack(weights).float()
 
 
-def trajectory_strip(backend: Backend, seed: int, settings: EvalSettings) -> Samples:
+def trajectory_strip(backend: Backend, seed: int, settings: EvalSettings, cond: Optional[Tensor]) -> Samples:
     """One sample's denoising path: predicted clean image at evenly spaced timesteps."""
-    return sample(backend, 1, seed=seed, steps=settings.sampling_steps, trajectory_points=settings.trajectory_points)
+    return sample(backend, 1, seed=seed, steps=settings.sampling_steps, trajectory_points=settings.trajectory_points,
+                  cond=cond, guidance=settings.guidance)
 
 
 def trajectory_image(before: Samples, after: Samples, before_flagged: bool, after_flagged: bool) -> Image.Image:
@@ -506,7 +524,7 @@ def trajectory_image(before: Samples, after: Samples, before_flagged: bool, afte
     tiles = [before.trajectory[t] for t in timesteps] + [after.trajectory[t] for t in timesteps]
     labels = [f"{row} t={t}" for row in ("before", "after") for t in timesteps]
     flags = [False] * (len(timesteps) - 1) + [before_flagged] + [False] * (len(timesteps) - 1) + [after_flagged]
-    return image_grid(torch.cat(tiles), ncol=len(timesteps), labels=labels, flags=flags)
+    return display_grid(torch.cat(tiles), ncol=len(timesteps), labels=labels, flags=flags)
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:
@@ -564,18 +582,23 @@ class Job:
             print(state.progress, state.message)
 
     Settings are checked when the job is made (ValueError), so a bad request never queues.
+    Text-to-image models sample with `evaluation.prompt` and fine-tune on `training_prompt`
+    (the same prompt by default, or a modified one, as in the paper's Stable Diffusion runs).
     """
 
     def __init__(self, model: ModelInfo, forget: ForgetSet, config: UnlearnConfig, evaluation: EvalSettings,
-                 output_root: Path):
+                 output_root: Path, training_prompt: str = ""):
         config.validate()
         evaluation.validate()
         if model.training_data is None:
             raise ValueError("this model's training data is unknown: name the folder of images it was trained on")
+        if model.family == "latent" and not evaluation.prompt.strip():
+            raise ValueError("type the prompt whose memorised images should be forgotten")
         if config.method == "retrack" and config.k > len(forget.retain_index):
             raise ValueError(f"K = {config.k} neighbours asked for, but the retain set has only "
                              f"{len(forget.retain_index)} image(s)")
         self.model, self.forget, self.config, self.evaluation = model, forget, config, evaluation
+        self.training_prompt = (training_prompt or evaluation.prompt).strip()
         self.device = resolve_device(config.device)
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{uuid.uuid4().hex[:6]}"
         self.output_dir = Path(output_root).absolute() / self.id
@@ -670,12 +693,17 @@ class Job:
         backend = load_backend(self.model.path, device=self.device)
         detector = MemorisationDetector.for_model(self.model, self.forget, device=self.device)
         self._set(scorer_note=detector.note)
+        # Text-to-image models: the prompt to sample with, and the (maybe modified) one to train on.
+        cond = training_cond = None
+        if backend.family == "latent":
+            cond = backend.encode_prompt([settings.prompt.strip()])
+            training_cond = backend.encode_prompt([self.training_prompt])
 
         self._phase("before", f"Sampling {settings.n_samples} images before unlearning")
         sampling_started = time.perf_counter()
-        before = self._evaluate(backend, detector, cached=True)
+        before = self._evaluate(backend, detector, cond, cached=True)
         teaching_seed, teaching_flagged = before.teaching_seed()
-        before_path = trajectory_strip(backend, teaching_seed, settings)
+        before_path = trajectory_strip(backend, teaching_seed, settings, cond)
         sampling_seconds = time.perf_counter() - sampling_started
         self._set(before=before, progress=_PROGRESS_AT["before"])
 
@@ -694,21 +722,23 @@ class Job:
                               f"(unlearn {event.unlearn:.4g}, retain {event.retain:.4g}) · "
                               f"{event.step_seconds:.2f} s/step · about {_seconds(left)} left")
 
-        result = unlearn(backend, forget_x0, retain_x0, config, on_step=on_step, cancel=self._cancel)
+        result = unlearn(backend, forget_x0, retain_x0, config, forget_cond=training_cond, retain_cond=training_cond,
+                         on_step=on_step, cancel=self._cancel)
         if result.neighbours is not None:
             self._set(neighbours=self._neighbour_grid(backend, forget_x0, retain_x0, result))
 
         self._phase("saving", "Saving and zipping the unlearned model")
         name = f"{self.model.path.name}-{config.method}"
         metadata = result.metadata(app_job=self.id, forget_sources=self.forget.sources,
+                                   training_prompt=self.training_prompt or None,
                                    evaluation=vars(settings) | {"before_memorisation_rate": before.rate})
         model_dir = save_model(backend, self.output_dir / name, metadata)
         archive = zip_folder(model_dir, self.output_dir / f"{name}.zip")
         self._set(model_dir=model_dir, archive=archive, progress=_PROGRESS_AT["saving"])
 
         self._phase("after", f"Sampling the same {settings.n_samples} seeds after unlearning")
-        after = self._evaluate(backend, detector, cached=False)
-        after_path = trajectory_strip(backend, teaching_seed, settings)
+        after = self._evaluate(backend, detector, cond, cached=False)
+        after_path = trajectory_strip(backend, teaching_seed, settings, cond)
         after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
         note = (f"Seed {teaching_seed}: its sample {'reproduced' if teaching_flagged else 'came closest to'} a "
                 f"forget image before unlearning (score {before.scores.max():.2f}, threshold {before.threshold:.2f})")
@@ -721,13 +751,15 @@ class Job:
                   message=f"Done in {_seconds(result.seconds)}: memorisation rate {before.rate:.0%} → {after.rate:.0%}"
                           f"{quality} · saved to {model_dir}")
 
-    def _evaluate(self, backend: Backend, detector: "MemorisationDetector", cached: bool) -> Evaluation:
+    def _evaluate(self, backend: Backend, detector: "MemorisationDetector", cond: Optional[Tensor],
+                  cached: bool) -> Evaluation:
         settings = self.evaluation
-        key = (self.model.cache_key, self.device, settings.n_samples, settings.seed, settings.sampling_steps)
+        key = (self.model.cache_key, self.device, settings.n_samples, settings.seed, settings.sampling_steps,
+               settings.prompt if cond is not None else "", settings.guidance if cond is not None else 0.0)
         samples = BEFORE_SAMPLES.get(key) if cached else None
         if samples is None:
             samples = sample(backend, settings.n_samples, seed=settings.seed, steps=settings.sampling_steps,
-                             batch_size=16, on_batch=self._check_cancel)
+                             cond=cond, guidance=settings.guidance, batch_size=16, on_batch=self._check_cancel)
             if cached:
                 BEFORE_SAMPLES.put(key, samples)
         self._check_cancel()
@@ -749,7 +781,7 @@ class Job:
                 tiles.append(data.images[int(self.forget.retain_index[retain_row])])
                 distance = "" if distances is None else f" d{float(distances[row, col]):.1f}"
                 labels.append(f"w{float(weights[row, col]):.2f}{distance}")
-        return image_grid(np.stack(tiles), ncol=indices.shape[1] + 1, labels=labels,
+        return display_grid(np.stack(tiles), ncol=indices.shape[1] + 1, labels=labels,
                           flags=[i % (indices.shape[1] + 1) == 0 for i in range(len(tiles))])
 
 
@@ -762,29 +794,29 @@ REFERENCE_SIZE = 2000  # retain images the threshold and the quality figure are 
 def load_scorer(spec: str, device: str) -> tuple[object, str]:
     """The CLIP scorer for `spec` (a folder or "name:pretrained"), loaded once per device.
 
-    Returns (scorer, note): if a named CLIP cannot be loaded (no network), the built-in tiny CLIP
-    is used instead and the note says so, because its scores are rough outside its own data.
+    Returns (scorer, note). A named CLIP whose weights cannot be fetched (no network, empty
+    cache) is replaced by the built-in tiny CLIP, and the note says so: its scores are rough
+    outside the digits it was trained on.
     """
     from .metrics import ClipScorer
 
     with _SCORERS_LOCK:
-        if (spec, device) in _SCORERS:
-            return _SCORERS[(spec, device)], ""
-        note = ""
-        try:
-            name, _, tag = spec.partition(":")
-            scorer = ClipScorer.load(spec, device=device) if Path(spec).is_dir() else \
-                ClipScorer.load(name, pretrained=tag or None, device=device)
-        except Exception as exc:
+        if (spec, device) not in _SCORERS:
             if Path(spec).is_dir():
-                raise ValueError(f"could not load the CLIP scorer in {spec} ({type(exc).__name__}: {exc})") from None
-            log.warning("CLIP scorer %s unavailable (%s); using the built-in one", spec, exc)
-            scorer = ClipScorer.load("builtin", device=device)
-            note = (f"The CLIP scorer {spec} could not be loaded (offline?), so memorisation is scored with the "
-                    "built-in tiny CLIP, which was trained on digits: treat the scores as rough.")
-        else:
-            _SCORERS[(spec, device)] = scorer
-        return scorer, note
+                _SCORERS[(spec, device)] = (ClipScorer.load(spec, device=device), "")
+            else:
+                import open_clip
+
+                name, _, tag = spec.partition(":")
+                try:  # fetch (or find in the cache) first: it fails fast, building the model does not
+                    open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(name, tag))
+                    _SCORERS[(spec, device)] = (ClipScorer.load(name, pretrained=tag, device=device), "")
+                except Exception as exc:
+                    log.warning("CLIP scorer %s unavailable (%s); using the built-in one", spec, exc)
+                    note = (f"The CLIP scorer {spec} could not be loaded (offline?), so memorisation is scored "
+                            "with the built-in tiny CLIP, trained on digits: treat the scores as rough.")
+                    _SCORERS[(spec, device)] = (ClipScorer.load("builtin", device=device), note)
+        return _SCORERS[(spec, device)]
 
 
 class MemorisationDetector:

@@ -135,10 +135,11 @@ def tshirt_pick(client) -> str:
 
 
 def run_args(picks: str, steps: int = 3, uploads: list | None = None, lr: float = 5e-5) -> list:
-    """Inputs of /unlearn in page order: model, data, picks, uploads, method, K, λ, lr, steps, batch,
-    accumulation, weight decay, β1, β2, η, SISS C, seed, samples, DDIM steps, eval seed, trajectory points."""
-    return [str(MODEL), "", picks, uploads or [], "retrack", 10, 0.005, lr, steps, 8, 1, 1e-6,
-            0.95, 0.999, 1e-3, 5.0, 0, 4, 5, 0, 4]
+    """Inputs of /unlearn in page order: model, data, picks, uploads, prompt, training prompt, method,
+    K, λ, lr, steps, batch, accumulation, weight decay, β1, β2, η, SISS C, seed, samples, DDIM steps,
+    eval seed, trajectory points, guidance."""
+    return [str(MODEL), "", picks, uploads or [], "", "", "retrack", 10, 0.005, lr, steps, 8, 1, 1e-6,
+            0.95, 0.999, 1e-3, 5.0, 0, 4, 5, 0, 4, 7.5]
 
 
 def merged(outputs: list) -> list:
@@ -228,6 +229,11 @@ def test_bad_upload_and_bad_settings_give_messages_and_the_server_keeps_serving(
     follow(job, timeout=60)
     assert "learning rate" in job.outputs()[-1][0]
 
+    # Models that cannot be opened say why (offline here: a Hub id cannot be fetched).
+    for spec, reason in (("someone/some-ddpm", "Hub"), ("/no/such/model", "no such folder")):
+        info = client.predict(spec, "", api_name="/load_model")[0]
+        assert info.startswith("⚠") and reason in info, info
+
     # Still serving: a good upload is converted, with a note on what was changed.
     from PIL import Image
 
@@ -236,3 +242,48 @@ def test_bad_upload_and_bad_settings_give_messages_and_the_server_keeps_serving(
     summary, preview = client.predict(str(MODEL), "", "", [handle_file(str(photo))],
                                       api_name="/preview_forget")
     assert "1 image(s) to forget" in summary and "resized" in summary and Path(preview).is_file()
+
+
+@pytest.fixture(scope="module")
+def tiny_text_to_image(tmp_path_factory) -> tuple[Path, Path]:
+    """A tiny random Stable Diffusion folder laid out as the built-in model is (a `clip/` scorer
+    beside it), and a folder of 12 images standing for the data to keep."""
+    import open_clip
+    import torch
+    from PIL import Image
+
+    from retrack.metrics import save_open_clip_folder
+    from retrack.tiny import build_tiny_sd_pipeline
+
+    root = tmp_path_factory.mktemp("tiny-sd")
+    build_tiny_sd_pipeline(seed=0, image_size=32, save_to=root / "model")
+    clip_config = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1,
+                                                   "head_width": 16},
+                   "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    save_open_clip_folder(open_clip.CLIP(**clip_config), clip_config, root / "clip",
+                          preprocess_cfg={"mean": [0.5] * 3, "std": [0.5] * 3})
+    data = root / "keep"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(data / f"{i:02d}.png")
+    return root / "model", data
+
+
+@pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"the model {MODEL} is not built")
+def test_text_to_image_model_runs_with_its_prompt(client, tiny_text_to_image):
+    model, data = tiny_text_to_image
+    info = client.predict(str(model), str(data), api_name="/load_model")[0]
+    assert "latent" in info and "12 images" in info
+    args = run_args("#0, #1", steps=2)
+    args[:2], args[4:6] = [str(model), str(data)], ["a photo of a cat", "a photo of an animal"]
+    args[7] = 5  # K: the folder keeps only 10 images
+    job = client.submit(*args, api_name="/unlearn")
+    follow(job)
+    page = merged(job.outputs())
+    assert page[0].startswith("Done"), page[0]
+    assert Path(page[3]).is_file() and "memorisation rate" in page[4]
+
+    args[4] = ""  # the prompt is required for a text-to-image model
+    assert "prompt" in client.predict(*args, api_name="/unlearn")[0]
