@@ -37,7 +37,7 @@ from PIL import Image, ImageDraw, ImageFont
 from . import paths
 
 # Bump when anything below changes the generated pixels, so stale caches are not reused.
-DATASET_VERSION = 1
+DATASET_VERSION = 2
 
 IMAGE_SIZE = 28
 TSHIRT_LABEL = 10

