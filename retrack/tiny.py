@@ -92,10 +92,34 @@ def build_tiny_sd_pipeline(
     # Stable Diffusion v1's own scheduler settings, so the noise schedule is the real one.
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               num_train_timesteps=1000, set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
+    # float32 whatever torch's default dtype is, so the saved weights are always the same kind.
+    vae, text_encoder, unet = (m.to(torch.float32).eval() for m in (vae, text_encoder, unet))
     pipe = StableDiffusionPipeline(
-        vae=vae.eval(), text_encoder=text_encoder.eval(), tokenizer=clip_tokenizer(), unet=unet.eval(),
+        vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(), unet=unet,
         scheduler=scheduler, safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     if save_to is not None:
         pipe.save_pretrained(save_to, safe_serialization=True)
     return pipe
+
+
+# A CLIP of the same family as real ones (ViT image tower, transformer text tower, CLIP's
+# tokenizer) at toy size; random weights, so its similarities are only meaningful for tests.
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": CLIP_CONTEXT_LENGTH, "vocab_size": CLIP_VOCAB_SIZE, "width": 32, "heads": 2, "layers": 2},
+}
+OPENAI_CLIP_MEAN, OPENAI_CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def build_tiny_clip(folder: Union[str, Path], seed: int = 0) -> Path:
+    """Save a tiny random open_clip model as a folder `metrics.ClipScorer.load(folder)` reads."""
+    from open_clip.model import CLIP
+
+    from .metrics import save_open_clip_folder
+
+    torch.manual_seed(seed)
+    model = CLIP(**TINY_CLIP_CONFIG).to(torch.float32)
+    preprocess = {"size": TINY_CLIP_CONFIG["vision_cfg"]["image_size"], "mean": list(OPENAI_CLIP_MEAN), "std": list(OPENAI_CLIP_STD)}
+    return save_open_clip_folder(model, TINY_CLIP_CONFIG, folder, preprocess_cfg=preprocess)

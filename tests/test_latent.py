@@ -8,14 +8,16 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file
-from sd_fixtures import folder_digest, random_images, tiny_sd_model  # noqa: F401  (fixture)
+from sd_fixtures import folder_digest, one_thread, random_images, tiny_sd_model  # noqa: F401  (fixtures)
 
 from retrack import objectives
 from retrack.backends import PixelBackend, load_backend, model_family
 from retrack.backends.latent import LORA_REFERENCE_FILE, LORA_WEIGHTS_FILE, LatentBackend
-from retrack.engine import UnlearnConfig, save_model, unlearn
+from retrack.engine import UnlearnConfig, save_model
 from retrack.sampling import initial_noise, sample
 from retrack.split import unlearn_prompt
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a painting of a lighthouse at dusk"
 
