@@ -1,0 +1,65 @@
+"""Data-parallel Stable Diffusion unlearning through `accelerate launch`, on two CPU processes.
+
+The same job script runs on N GPUs with `accelerate launch --num_processes N`; here two CPU
+processes talk over gloo. accelerate's `--cpu` flag alone starts a single process (its multi-CPU
+mode needs MPI), so the test asks for the torchrun launcher (`--multi_gpu`) and the script's
+`--device cpu` keeps both processes on the CPU.
+"""
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from diffusers import UNet2DConditionModel
+from sd_fixtures import random_images, tiny_sd_model  # noqa: F401  (fixture)
+
+from retrack.images import tensor_to_pil
+
+REPO = Path(__file__).resolve().parent.parent
+JOB = REPO / "scripts" / "sd_unlearn_job.py"
+
+
+def load_job_module():
+    spec = importlib.util.spec_from_file_location("sd_unlearn_job", JOB)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_images(folder: Path, n: int, seed: int) -> Path:
+    folder.mkdir(parents=True)
+    for i, picture in enumerate(tensor_to_pil(random_images(n, seed))):
+        picture.save(folder / f"{i}.png")
+    return folder
+
+
+@pytest.mark.slow
+def test_two_processes_end_with_the_same_weights(tiny_sd_model, tmp_path):
+    forget, retain = write_images(tmp_path / "forget", 2, seed=1), write_images(tmp_path / "retain", 6, seed=2)
+    out = tmp_path / "unlearned"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRACK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               str(JOB), "--model", str(tiny_sd_model), "--forget", str(forget), "--retain", str(retain),
+               "--prompt", "a lighthouse", "--out", str(out), "--steps", "2", "--batch", "2", "--accum", "2",
+               "--lr", "1e-3", "--k", "3", "--device", "cpu"]
+    run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout
+
+    digests = [(Path(f"{out}.digests") / f"rank{r}.txt").read_text().strip() for r in (0, 1)]
+    assert digests[0] == digests[1]  # gradients were averaged: both copies took the same updates
+    job = load_job_module()
+    saved = UNet2DConditionModel.from_pretrained(out, subfolder="unet", local_files_only=True)
+    original = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet", local_files_only=True)
+    assert job.weights_digest(saved) == digests[0] != job.weights_digest(original)
