@@ -57,11 +57,12 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
 
     from .backends import load_backend
     from .engine import UnlearnConfig, preset_for, save_model, unlearn
+    from .sd_cli import sd_conditioning, sd_load_options
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose a new --out folder or pass --overwrite")
-    backend = load_backend(_model_path(args.model), device="cpu")
+    backend = load_backend(_model_path(args.model), device="cpu", **sd_load_options(args, _model_path(args.model)))
     preset = args.preset or preset_for(backend)
     overrides = {name: getattr(args, name) for name in ("k", "lam", "lr", "steps", "batch_size", "grad_accum", "seed")
                  if getattr(args, name) is not None}
@@ -79,7 +80,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                             grad=f"{event.grad_norm:.3g}")
             bar.update(1)
 
-        result = unlearn(backend, forget, retain, config, on_step=on_step)
+        result = unlearn(backend, forget, retain, config, on_step=on_step, **sd_conditioning(args, backend))
     saved = save_model(backend, out, result.metadata(), overwrite=args.overwrite)
     print(f"saved {saved} ({result.seconds:.1f} s, k-NN {result.knn_seconds:.1f} s, "
           f"{result.seconds_per_step:.3f} s/step)")
@@ -119,6 +120,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from .objectives import METHODS
+    from .sd_cli import add_sd_arguments, add_sd_commands
 
     parser = argparse.ArgumentParser(prog="retrack", description="Make a diffusion model forget specific training images.")
     parser.add_argument("--version", action="version", version=f"retrack {__version__}")
@@ -141,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     p.add_argument("--out", required=True, help="new folder for the unlearned model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_sd_arguments(p)  # --prompt, --train-prompt, --lora-rank, ... (Stable Diffusion models)
     p.set_defaults(run=cmd_unlearn)
 
     p = sub.add_parser("sample", help="draw a seeded grid of samples")
@@ -167,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI)")
     p.add_argument("--out", default="benchmarks/results/builtin", help="folder for the table, JSON and plots")
     p.set_defaults(run=cmd_bench)
+
+    add_sd_commands(sub)  # split, sd-eval (Stable Diffusion models)
     return parser
 
 

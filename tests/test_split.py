@@ -1,7 +1,6 @@
 """The generate-and-split protocol: seeded generation, the 2-means split and its rules, the
 user's override, the saved folders, and the whole path generate -> split -> unlearn -> sample."""
 
-import argparse
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ from retrack.engine import UnlearnConfig, save_model
 from retrack.images import list_image_files, load_images
 from retrack.metrics import ClipScorer, calibrate_threshold
 from retrack.neighbours import knn
-from retrack.sd_cli import add_sd_commands
+from retrack.cli import main
 from retrack.split import Split, cluster_split, evaluate_prompt, generate, generate_and_split, unlearn_prompt
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -139,32 +138,29 @@ def test_the_whole_path_generate_split_unlearn_sample(tiny_sd_model, tiny_clip, 
     assert all(torch.equal(v, backend.unet.state_dict()[k]) for k, v in reloaded.unet.state_dict().items())
 
 
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="retrack")
-    add_sd_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
-def test_cli_split_then_evaluate_before_and_after(tiny_sd_model, tiny_clip, tmp_path, capsys):
-    folder = tmp_path / "split"
+def test_cli_split_unlearn_with_lora_then_evaluate_before_and_after(tiny_sd_model, tiny_clip, tiny_pixel_model, tmp_path, capsys):
+    folder, adapter, evaluation = tmp_path / "split", tmp_path / "adapter", tmp_path / "eval"
     common = ["--prompt", PROMPT, "--n", "6", "--steps", "2", "--clip", str(tiny_clip), "--device", "cpu"]
-    assert run_cli("split", "--model", str(tiny_sd_model), *common, "--memorised", "1,4", "--out", str(folder)) == 0
+    assert main(["split", "--model", str(tiny_sd_model), *common, "--memorised", "1,4", "--out", str(folder)]) == 0
     assert [p.name for p in list_image_files(folder / "forget")] == ["001_seed1.png", "004_seed4.png"]
     assert len(list_image_files(folder / "retain")) == 4 and "retrack unlearn" in capsys.readouterr().out
 
-    backend = LatentBackend.from_pretrained(tiny_sd_model)
-    forget = load_images(list_image_files(folder / "forget"), 32, 3).tensor
-    retain = load_images(list_image_files(folder / "retain"), 32, 3).tensor
-    result = unlearn_prompt(backend, forget, retain, PROMPT, quick_config(steps=1), knn_cache=None)
-    unlearned = save_model(backend, tmp_path / "unlearned", result.metadata())
+    assert main(["unlearn", "--model", str(tiny_sd_model), "--forget", str(folder / "forget"), "--retain", str(folder / "retain"),
+                 "--prompt", PROMPT, "--train-prompt", "a lighthouse", "--lora-rank", "2", "--k", "2", "--steps", "1",
+                 "--accum", "1", "--lr", "1e-3", "--device", "cpu", "--out", str(adapter)]) == 0
+    assert (adapter / "pytorch_lora_weights.safetensors").is_file()
 
-    evaluation = tmp_path / "eval"
-    assert run_cli("sd-eval", "--model", str(tiny_sd_model), str(unlearned), *common, "--forget", str(folder / "forget"),
-                   "--retain", str(folder / "retain"), "--out", str(evaluation)) == 0
+    assert main(["sd-eval", "--model", str(tiny_sd_model), str(adapter), *common, "--forget", str(folder / "forget"),
+                 "--retain", str(folder / "retain"), "--out", str(evaluation)]) == 0
     records = json.loads((evaluation / "metrics.json").read_text())
-    assert [r["model"] for r in records] == [str(tiny_sd_model), str(unlearned)]
+    assert [r["model"] for r in records] == [str(tiny_sd_model), str(adapter)]
     assert records[0]["threshold"] == records[1]["threshold"] and records[0]["seeds"] == records[1]["seeds"]
+    assert records[0]["similarity"] != records[1]["similarity"]  # the adapter changed what the model draws
     assert all(Path(r["grid"]).is_file() for r in records)
-    with pytest.raises(ValueError, match="image numbers"):
-        run_cli("split", "--model", str(tiny_sd_model), *common, "--memorised", "1,x", "--out", str(tmp_path / "x"))
+
+    capsys.readouterr()
+    assert main(["split", "--model", str(tiny_sd_model), *common, "--memorised", "1,x", "--out", str(tmp_path / "x")]) == 2
+    assert "image numbers" in capsys.readouterr().err
+    assert main(["unlearn", "--model", str(tiny_pixel_model), "--forget", str(folder / "forget"), "--lora-rank", "2",
+                 "--out", str(tmp_path / "y")]) == 2
+    assert "only for Stable Diffusion models" in capsys.readouterr().err
