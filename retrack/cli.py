@@ -81,6 +81,10 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
             bar.update(1)
 
         result = unlearn(backend, forget, retain, config, on_step=on_step, **sd_conditioning(args, backend))
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return 0  # under `accelerate launch` every process holds the same weights; one writes them
     saved = save_model(backend, out, result.metadata(), overwrite=args.overwrite)
     print(f"saved {saved} ({result.seconds:.1f} s, k-NN {result.knn_seconds:.1f} s, "
           f"{result.seconds_per_step:.3f} s/step)")

@@ -11,7 +11,15 @@ from retrack.objectives import (
     retrack_unlearn_loss, siss, siss_combine, siss_weights, sum_sq, vanilla,
 )
 
-torch.set_default_dtype(torch.float64)
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """Closed forms are checked in float64; restore the default afterwards for other tests."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def linear_schedule(T: int = 1000) -> NoiseSchedule:
