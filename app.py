@@ -34,7 +34,7 @@ from retrack import paths  # noqa: E402
 from retrack.engine import PRESETS, UnlearnConfig, resolve_device  # noqa: E402
 from retrack.session import (  # noqa: E402
     METHOD_LABELS, EvalSettings, Job, JobState, ModelInfo, build_forget_set, describe_device, display_grid,
-    gallery_items,
+    gallery_items, generate_split,
     open_model, parse_picks, toggle_pick,
 )
 
@@ -63,9 +63,12 @@ class AppSettings:
                         batch_size=training["batch_size"], grad_accum=training["grad_accum"],
                         weight_decay=training["weight_decay"], beta1=training["betas"][0], beta2=training["betas"][1],
                         eta=training["eta"], siss_c=training["siss_c"], seed=0,
-                        n_samples=32 if on_gpu else 16, sampling_steps=25, eval_seed=0, trajectory_points=6)
+                        n_samples=32 if on_gpu else 16, sampling_steps=25, trajectory_points=6, n_generations=16,
+                        # text-to-image: before/after use other seeds than the split's generations (0, 1, ...)
+                        eval_seed=1000 if preset == "sd" else 0)
         if self.quick:
-            defaults.update(steps=3, batch_size=8, grad_accum=1, n_samples=4, sampling_steps=5, trajectory_points=4)
+            defaults.update(steps=3, batch_size=8, grad_accum=1, n_samples=4, sampling_steps=5, trajectory_points=4,
+                            n_generations=8)
         return defaults
 
 
@@ -183,6 +186,12 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 training_prompt_box = gr.Textbox(label="Training prompt (optional)", elem_id="training-prompt",
                                                  scale=3, info="Fine-tune on this prompt instead, e.g. the prompt "
                                                                "without the words that trigger the copy.")
+            with gr.Row():
+                n_generations = gr.Number(first["n_generations"], label="Generations to split",
+                                          elem_id="n-generations", precision=0, minimum=4, maximum=64, scale=1,
+                                          info="Images of the prompt (seeds 0, 1, ...) split into copies and the rest.")
+                generate_button = gr.Button("Generate & split", elem_id="generate-split", scale=1)
+                split_note = gr.Markdown(elem_id="split-note")
         with gr.Row():
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Training items: click to add to or remove from the forget set",
@@ -248,7 +257,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
         status = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=2)
         loss_plot = gr.LinePlot(x="step", y="loss", color="term", label="Loss per step", elem_id="loss-plot",
-                                x_title="step", y_title="loss", height=260)
+                                x_title="step", y_title="loss", height=300)
 
         # --- 5. results -------------------------------------------------------------------
         gr.Markdown("## 5 · Results\nSamples from the same seeds, captioned *seed: memorisation score*; "
@@ -270,7 +279,10 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                               format="png", interactive=False)
 
         # ============================================================================ events
-        hyper = [k, lam, lr, steps, batch_size, grad_accum, weight_decay, beta1, beta2, eta, siss_c]
+        # Controls whose defaults depend on the model family (set again whenever a model loads).
+        family_fields = ["k", "lam", "lr", "steps", "batch_size", "grad_accum", "weight_decay", "beta1", "beta2", "eta",
+                         "siss_c", "eval_seed"]
+        family_controls = [k, lam, lr, steps, batch_size, grad_accum, weight_decay, beta1, beta2, eta, siss_c, eval_seed]
 
         @readable_errors
         def load(spec: str, data_folder: str, fresh: bool = False):
@@ -279,12 +291,11 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             try:
                 model = cached_model(spec.strip(), data_folder.strip())
             except USER_ERRORS as exc:
-                return (f"⚠ {exc}", gr.update(value=[]), [], "", gr.skip()) + tuple(gr.skip() for _ in hyper)
+                return (f"⚠ {exc}", gr.update(value=[]), [], "", gr.skip()) + tuple(gr.skip() for _ in family_controls)
             items = gallery_items(model.training_data) if model.training_data is not None else []
             tiles = [(item.image[..., 0] if item.image.shape[-1] == 1 else item.image, item.caption) for item in items]
             defaults = settings.run_defaults(model.preset)
-            values = [defaults[name] for name in ("k", "lam", "lr", "steps", "batch_size", "grad_accum",
-                                                    "weight_decay", "beta1", "beta2", "eta", "siss_c")]
+            values = [defaults[name] for name in family_fields]
             prompts = gr.update(visible=model.family == "latent")
             return (model.summary(), tiles, [item.index for item in items], "", prompts) + tuple(values)
 
@@ -292,7 +303,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             """The Load button: read the folders again (they may have changed on disk)."""
             return load(spec, data_folder, fresh=True)
 
-        load_outputs = [model_info, gallery, gallery_indices, picks_box, prompt_group] + hyper
+        load_outputs = [model_info, gallery, gallery_indices, picks_box, prompt_group] + family_controls
         demo.load(load, [model_box, data_box], load_outputs, api_name="load_model")
         load_button.click(reload, [model_box, data_box], load_outputs, api_visibility="private")
         model_box.submit(reload, [model_box, data_box], load_outputs, api_visibility="private")
@@ -319,6 +330,28 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         preview_inputs = [model_box, data_box, picks_box, uploads]
         picks_box.change(preview, preview_inputs, [forget_summary, forget_preview], api_name="preview_forget")
         uploads.change(preview, preview_inputs, [forget_summary, forget_preview], api_visibility="private")
+
+        @readable_errors
+        def generate(spec: str, prompt: str, files: Optional[list[str]], count, sampling_value, guidance_value,
+                     progress=gr.Progress()):
+            """Text-to-image models: generations of the prompt become the training data; the
+            cluster that copies a training image is picked to forget."""
+            model = cached_model(spec.strip(), "")
+            progress(0.0, desc="Waiting for the device")
+            split = generate_split(model, prompt, settings.output_dir, n=whole(count), seed=0,
+                                   steps=whole(sampling_value), guidance=float(guidance_value),
+                                   reference=files[0] if files else None,
+                                   on_batch=lambda done, total: progress((done, total), desc="Generating"))
+            chosen = ("closest to your first uploaded image" if split.rule == "reference"
+                      else "the tighter cluster: near-copies of one image look alike")
+            note = (f"{len(split.memorised)} of {whole(count)} generations look memorised ({chosen}); they are picked "
+                    f"to forget, the rest are kept. Click the gallery to change. {split.note}")
+            loaded = list(load(spec, str(split.folder)))
+            loaded[3] = ", ".join(f"#{i}" for i in split.memorised)  # the picks box
+            return [str(split.folder), note] + loaded
+
+        generate_button.click(generate, [model_box, prompt_box, uploads, n_generations, sampling_steps, guidance],
+                              [data_box, split_note] + load_outputs, api_name="generate_split")
 
         def show_method_settings(name: str):
             return gr.update(visible=name == "retrack"), gr.update(visible=name == "retrack")
@@ -389,8 +422,9 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             return (state.message, losses, before, after, table, nearest, archive,
                     state.teaching_note or gr.skip(), picture)
 
-        run_inputs = ([model_box, data_box, picks_box, uploads, prompt_box, training_prompt_box, method] + hyper +
-                      [seed, n_samples, sampling_steps, eval_seed, trajectory_points, guidance])
+        run_inputs = [model_box, data_box, picks_box, uploads, prompt_box, training_prompt_box, method, k, lam, lr, steps,
+                      batch_size, grad_accum, weight_decay, beta1, beta2, eta, siss_c, seed, n_samples, sampling_steps,
+                      eval_seed, trajectory_points, guidance]
         # Jobs queue per device inside retrack.session (one training job per device at a time,
         # and a waiting job can still be cancelled), so gradio may start several run events.
         run_button.click(run, run_inputs, run_outputs, api_name="unlearn", show_progress_on=[status],

@@ -45,7 +45,7 @@ from . import paths
 from .backends import load_backend
 from .backends.base import Backend
 from .engine import Cancelled, Diverged, StepEvent, UnlearnConfig, preset_for, resolve_device, save_model, unlearn
-from .images import ImageError, expand_paths, load_images, tensor_to_uint8, uint8_to_tensor
+from .images import expand_paths, load_images, tensor_to_pil, tensor_to_uint8, uint8_to_tensor
 from .objectives import retrack_targets
 from .sampling import Samples, image_grid, sample
 
@@ -135,6 +135,9 @@ def resolve_model_path(spec: str) -> Path:
     local = Path(spec).expanduser()
     if local.is_dir():
         return local.resolve()
+    if local.absolute() == paths.BUILTIN_MODEL:
+        raise ValueError(f"the built-in model is missing from {paths.BUILTIN_MODEL}; "
+                         "build it with `python scripts/build_builtin.py`")
     if not HUB_ID.match(spec):
         raise ValueError(f"{spec}: no such folder (and not a Hub model id like 'google/ddpm-cifar10-32')")
     try:
@@ -344,6 +347,70 @@ def display_grid(images: Tensor | np.ndarray, **grid_options) -> Image.Image:
         pixels = torch.nn.functional.interpolate(pixels.float(), size=(DISPLAY_SIDE, DISPLAY_SIDE), mode="bilinear",
                                                  antialias=True, align_corners=False).clamp(-1, 1)
     return image_grid(pixels, **grid_options)
+
+
+# ============================================================================ text-to-image split
+@dataclass
+class GeneratedSplit:
+    """Generations of a memorised prompt, saved as a folder the app treats as training data."""
+
+    folder: Path  # the images, 000_seed0.png ... (what the training-data box is set to)
+    memorised: list[int]  # indices of the cluster that copies a training image: the forget picks
+    rule: str  # how that cluster was chosen: 'reference' (closest to an uploaded image) or 'tighter'
+    note: str  # e.g. that a fallback CLIP scorer was used
+
+
+def generate_split(model: ModelInfo, prompt: str, output_root: Path, n: int = 16, seed: int = 0,
+                   steps: int = 25, guidance: float = 7.5, reference: Optional[str] = None,
+                   on_batch: Optional[Callable[[int, int], None]] = None) -> GeneratedSplit:
+    """The paper's protocol for a text-to-image model whose training data is unknown: generate n
+    images of the prompt with fixed seeds, split them with 2-means on CLIP features into the
+    memorised cluster (closest to `reference`, an image file known to be memorised, or else the
+    tighter one) and the rest. All n images become a folder of "training data": the memorised
+    ones are the forget set, the others the retain set, and the user may move any of them.
+
+    Uses the device like a job, so it waits its turn in the device queue. The same request is
+    answered from the folder it wrote before.
+    """
+    from .split import generate_and_split
+
+    if model.family != "latent":
+        raise ValueError("generating and splitting is for text-to-image models; pick training items instead")
+    if not prompt.strip():
+        raise ValueError("type the prompt whose generations copy a training image")
+    key = json.dumps([model.cache_key, prompt.strip(), n, seed, steps, guidance, reference and Path(reference).name])
+    folder = Path(output_root).absolute() / "generations" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    record = folder / "split.json"
+    if record.is_file():
+        saved = _read_json(record)
+        return GeneratedSplit(folder / "images", saved["memorised"], saved["rule"], saved.get("note", ""))
+
+    reference_image = None
+    if reference:
+        reference_image = load_images([reference], model.image_size, model.channels).tensor
+    device = resolve_device("auto")
+    owner, never = object(), threading.Event()
+    queue = device_queue(device)
+    queue.acquire(owner, never)
+    try:
+        backend = load_backend(model.path, device=device)
+        scorer, note = load_scorer(model.scorer, device)
+        split = generate_and_split(backend, prompt.strip(), scorer, reference_image, n=n, seed=seed, steps=steps,
+                                   guidance=guidance, on_batch=on_batch)
+    finally:
+        queue.release(owner)
+    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
+    (tmp / "images").mkdir(parents=True)
+    for index, (picture, image_seed) in enumerate(zip(tensor_to_pil(split.images), split.seeds)):
+        picture.save(tmp / "images" / f"{index:03d}_seed{image_seed}.png")
+    (tmp / "split.json").write_text(json.dumps({"prompt": prompt.strip(), "seeds": split.seeds,
+                                                 "memorised": split.memorised, "rule": split.rule, "note": note}))
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if folder.exists():  # written meanwhile by an identical request
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        tmp.replace(folder)
+    return GeneratedSplit(folder / "images", split.memorised, split.rule, note)
 
 
 # ============================================================================ evaluation

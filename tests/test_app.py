@@ -272,7 +272,7 @@ def tiny_text_to_image(tmp_path_factory) -> tuple[Path, Path]:
 
 
 @pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"the model {MODEL} is not built")
-def test_text_to_image_model_runs_with_its_prompt(client, tiny_text_to_image):
+def test_text_to_image_model_with_a_folder_to_keep(client, tiny_text_to_image):
     model, data = tiny_text_to_image
     info = client.predict(str(model), str(data), api_name="/load_model")[0]
     assert "latent" in info and "12 images" in info
@@ -287,3 +287,22 @@ def test_text_to_image_model_runs_with_its_prompt(client, tiny_text_to_image):
 
     args[4] = ""  # the prompt is required for a text-to-image model
     assert "prompt" in client.predict(*args, api_name="/unlearn")[0]
+
+
+@pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"the model {MODEL} is not built")
+def test_text_to_image_model_generate_split_and_unlearn(client, tiny_text_to_image):
+    model, _ = tiny_text_to_image
+    prompt = "a photo of a cat"
+    outputs = client.predict(str(model), prompt, [], 8, 3, 7.5, api_name="/generate_split")
+    folder, note, info, gallery, picks = outputs[:5]
+    assert len(list(Path(folder).glob("*.png"))) == 8 and len(gallery) == 8
+    assert "generations look memorised" in note and parse_picks(picks)
+    again = client.predict(str(model), prompt, [], 8, 3, 7.5, api_name="/generate_split")
+    assert again[0] == folder and again[4] == picks  # the same request is answered from disk
+
+    args = run_args(picks, steps=2)
+    args[:2], args[4] = [str(model), folder], prompt
+    args[7] = 1  # K: a split of 8 keeps only a few images
+    job = client.submit(*args, api_name="/unlearn")
+    follow(job)
+    assert merged(job.outputs())[0].startswith("Done")
