@@ -169,8 +169,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         gr.Markdown("## 1 · Model")
         with gr.Row():
             model_box = gr.Textbox(settings.model, label="Model", elem_id="model-path", scale=4,
-                                   info="A diffusers DDPM folder, or a Hub model id when online. "
-                                        "Default: the built-in digits + T-shirt model.")
+                                   info="A diffusers folder (pixel DDPM or Stable Diffusion), or a Hub model id "
+                                        "when online. Default: the built-in digits + T-shirt model.")
             data_box = gr.Textbox(settings.data, label="Training-data folder", elem_id="data-folder", scale=3,
                                   info="Only for your own model: the images it was trained on (the retain set).")
             load_button = gr.Button("Load", elem_id="load-model", scale=1)
@@ -189,7 +189,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             with gr.Row():
                 n_generations = gr.Number(first["n_generations"], label="Generations to split",
                                           elem_id="n-generations", precision=0, minimum=4, maximum=64, scale=1,
-                                          info="Images of the prompt (seeds 0, 1, ...) split into copies and the rest.")
+                                          info="Images of the prompt (seeds 0, 1, ...) split into copies and the rest; "
+                                               "an uploaded image, if any, marks which cluster is the copies.")
                 generate_button = gr.Button("Generate & split", elem_id="generate-split", scale=1)
                 split_note = gr.Markdown(elem_id="split-note")
         with gr.Row():

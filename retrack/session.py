@@ -11,6 +11,8 @@ it can be tested without a browser and reused by other front ends; nothing here 
   T-shirt is one image copied hundreds of times).
 - `build_forget_set` turns gallery picks and uploaded files into the forget set and the retain
   set (the training data minus every copy of a forget image).
+- `generate_split` is the text-to-image route when the training data is unknown: generations
+  of a memorised prompt, split into the copies (to forget) and the rest (to keep).
 - `Job` runs one unlearning job in a worker thread. It waits its turn for the device (one
   training job per device at a time), loads a fresh copy of the model (the copy the page shows
   is never trained), samples "before" grids (cached per model and seeds), trains with
@@ -21,7 +23,6 @@ it can be tested without a browser and reused by other front ends; nothing here 
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -633,8 +634,9 @@ class JobState:
         return self.phase in FINISHED_PHASES
 
 
-# Share of the progress bar each phase ends at: training dominates on every device.
-_PROGRESS_AT = {"loading": 0.02, "before": 0.10, "training": 0.85, "saving": 0.90, "after": 1.0}
+# Where each phase starts and ends on the progress bar: training dominates on every device.
+_PHASE_SPAN = {"loading": (0.0, 0.02), "before": (0.02, 0.10), "training": (0.10, 0.85), "saving": (0.85, 0.90),
+               "after": (0.90, 1.0)}
 
 
 def _seconds(value: float) -> str:
@@ -724,8 +726,7 @@ class Job:
 
     def _phase(self, phase: str, message: str) -> None:
         self._check_cancel()
-        previous = {"loading": 0.0, "before": 0.02, "training": 0.10, "saving": 0.85, "after": 0.90}
-        self._set(phase=phase, message=message, progress=previous.get(phase, self._state.progress))
+        self._set(phase=phase, message=message, progress=_PHASE_SPAN[phase][0])
 
     def _check_cancel(self, *_: object) -> None:
         if self._cancel.is_set():
@@ -740,9 +741,12 @@ class Job:
         try:
             self._work()
         except Cancelled:
-            steps = len(self._state.losses)
-            self._set(phase="cancelled", message=f"Cancelled after {steps} of {self.config.steps} training steps; "
-                                                 "nothing was saved")
+            if self._state.model_dir is not None:  # cancelled while sampling "after"
+                message = f"Cancelled after training: the unlearned model is saved in {self._state.model_dir}"
+            else:
+                message = (f"Cancelled after {len(self._state.losses)} of {self.config.steps} training steps; "
+                           "nothing was saved")
+            self._set(phase="cancelled", message=message)
         except (ValueError, Diverged, FileExistsError) as exc:  # ImageError is a ValueError
             self._set(phase="failed", error=str(exc), message=f"Stopped: {exc}")
         except Exception as exc:  # the page shows a message, the log keeps the traceback
@@ -772,19 +776,20 @@ class Job:
         teaching_seed, teaching_flagged = before.teaching_seed()
         before_path = trajectory_strip(backend, teaching_seed, settings, cond)
         sampling_seconds = time.perf_counter() - sampling_started
-        self._set(before=before, progress=_PROGRESS_AT["before"])
+        self._set(before=before, progress=_PHASE_SPAN["before"][1])
 
         self._phase("training", f"Training: {METHOD_LABELS[config.method].split(':')[0]}, {config.steps} steps")
         forget_x0 = backend.encode(to_tensor(self.forget.images))
         retain_x0 = backend.encode(to_tensor(data.images[self.forget.retain_index]))
 
         def on_step(event: StepEvent) -> None:
-            per_step = (event.seconds) / event.step
-            left = (event.steps - event.step) * per_step + sampling_seconds
-            span = _PROGRESS_AT["training"] - _PROGRESS_AT["before"]
             with self._changed:
                 self._state.losses.append(event)
-            self._set(progress=_PROGRESS_AT["before"] + span * event.step / event.steps,
+                per_step = sum(e.step_seconds for e in self._state.losses) / len(self._state.losses)
+            # ETA: the remaining steps at the mean pace so far, plus sampling "after" as long as "before".
+            left = (event.steps - event.step) * per_step + sampling_seconds
+            start, end = _PHASE_SPAN["training"]
+            self._set(progress=start + (end - start) * event.step / event.steps,
                       message=f"Training step {event.step}/{event.steps} · loss {event.loss:.4g} "
                               f"(unlearn {event.unlearn:.4g}, retain {event.retain:.4g}) · "
                               f"{event.step_seconds:.2f} s/step · about {_seconds(left)} left")
@@ -801,7 +806,7 @@ class Job:
                                    evaluation=vars(settings) | {"before_memorisation_rate": before.rate})
         model_dir = save_model(backend, self.output_dir / name, metadata)
         archive = zip_folder(model_dir, self.output_dir / f"{name}.zip")
-        self._set(model_dir=model_dir, archive=archive, progress=_PROGRESS_AT["saving"])
+        self._set(model_dir=model_dir, archive=archive, progress=_PHASE_SPAN["saving"][1])
 
         self._phase("after", f"Sampling the same {settings.n_samples} seeds after unlearning")
         after = self._evaluate(backend, detector, cond, cached=False)
