@@ -45,11 +45,25 @@ def _name(item: ImageLike, index: int) -> str:
     return f"image {index + 1}"
 
 
+def _checked(img: Image.Image, name: str) -> Image.Image:
+    """Refuse images with no pixels or more than MAX_PIXELS (whatever form they came in)."""
+    if img.width < 1 or img.height < 1:
+        raise ImageError(f"{name}: the image has no pixels ({img.width}x{img.height})")
+    if img.width * img.height > MAX_PIXELS:
+        raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the {MAX_PIXELS:,}-pixel limit")
+    return img
+
+
 def open_image(item: ImageLike, index: int = 0) -> Image.Image:
-    """Open one image fully (decoded now, so a truncated file fails here, not later)."""
+    """Open one image fully (decoded now, so a truncated file fails here, not later).
+
+    Files and bytes are checked against MAX_FILE_BYTES before decoding and against MAX_PIXELS
+    before their pixels are allocated; whatever goes wrong while decoding untrusted data is an
+    ImageError naming the input.
+    """
     name = _name(item, index)
     if isinstance(item, Image.Image):
-        return item
+        return _checked(item, name)
     if isinstance(item, np.ndarray):
         arr = item
         if arr.dtype != np.uint8:
@@ -61,53 +75,98 @@ def open_image(item: ImageLike, index: int = 0) -> Image.Image:
             arr = arr[..., 0]
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (3, 4)):
             raise ImageError(f"{name}: array of shape {arr.shape} is not an image (H x W, or H x W x 3/4)")
-        return Image.fromarray(arr)
+        if 0 in arr.shape:
+            raise ImageError(f"{name}: the image has no pixels (array of shape {arr.shape})")
+        return _checked(Image.fromarray(np.ascontiguousarray(arr)), name)
     if isinstance(item, bytes):
-        data, source = item, io.BytesIO(item)
-    else:
+        size, source = len(item), io.BytesIO(item)
+    elif isinstance(item, (str, os.PathLike)):
         path = Path(item)
         if not path.is_file():
             raise ImageError(f"{name}: no such file")
-        size = path.stat().st_size
-        if size == 0:
-            raise ImageError(f"{name}: the file is empty")
-        if size > MAX_FILE_BYTES:
-            raise ImageError(f"{name}: {size / 2**20:.1f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit")
-        source = path
-        data = None
-    if data is not None and len(data) == 0:
+        size, source = path.stat().st_size, path
+    else:
+        raise ImageError(f"{name}: a {type(item).__name__} is not an image (give a file, bytes, a PIL image or an array)")
+    if size == 0:
         raise ImageError(f"{name}: the file is empty")
+    if size > MAX_FILE_BYTES:
+        raise ImageError(f"{name}: {size / 2**20:.1f} MB is over the {MAX_FILE_BYTES // 2**20} MB limit")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(source)
-            if img.width * img.height > MAX_PIXELS:
-                raise ImageError(f"{name}: {img.width}x{img.height} pixels is over the {MAX_PIXELS:,}-pixel limit")
+            _checked(img, name)  # from the header: nothing is decoded yet
             img.seek(0)  # animated images: the first frame
             img.load()
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise ImageError(f"{name}: the image is too large to decode safely") from None
+        raise ImageError(f"{name}: the image is too large to decode safely (a possible decompression bomb; "
+                         f"the limit is {MAX_PIXELS:,} pixels)") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not an image file Pillow can read") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise ImageError(f"{name}: the image is damaged or truncated ({exc})") from None
+    except PermissionError:
+        raise ImageError(f"{name}: the file cannot be read (permission denied)") from None
+    except Exception as exc:  # untrusted data: whatever the decoder raises means the file is unusable
+        raise ImageError(f"{name}: the image is damaged or truncated ({type(exc).__name__}: {exc})") from None
     return img
 
 
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float images -> 8-bit grayscale ('L').
+
+    16-bit data is scaled from 0..65535; 32-bit integers from 0..255 when they fit in it, else
+    from 0..65535 (how Pillow opens some 16-bit files), else from 0..their maximum; floats from
+    0..1 when they fit in it, else from 0..their maximum. Negative values become black.
+    """
+    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(0, None)
+    top = float(arr.max()) if arr.size else 0.0
+    if img.mode.startswith("I;16"):
+        scale = 65535.0
+    elif img.mode == "F":
+        scale = 1.0 if top <= 1.0 else top
+    else:
+        scale = 255.0 if top <= 255 else 65535.0 if top <= 65535 else top
+    return Image.fromarray((arr / scale * 255).clip(0, 255).round().astype(np.uint8))
+
+
 def to_mode(img: Image.Image, channels: int) -> Image.Image:
-    """Grayscale ('L') for 1 channel, 'RGB' for 3; transparency is flattened onto black."""
-    img = ImageOps.exif_transpose(img) if hasattr(img, "getexif") else img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = arr.max() if arr.max() > 255 else 255.0
-        img = Image.fromarray((arr / max(top, 1.0) * 255).round().astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+    """Grayscale ('L') for 1 channel, 'RGB' for 3; transparency is flattened onto black.
+
+    The EXIF orientation is applied when it can be read (an unreadable one is ignored).
+    """
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception:  # damaged EXIF data: keep the pixels as stored
+        pass
+    if img.mode.startswith("I") or img.mode == "F":
+        img = _to_8bit(img)
+    if img.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (img.mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         img = Image.alpha_composite(background, rgba)
     return img.convert("L" if channels == 1 else "RGB")
+
+
+def _convert(img: Image.Image, size: int, channels: int) -> tuple[np.ndarray, list[str]]:
+    """One opened image -> uint8 (size, size) or (size, size, 3), and what was changed."""
+    changes = []
+    try:  # looks for a second frame; the first one is already decoded
+        if getattr(img, "is_animated", False):
+            changes.append("first frame of an animation")
+    except Exception:
+        changes.append("first frame only (the rest of the file is damaged)")
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        changes.append(f"{img.mode} -> {'grayscale' if channels == 1 else 'RGB'}")
+    img = to_mode(img, channels)
+    if img.size != (size, size):
+        if img.width != img.height:
+            changes.append("centre-cropped to a square")
+            img = ImageOps.fit(img, (min(img.size),) * 2)
+        changes.append(f"resized {img.width}x{img.height} -> {size}x{size}")
+        img = img.resize((size, size), Image.Resampling.LANCZOS if img.width > size else Image.Resampling.BICUBIC)
+    return np.asarray(img, dtype=np.uint8), changes
 
 
 def load_images(items: Sequence[ImageLike], size: int, channels: int) -> Loaded:
@@ -122,22 +181,12 @@ def load_images(items: Sequence[ImageLike], size: int, channels: int) -> Loaded:
     for i, item in enumerate(items):
         img = open_image(item, i)
         name = _name(item, i)
-        changes = []
-        if getattr(img, "n_frames", 1) > 1:
-            changes.append("first frame of an animation")
-        target = "L" if channels == 1 else "RGB"
-        if img.mode != target:
-            changes.append(f"{img.mode} -> {'grayscale' if channels == 1 else 'RGB'}")
-        img = to_mode(img, channels)
-        if img.size != (size, size):
-            if img.width != img.height:
-                changes.append("centre-cropped to a square")
-                img = ImageOps.fit(img, (min(img.size),) * 2)
-            changes.append(f"resized {img.width}x{img.height} -> {size}x{size}")
-            img = img.resize((size, size), Image.Resampling.LANCZOS if img.width > size else Image.Resampling.BICUBIC)
+        try:
+            arr, changes = _convert(img, size, channels)
+        except Exception as exc:  # e.g. a mode Pillow cannot convert, or damage found only now
+            raise ImageError(f"{name}: the image cannot be converted ({type(exc).__name__}: {exc})") from None
         if changes:
             notes.append(f"{name}: " + ", ".join(changes))
-        arr = np.asarray(img, dtype=np.uint8)
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
     return Loaded(uint8_to_tensor(np.stack(arrays)), notes)
 
