@@ -734,7 +734,7 @@ class Job:
 
     def _run(self) -> None:
         queue = device_queue(self.device)
-        waiting = lambda ahead: self._set(message=f"Waiting for the {self.device.upper()}: {ahead} job(s) ahead")  # noqa: E731
+        waiting = lambda ahead: self._set(message=f"Waiting for the device ({self.device}): {ahead} job(s) ahead")  # noqa: E731
         if not queue.acquire(self, self._cancel, waiting):
             self._set(phase="cancelled", message="Cancelled before it started; nothing was changed")
             return

@@ -153,6 +153,14 @@ def merged(outputs: list) -> list:
     return page
 
 
+def wait_for_status(job, text: str, timeout: float = 120) -> None:
+    """Wait until the job's status box has shown `text`."""
+    deadline = time.monotonic() + timeout
+    while not any(str(update[0]).startswith(text) for update in job.outputs()):
+        assert time.monotonic() < deadline and not job.done(), f"the status never showed {text!r}"
+        time.sleep(0.05)
+
+
 def follow(job, timeout: float = 300) -> list:
     """Poll a submitted job until it ends; return every progress description seen."""
     progress, deadline = [], time.monotonic() + timeout
@@ -192,13 +200,24 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
 
 
 @pytestmark_server
-def test_cancel_stops_a_running_job_and_the_next_job_runs(client):
+def test_cancel_stops_a_running_job_and_the_next_job_runs(client, server):
+    from gradio_client import Client
+
     picks = tshirt_pick(client)
     long_job = client.submit(*run_args(picks, steps=2000), api_name="/unlearn")
-    deadline = time.monotonic() + 120
-    while not any(str(update[0]).startswith("Training step") for update in long_job.outputs()):
-        assert time.monotonic() < deadline and not long_job.done(), "the long job never started training"
-        time.sleep(0.05)
+    wait_for_status(long_job, "Training step")
+
+    # Another visitor's job waits for the device (one training job per device at a time) and
+    # can be cancelled while it waits.
+    visitor = Client(server[0], verbose=False)
+    waiting_job = visitor.submit(*run_args(picks, steps=2), api_name="/unlearn")
+    wait_for_status(waiting_job, "Waiting for the device")
+    assert any("1 job(s) ahead" in str(update[0]) for update in waiting_job.outputs())
+    assert visitor.predict(api_name="/cancel") == "Cancelling..."
+    follow(waiting_job, timeout=60)
+    assert waiting_job.outputs()[-1][0].startswith("Cancelled before it started")
+    assert not long_job.done()  # the visitor's Cancel only stopped the visitor's job
+
     assert client.predict(api_name="/cancel") == "Cancelling..."
     follow(long_job, timeout=60)
     final_status = long_job.outputs()[-1][0]
