@@ -119,7 +119,8 @@ def _to_8bit(img: Image.Image) -> Image.Image:
     from 0..65535 (how Pillow opens some 16-bit files), else from 0..their maximum; floats from
     0..1 when they fit in it, else from 0..their maximum. Negative values become black.
     """
-    arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(0, None)
+    with np.errstate(invalid="ignore", over="ignore"):  # damaged data may hold NaN/inf: they become black
+        arr = np.nan_to_num(np.asarray(img, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(0, None)
     top = float(arr.max()) if arr.size else 0.0
     if img.mode.startswith("I;16"):
         scale = 65535.0
