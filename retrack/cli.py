@@ -5,7 +5,8 @@
     python -m retrack sample --model outputs/no-tshirt --n 64 --out grid.png
 
 Argument and input errors print one line (`retrack: error: ...`) and exit with status 2; a
-diverged or cancelled run exits with status 1. Nothing is written unless the run succeeds.
+diverged or cancelled run, or one that runs out of memory, prints `retrack: stopped: ...` and exits
+with status 1. Nothing is written unless the run succeeds.
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .engine import Cancelled, Diverged
+    from .engine import Cancelled, Diverged, OutOfMemory
     from .images import ImageError
 
     try:
@@ -190,7 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ImageError, *USER_ERRORS) as exc:
         print(f"retrack: error: {exc}", file=sys.stderr)
         return 2
-    except (Diverged, Cancelled) as exc:
+    except (Diverged, Cancelled, OutOfMemory) as exc:
         print(f"retrack: stopped: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -22,11 +22,12 @@ import os
 import shutil
 import threading
 import time
+import traceback
 import uuid
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, Iterator, Optional, Union
 
 import torch
 from accelerate import PartialState
@@ -52,6 +53,21 @@ class Cancelled(Exception):
 
 class Diverged(RuntimeError):
     """A loss or gradient became NaN/inf; the run stopped and nothing was saved."""
+
+
+class OutOfMemory(RuntimeError):
+    """The device (GPU or CPU) ran out of memory; the run stopped and nothing was saved."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether an exception means the device ran out of memory: torch's OutOfMemoryError (CUDA),
+    MemoryError, or the RuntimeError other allocators raise ("DefaultCPUAllocator: can't
+    allocate memory", "MPS backend out of memory", cuBLAS failing to allocate its workspace)."""
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return True
+    message = str(exc).lower()
+    return isinstance(exc, RuntimeError) and not isinstance(exc, (Diverged, OutOfMemory)) and any(
+        sign in message for sign in ("out of memory", "can't allocate memory", "cublas_status_alloc_failed"))
 
 
 @dataclass
@@ -108,12 +124,21 @@ class UnlearnConfig:
             raise ValueError(f"K must be at least 1, got {self.k}")
         if self.clip_norm <= 0:
             raise ValueError(f"clip norm must be positive, got {self.clip_norm}")
+        if not 0.0 <= self.weight_decay <= 1.0:
+            raise ValueError(f"weight decay must lie in [0, 1], got {self.weight_decay}")
+        if self.eta < 0:
+            raise ValueError(f"EraseDiff eta must not be negative, got {self.eta}")
+        if self.siss_c <= 0:
+            raise ValueError(f"SISS C must be positive, got {self.siss_c}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"the seed must lie in [0, 2**32), got {self.seed}")
         if not 0.0 < self.siss_lambda < 1.0:
             raise ValueError(f"SISS mixture weight must lie in (0, 1), got {self.siss_lambda}")
-        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+        if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"AdamW betas must be two numbers in [0, 1), got {self.betas}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        resolve_device(self.device)  # an unknown or absent device is refused here too
 
     def params(self) -> Params:
         return Params(lam=self.lam, eta=self.eta, siss_lambda=self.siss_lambda, siss_c=self.siss_c)
@@ -180,11 +205,45 @@ def preset_for(backend: Backend) -> str:
 
 
 def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is present, else 'cpu'; other names are checked (ValueError)."""
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("a CUDA device was asked for but no GPU is available here")
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        parsed = None
+    if parsed is None or parsed.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N")
+    if parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError("an Apple GPU (mps) was asked for but is not available here")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("a CUDA device was asked for but no GPU is available here")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"there is no {device} here: {torch.cuda.device_count()} GPU(s), cuda:0 to "
+                             f"cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+@contextmanager
+def out_of_memory_reported(device: str, config: UnlearnConfig) -> Iterator[None]:
+    """Turn the device running out of memory inside the block into OutOfMemory, with what to try.
+
+    The failed run's tensors are released first (the frames the error passed through are
+    cleared and the CUDA cache emptied), so the process can go on with other work.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        traceback.clear_frames(exc.__traceback__)
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+        hint = ("lower the batch size and raise gradient accumulation to keep the same effective batch"
+                + ("" if device == "cpu" else ", or use mixed precision (bf16/fp16)"))
+        raise OutOfMemory(f"the {device.upper()} ran out of memory with batch size {config.batch_size} "
+                          f"({type(exc).__name__}); {hint}") from None
 
 
 def _rows(x: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
@@ -227,8 +286,9 @@ def unlearn(
 ) -> UnlearnResult:
     """Fine-tune `backend.unet` to forget `forget` (x0 rows) while keeping `retain` (x0 rows).
 
-    Raises ValueError for unusable inputs (before any work), Cancelled if `cancel` is set, and
-    Diverged if a loss or gradient becomes non-finite.
+    Raises ValueError for unusable inputs (before any work), Cancelled if `cancel` is set,
+    Diverged if a loss or gradient becomes non-finite, and OutOfMemory if the device runs out of
+    memory.
     """
     config.validate()
     forget, retain = forget.detach().float().cpu(), retain.detach().float().cpu()
@@ -244,80 +304,81 @@ def unlearn(
     if config.mixed_precision != "no" and not device.startswith("cuda"):
         raise ValueError("mixed precision needs a GPU; use 'no' on the CPU")
 
-    start = time.perf_counter()
-    distances = None
-    if method.needs_neighbours and neighbours is None:
-        distances, neighbours = nearest_neighbours(forget, retain, config.k, cache_dir=knn_cache)
-    knn_seconds = time.perf_counter() - start
+    with out_of_memory_reported(device, config):
+        start = time.perf_counter()
+        distances = None
+        if method.needs_neighbours and neighbours is None:
+            distances, neighbours = nearest_neighbours(forget, retain, config.k, cache_dir=knn_cache)
+        knn_seconds = time.perf_counter() - start
 
-    unet = backend.unet.to(device)
-    unet.train()
-    parameters = backend.trainable_parameters()
-    optimiser = torch.optim.AdamW(parameters, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
-    # Each process draws its own rows and noise; all are reproducible from the seed.
-    generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
-    schedule, params = backend.schedule, config.params()
-    rows = config.batch_size // world
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16)
-                if config.mixed_precision != "no" else nullcontext())
+        unet = backend.unet.to(device)
+        unet.train()
+        parameters = backend.trainable_parameters()
+        optimiser = torch.optim.AdamW(parameters, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+        # Each process draws its own rows and noise; all are reproducible from the seed.
+        generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
+        schedule, params = backend.schedule, config.params()
+        rows = config.batch_size // world
+        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16)
+                    if config.mixed_precision != "no" else nullcontext())
 
-    def draw() -> Batch:
-        fi = torch.randint(forget.shape[0], (rows,), generator=generator)
-        ri = torch.randint(retain.shape[0], (rows,), generator=generator)
-        nbrs = retain[neighbours[fi]] if neighbours is not None else forget[fi].unsqueeze(1)
-        to = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
-        return Batch(forget=to(forget[fi]), neighbours=to(nbrs), retain=to(retain[ri]),
-                     forget_cond=to(_rows(forget_cond, fi)), retain_cond=to(_rows(retain_cond, ri)))
+        def draw() -> Batch:
+            fi = torch.randint(forget.shape[0], (rows,), generator=generator)
+            ri = torch.randint(retain.shape[0], (rows,), generator=generator)
+            nbrs = retain[neighbours[fi]] if neighbours is not None else forget[fi].unsqueeze(1)
+            to = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
+            return Batch(forget=to(forget[fi]), neighbours=to(nbrs), retain=to(retain[ri]),
+                         forget_cond=to(_rows(forget_cond, fi)), retain_cond=to(_rows(retain_cond, ri)))
 
-    events: list[StepEvent] = []
-    try:
-        for step in range(1, config.steps + 1):
-            if cancel is not None and cancel.is_set():
-                raise Cancelled(f"cancelled after {step - 1} of {config.steps} steps")
-            t0 = time.perf_counter()
-            sums = torch.zeros(3, dtype=torch.float64)  # total, unlearn, retain (mean over micro-batches)
-            acc_retain = acc_unlearn = None
-            for _ in range(config.grad_accum):
-                with autocast:
-                    terms = method.objective(backend.denoise, draw(), schedule, generator, params)
-                values = torch.stack([terms.total, terms.unlearn, terms.retain]).detach().double().cpu()
-                if not torch.isfinite(values).all():
-                    bad = [n for n, v in zip(("total", "unlearn", "retain"), values) if not math.isfinite(v)]
-                    raise Diverged(f"the {'/'.join(bad)} loss became {values[0].item()} at step {step}; "
-                                   f"try a lower learning rate or lambda")
-                sums += values / config.grad_accum
-                if method.combine is None:
-                    (terms.loss / config.grad_accum).backward()
-                else:
-                    g_r = torch.autograd.grad(terms.retain, parameters, retain_graph=True, allow_unused=True)
-                    g_u = torch.autograd.grad(terms.unlearn, parameters, allow_unused=True)
-                    g_r = [torch.zeros_like(p) if g is None else g / config.grad_accum for g, p in zip(g_r, parameters)]
-                    g_u = [torch.zeros_like(p) if g is None else g / config.grad_accum for g, p in zip(g_u, parameters)]
-                    acc_retain = g_r if acc_retain is None else [a + g for a, g in zip(acc_retain, g_r)]
-                    acc_unlearn = g_u if acc_unlearn is None else [a + g for a, g in zip(acc_unlearn, g_u)]
-            if method.combine is not None:
-                # Combine only after accumulating and averaging: the combination is nonlinear.
-                if world > 1:
-                    acc_retain, acc_unlearn = reduce(acc_retain, "mean"), reduce(acc_unlearn, "mean")
-                for p, g in zip(parameters, method.combine(acc_retain, acc_unlearn, params)):
-                    p.grad = g
-            elif world > 1:
-                grads = reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters], "mean")
-                for p, g in zip(parameters, grads):
-                    p.grad = g
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
-            if not math.isfinite(grad_norm):
-                raise Diverged(f"the gradient norm became {grad_norm} at step {step}; try a lower learning rate")
-            optimiser.step()
+        events: list[StepEvent] = []
+        try:
+            for step in range(1, config.steps + 1):
+                if cancel is not None and cancel.is_set():
+                    raise Cancelled(f"cancelled after {step - 1} of {config.steps} steps")
+                t0 = time.perf_counter()
+                sums = torch.zeros(3, dtype=torch.float64)  # total, unlearn, retain (mean over micro-batches)
+                acc_retain = acc_unlearn = None
+                for _ in range(config.grad_accum):
+                    with autocast:
+                        terms = method.objective(backend.denoise, draw(), schedule, generator, params)
+                    values = torch.stack([terms.total, terms.unlearn, terms.retain]).detach().double().cpu()
+                    if not torch.isfinite(values).all():
+                        bad = [n for n, v in zip(("total", "unlearn", "retain"), values) if not math.isfinite(v)]
+                        raise Diverged(f"the {'/'.join(bad)} loss became {values[0].item()} at step {step}; "
+                                       f"try a lower learning rate or lambda")
+                    sums += values / config.grad_accum
+                    if method.combine is None:
+                        (terms.loss / config.grad_accum).backward()
+                    else:
+                        g_r = torch.autograd.grad(terms.retain, parameters, retain_graph=True, allow_unused=True)
+                        g_u = torch.autograd.grad(terms.unlearn, parameters, allow_unused=True)
+                        g_r = [torch.zeros_like(p) if g is None else g / config.grad_accum for g, p in zip(g_r, parameters)]
+                        g_u = [torch.zeros_like(p) if g is None else g / config.grad_accum for g, p in zip(g_u, parameters)]
+                        acc_retain = g_r if acc_retain is None else [a + g for a, g in zip(acc_retain, g_r)]
+                        acc_unlearn = g_u if acc_unlearn is None else [a + g for a, g in zip(acc_unlearn, g_u)]
+                if method.combine is not None:
+                    # Combine only after accumulating and averaging: the combination is nonlinear.
+                    if world > 1:
+                        acc_retain, acc_unlearn = reduce(acc_retain, "mean"), reduce(acc_unlearn, "mean")
+                    for p, g in zip(parameters, method.combine(acc_retain, acc_unlearn, params)):
+                        p.grad = g
+                elif world > 1:
+                    grads = reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters], "mean")
+                    for p, g in zip(parameters, grads):
+                        p.grad = g
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
+                if not math.isfinite(grad_norm):
+                    raise Diverged(f"the gradient norm became {grad_norm} at step {step}; try a lower learning rate")
+                optimiser.step()
+                optimiser.zero_grad(set_to_none=True)
+                now = time.perf_counter()
+                event = StepEvent(step, config.steps, *map(float, sums), grad_norm, now - start, now - t0)
+                events.append(event)
+                if on_step is not None:
+                    on_step(event)
+        finally:
             optimiser.zero_grad(set_to_none=True)
-            now = time.perf_counter()
-            event = StepEvent(step, config.steps, *map(float, sums), grad_norm, now - start, now - t0)
-            events.append(event)
-            if on_step is not None:
-                on_step(event)
-    finally:
-        optimiser.zero_grad(set_to_none=True)
-        unet.eval()
+            unet.eval()
 
     return UnlearnResult(config=config, events=events, seconds=time.perf_counter() - start, knn_seconds=knn_seconds,
                          neighbours=neighbours, neighbour_distances=distances, source=backend.source,

@@ -23,3 +23,20 @@ def tiny_pixel_model(tmp_path_factory):
     path = tmp_path_factory.mktemp("models") / "tiny-ddpm"
     DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def image_folders(tmp_path):
+    """Image files for the tiny model (8x8 grayscale): forget/ holds an 8x8 grayscale image and a
+    16x16 colour one (converted on loading), retain/ twelve 8x8 grayscale images."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    forget, retain = tmp_path / "forget", tmp_path / "retain"
+    forget.mkdir(), retain.mkdir()
+    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(forget / "secret.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(forget / "big-colour.png")
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(retain / f"{i}.png")
+    return forget, retain

@@ -3,24 +3,11 @@
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from diffusers import DDPMPipeline
 from PIL import Image
 
 from retrack.cli import main
-
-
-@pytest.fixture
-def image_folders(tmp_path):
-    rng = np.random.default_rng(0)
-    forget, retain = tmp_path / "forget", tmp_path / "retain"
-    forget.mkdir(), retain.mkdir()
-    Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(forget / "secret.png")
-    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(forget / "big-colour.png")
-    for i in range(12):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(retain / f"{i}.png")
-    return forget, retain
 
 
 def test_unlearn_then_sample_end_to_end(tiny_pixel_model, image_folders, tmp_path, capsys):
