@@ -45,7 +45,10 @@ from torch import Tensor
 from . import paths
 from .backends import load_backend
 from .backends.base import Backend
-from .engine import Cancelled, Diverged, StepEvent, UnlearnConfig, preset_for, resolve_device, save_model, unlearn
+from .engine import (
+    Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, is_out_of_memory, preset_for, resolve_device, save_model,
+    unlearn,
+)
 from .images import expand_paths, load_images, tensor_to_pil, tensor_to_uint8, uint8_to_tensor
 from .objectives import retrack_targets
 from .sampling import Samples, image_grid, sample
@@ -747,12 +750,15 @@ class Job:
                 message = (f"Cancelled after {len(self._state.losses)} of {self.config.steps} training steps; "
                            "nothing was saved")
             self._set(phase="cancelled", message=message)
-        except (ValueError, Diverged, FileExistsError) as exc:  # ImageError is a ValueError
+        except (ValueError, Diverged, OutOfMemory, FileExistsError) as exc:  # ImageError is a ValueError
             self._set(phase="failed", error=str(exc), message=f"Stopped: {exc}")
         except Exception as exc:  # the page shows a message, the log keeps the traceback
-            log.exception("job %s failed", self.id)
-            self._set(phase="failed", error=f"{type(exc).__name__}: {exc}",
-                      message=f"Unexpected error ({type(exc).__name__}: {exc}); details are in the server log")
+            if is_out_of_memory(exc):  # e.g. while sampling, outside the engine's own check
+                message = "Stopped: the device ran out of memory; try fewer samples or a smaller batch"
+            else:
+                log.exception("job %s failed", self.id)
+                message = f"Unexpected error ({type(exc).__name__}: {exc}); details are in the server log"
+            self._set(phase="failed", error=f"{type(exc).__name__}: {exc}", message=message)
         finally:
             queue.release(self)
             if self.device.startswith("cuda"):

@@ -11,6 +11,7 @@ A few fast tests of `retrack.session` (what the page calls) come first.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import socket
@@ -99,6 +100,12 @@ pytestmark_server = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(
                                        reason=f"the model {MODEL} is not built")
 
 
+def folder_digest(folder: Path) -> dict[str, str]:
+    """sha256 of every file under a folder, by relative path."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -176,6 +183,7 @@ def follow(job, timeout: float = 300) -> list:
 @pytestmark_server
 def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     started = time.monotonic()
+    source_files = folder_digest(MODEL)
     job = client.submit(*run_args(tshirt_pick(client), steps=4), api_name="/unlearn")
     progress = follow(job)
     outputs = job.outputs()
@@ -196,6 +204,7 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
         names = bundle.namelist()
     assert any(name.endswith("model_index.json") for name in names)
     assert any(name.endswith("retrack.json") for name in names)
+    assert folder_digest(MODEL) == source_files, "the source model folder must never be written"
     print(f"short job: {time.monotonic() - started:.1f} s")
 
 
