@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .engine import Cancelled, Diverged, OutOfMemory
+    from .engine import Cancelled, Diverged, OutOfMemory, is_out_of_memory
     from .images import ImageError
 
     try:
@@ -197,3 +197,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("retrack: interrupted; nothing was saved", file=sys.stderr)
         return 130
+    except Exception as exc:  # out of memory outside training (sampling, evaluation): said, not a traceback
+        if not is_out_of_memory(exc):
+            raise
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(f"retrack: stopped: out of memory ({reason}); try fewer or smaller images at a time", file=sys.stderr)
+        return 1

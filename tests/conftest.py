@@ -40,3 +40,25 @@ def image_folders(tmp_path):
     for i in range(12):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(retain / f"{i}.png")
     return forget, retain
+
+
+@pytest.fixture(scope="session")
+def tiny_app_model(tmp_path_factory, tiny_pixel_model):
+    """What the app needs to run a job in about a second: the tiny 8x8x1 DDPM in `root/model`, a
+    tiny random CLIP scorer beside it in `root/clip` (found as the model's companion, as the
+    built-in model's is) and 16 training images in `root/data`. Returns (model, data) folders."""
+    import shutil
+
+    import numpy as np
+    from PIL import Image
+
+    from retrack.tiny import build_tiny_clip
+
+    root = tmp_path_factory.mktemp("app-model")
+    shutil.copytree(tiny_pixel_model, root / "model")
+    build_tiny_clip(root / "clip")
+    (root / "data").mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(root / "data" / f"{i:02d}.png")
+    return root / "model", root / "data"
