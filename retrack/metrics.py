@@ -73,6 +73,11 @@ class ClipScorer:
             model = LOCAL_DIR_PREFIX + str(Path(model).resolve())
         if model.startswith(LOCAL_DIR_PREFIX):
             pretrained = None  # open_clip ignores it for local folders; say so by not passing it
+            folder = Path(model[len(LOCAL_DIR_PREFIX):])
+            if folder.is_dir() and not any(folder.glob("*.safetensors")):
+                # open_clip would fall back to a pickle checkpoint, or to random weights without one.
+                raise ValueError(f"{folder}: no .safetensors weights in this CLIP folder; retrack loads "
+                                 "safetensors only (a pickle file can run code when it is loaded)")
 
         clip_model = open_clip.create_model(model, pretrained=pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(model)

@@ -36,14 +36,45 @@ def model_family(path: Union[str, Path]) -> str:
     raise ValueError(f"{path}: pipeline {name!r} is not supported (pixel DDPM/DDIM or Stable Diffusion)")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickle_weights(path: Union[str, Path]) -> None:
+    """Refuse a model folder whose weights (in it or in a component folder: unet/, vae/, ...)
+    are pickle files with no safetensors file beside them. retrack loads safetensors only: a
+    pickle file can run code when it is loaded, and the loaders never fall back to one."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    for part in [folder, *sorted(p for p in folder.iterdir() if p.is_dir())]:
+        files = [p for p in part.iterdir() if p.is_file()]
+        pickles = [p for p in files if p.suffix.lower() in PICKLE_SUFFIXES]
+        if pickles and not any(p.suffix == ".safetensors" for p in files):
+            raise ValueError(
+                f"{path}: {pickles[0].relative_to(folder)} holds the weights in pickle format and there is no "
+                ".safetensors file beside it; retrack loads safetensors only (a pickle file can run code when "
+                "it is loaded). Convert it once where you trust the file, e.g. "
+                "DDPMPipeline.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)")
+
+
 def load_backend(path: Union[str, Path], device: Union[str, torch.device] = "cpu", **kwargs) -> Backend:
-    """Load any supported model folder as a backend on `device`."""
+    """Load any supported model folder as a backend on `device` (safetensors weights only).
+
+    Raises ValueError, with the reason, for a folder that is not a supported model, holds only
+    pickle weights, or whose files cannot be loaded.
+    """
     family = model_family(path)
-    if family == "pixel":
-        return PixelBackend.from_pretrained(path, device=device, **kwargs)
-    from .latent import LatentBackend  # imported lazily: it pulls in transformers
+    refuse_pickle_weights(path)
+    try:
+        if family == "pixel":
+            return PixelBackend.from_pretrained(path, device=device, **kwargs)
+        from .latent import LatentBackend  # imported lazily: it pulls in transformers
 
-    return LatentBackend.from_pretrained(path, device=device, **kwargs)
+        return LatentBackend.from_pretrained(path, device=device, **kwargs)
+    except (OSError, json.JSONDecodeError) as exc:  # e.g. a missing or damaged weights file
+        if isinstance(exc, (FileNotFoundError, PermissionError)):
+            raise
+        raise ValueError(f"{path}: the model cannot be loaded ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["Backend", "PixelBackend", "load_backend", "model_family"]
+__all__ = ["Backend", "PixelBackend", "load_backend", "model_family", "refuse_pickle_weights"]

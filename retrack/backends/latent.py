@@ -124,7 +124,7 @@ class LatentBackend(Backend):
         reference = json.loads((folder / LORA_REFERENCE_FILE).read_text())
         base = cls.from_pretrained(reference["base_model"], local_files_only=local_files_only)
         pipeline = base.pipeline()
-        pipeline.load_lora_weights(str(folder), adapter_name="retrack")
+        pipeline.load_lora_weights(str(folder), adapter_name="retrack", weight_name=LORA_WEIGHTS_FILE, use_safetensors=True)
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()  # the merged weights stay; the adapter layers go
         base.source = str(folder)
