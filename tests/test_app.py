@@ -11,10 +11,8 @@ A few fast tests of `retrack.session` (what the page calls) come first.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import socket
 import threading
 import time
 import zipfile
@@ -23,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import folder_digest, follow, free_port, merged, wait_for_status
 from retrack import paths
 from retrack.session import (
     DeviceQueue, TrainingData, build_forget_set, gallery_items, parse_picks, toggle_pick,
@@ -100,18 +99,6 @@ pytestmark_server = pytest.mark.skipif(not (MODEL / "model_index.json").is_file(
                                        reason=f"the model {MODEL} is not built")
 
 
-def folder_digest(folder: Path) -> dict[str, str]:
-    """sha256 of every file under a folder, by relative path."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """The app on a free 127.0.0.1 port with the built-in model and quick settings."""
@@ -147,37 +134,6 @@ def run_args(picks: str, steps: int = 3, uploads: list | None = None, lr: float 
     eval seed, trajectory points, guidance."""
     return [str(MODEL), "", picks, uploads or [], "", "", "retrack", 10, 0.005, lr, steps, 8, 1, 1e-6,
             0.95, 0.999, 1e-3, 5.0, 0, 4, 5, 0, 4, 7.5]
-
-
-def merged(outputs: list) -> list:
-    """The page as it ends up: each output's last real value (the app skips unchanged pictures,
-    which reach the client as {'__type__': 'update'})."""
-    page = list(outputs[0])
-    for update in outputs[1:]:
-        for i, value in enumerate(update):
-            if not (isinstance(value, dict) and value.get("__type__") == "update"):
-                page[i] = value
-    return page
-
-
-def wait_for_status(job, text: str, timeout: float = 120) -> None:
-    """Wait until the job's status box has shown `text`."""
-    deadline = time.monotonic() + timeout
-    while not any(str(update[0]).startswith(text) for update in job.outputs()):
-        assert time.monotonic() < deadline and not job.done(), f"the status never showed {text!r}"
-        time.sleep(0.05)
-
-
-def follow(job, timeout: float = 300) -> list:
-    """Poll a submitted job until it ends; return every progress description seen."""
-    progress, deadline = [], time.monotonic() + timeout
-    while not job.done():
-        assert time.monotonic() < deadline, "the job did not finish in time"
-        status = job.status()
-        if status.progress_data:
-            progress += [unit.desc for unit in status.progress_data if unit.desc]
-        time.sleep(0.01)
-    return progress
 
 
 @pytestmark_server

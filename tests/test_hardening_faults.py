@@ -17,14 +17,11 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 
+from helpers import folder_digest
 from retrack.backends import PixelBackend, load_backend
 from retrack.cli import main
 from retrack.engine import OutOfMemory, UnlearnConfig, is_out_of_memory, save_model, unlearn
 from retrack.session import EvalSettings, Job, build_forget_set, open_model
-
-def folder_digest(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
 
 def nothing_written(out: Path) -> bool:
     """Neither the folder nor a hidden partial one beside it."""
