@@ -340,7 +340,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             model = cached_model(spec.strip(), "")
             progress(0.0, desc="Waiting for the device")
             split = generate_split(model, prompt, settings.output_dir, n=whole(count), seed=0,
-                                   steps=whole(sampling_value), guidance=float(guidance_value),
+                                   steps=whole(sampling_value), guidance=number(guidance_value),
                                    reference=files[0] if files else None,
                                    on_batch=lambda done, total: progress((done, total), desc="Generating"))
             chosen = ("closest to your first uploaded image" if split.rule == "reference"
@@ -371,16 +371,16 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             try:
                 model = cached_model(spec.strip(), data_folder.strip())
                 forget = build_forget_set(model, parse_picks(picks), files or [])
-                config = UnlearnConfig(method=method_name, k=whole(k_value), lam=float(lam_value), lr=float(lr_value),
+                config = UnlearnConfig(method=method_name, k=whole(k_value), lam=number(lam_value), lr=number(lr_value),
                                        steps=whole(steps_value), batch_size=whole(batch_value),
-                                       grad_accum=whole(accum_value), weight_decay=float(wd_value),
-                                       betas=(float(beta1_value), float(beta2_value)), eta=float(eta_value),
-                                       siss_c=float(siss_c_value), seed=whole(seed_value))
+                                       grad_accum=whole(accum_value), weight_decay=number(wd_value),
+                                       betas=(number(beta1_value), number(beta2_value)), eta=number(eta_value),
+                                       siss_c=number(siss_c_value), seed=whole(seed_value))
                 evaluation = EvalSettings(n_samples=whole(n_value), seed=whole(eval_seed_value),
                                           sampling_steps=whole(sampling_value),
                                           trajectory_points=whole(trajectory_value),
                                           prompt=prompt if model.family == "latent" else "",
-                                          guidance=float(guidance_value))
+                                          guidance=number(guidance_value))
                 job = Job(model, forget, config, evaluation, settings.output_dir,
                           training_prompt=training_prompt if model.family == "latent" else "").start()
             except USER_ERRORS as exc:
@@ -443,14 +443,18 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     return demo
 
 
-def whole(value) -> int:
-    """A whole number from a number box (which may send 3.0); refuses 2.5."""
+def number(value) -> float:
+    """A number from a number box; an empty box (None, possible through the API) is refused."""
     if value is None:
         raise ValueError("a number box is empty")
-    number = float(value)
-    if not number.is_integer():
+    return float(value)
+
+
+def whole(value) -> int:
+    """A whole number from a number box (which may send 3.0); refuses 2.5."""
+    if not number(value).is_integer():
         raise ValueError(f"{value} is not a whole number")
-    return int(number)
+    return int(number(value))
 
 
 def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, block: bool = True):

@@ -436,8 +436,8 @@ class EvalSettings:
             raise ValueError(f"sampling steps must lie in [1, 1000], got {self.sampling_steps}")
         if not 2 <= self.trajectory_points <= 20:
             raise ValueError(f"trajectory points must lie in [2, 20], got {self.trajectory_points}")
-        if self.seed < 0:
-            raise ValueError(f"the seed must not be negative, got {self.seed}")
+        if not 0 <= self.seed < 2**32:
+            raise ValueError(f"the first sample seed must lie in [0, 2**32), got {self.seed}")
         if not 0.0 <= self.guidance <= 50.0:
             raise ValueError(f"guidance must lie in [0, 50], got {self.guidance}")
 

@@ -142,6 +142,40 @@ def test_a_visitor_cancelling_or_sending_junk_disturbs_no_one(server, tmp_path):
     assert merged(again.outputs())[0].startswith("Done")  # the app is ready after both cancels
 
 
+@pytest.mark.parametrize("position, value, message", [
+    (9, None, "a number box is empty"),  # learning rate: an empty box, possible through the API
+    (10, 10**7, "steps must lie in [1, 1000000]"),
+    (7, 100, "K = 100 neighbours asked for, but the retain set has only 14"),
+    (21, 2**40, "the first sample seed must lie in [0, 2**32)"),
+])
+def test_bad_settings_through_the_page_are_refused_before_any_job(server, position, value, message):
+    url, _, settings = server
+    args = run_args(settings)
+    args[position] = value
+    job = client(url).submit(*args, api_name="/unlearn")
+    follow(job, timeout=TIMEOUT)
+    seen = statuses(job)
+    assert seen == [f"⚠ {seen[0][2:]}"] and message in seen[0], seen  # one answer; no job was queued or started
+
+
+def test_nan_and_inf_sent_by_hand_are_refused_before_any_job(server):
+    """gradio_client (like a browser) cannot send NaN or inf: JSON has no such numbers. A
+    hand-written request can (Python's JSON reader accepts them), so send one."""
+    url, _, settings = server
+    for value in ("NaN", "Infinity", "-Infinity"):
+        args = run_args(settings)
+        args[9] = "@"  # the learning rate, replaced by the bare token below
+        body = json.dumps({"data": args}).replace('"@"', value)
+        start = httpx.post(f"{url}gradio_api/call/unlearn", content=body, timeout=30,
+                           headers={"content-type": "application/json"})
+        assert start.status_code == 200, start.text
+        with httpx.stream("GET", f"{url}gradio_api/call/unlearn/{start.json()['event_id']}", timeout=TIMEOUT) as events:
+            payloads = [json.loads(line[len("data: "):]) for line in events.iter_lines() if line.startswith("data: ")]
+        answers = [payload[0] for payload in payloads if isinstance(payload, list)]  # (heartbeats carry null)
+        assert answers and set(answers) == {answers[0]}, answers
+        assert answers[0].startswith("⚠ lr must be a finite number"), answers[0]
+
+
 # ============================================================================ the server's safety defaults
 def test_the_server_listens_on_this_machine_only(server):
     import psutil
