@@ -242,7 +242,8 @@ def out_of_memory_reported(device: str, config: UnlearnConfig) -> Iterator[None]
             torch.cuda.empty_cache()
         hint = ("lower the batch size and raise gradient accumulation to keep the same effective batch"
                 + ("" if device == "cpu" else ", or use mixed precision (bf16/fp16)"))
-        raise OutOfMemory(f"the {device.upper()} ran out of memory with batch size {config.batch_size} "
+        where = "the CPU" if device == "cpu" else f"the GPU ({device})"
+        raise OutOfMemory(f"{where} ran out of memory with batch size {config.batch_size} "
                           f"({type(exc).__name__}); {hint}") from None
 
 
