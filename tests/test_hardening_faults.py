@@ -3,13 +3,14 @@ with a reason, write nothing that looks like a model, and leave the app ready fo
 
 Faults are injected where they would really arise: NaN weights in a saved model, a network call
 that starts returning inf, an allocation no machine can satisfy (the real allocator error), a
-CUDA out-of-memory error raised from the network call, and a process killed while saving.
+CUDA out-of-memory error raised from the network call, a save stopped after its files are written
+(the disk as a kill would leave it) and a full disk while overwriting. benchmarks/gpu_oom_check.py
+does the out-of-memory part with a real CUDA out-of-memory on a GPU.
 """
 
 from __future__ import annotations
 
 import re
-import time
 from pathlib import Path
 from typing import Callable
 
@@ -23,6 +24,7 @@ from retrack.cli import main
 from retrack.engine import OutOfMemory, UnlearnConfig, is_out_of_memory, save_model, unlearn
 from retrack.session import EvalSettings, Job, build_forget_set, open_model
 
+
 def nothing_written(out: Path) -> bool:
     """Neither the folder nor a hidden partial one beside it."""
     return not out.exists() and not list(out.parent.glob(f".{out.name}*"))
@@ -35,8 +37,8 @@ def impossible_allocation() -> None:
 
 
 def failing_from_call(n: int, fault: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-    """A PixelBackend.denoise that runs normally, then calls `fault()` from its n-th call on
-    (ReTrack makes one network call per step, so from step n)."""
+    """A PixelBackend.denoise that runs normally, then passes its output through `fault` from its
+    n-th call on (ReTrack makes one network call per step, so from step n)."""
     real = PixelBackend.denoise
     calls = 0
 
@@ -46,6 +48,18 @@ def failing_from_call(n: int, fault: Callable[[torch.Tensor], torch.Tensor]) -> 
         if calls >= n:
             return fault(real(self, x_t, t, cond))
         return real(self, x_t, t, cond)
+
+    return denoise
+
+
+def failing_while(training: bool, fault: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
+    """A PixelBackend.denoise whose output passes through `fault` in training calls (gradients
+    on) when `training`, else in sampling calls (gradients off)."""
+    real = PixelBackend.denoise
+
+    def denoise(self, x_t, t, cond):
+        eps = real(self, x_t, t, cond)
+        return fault(eps) if torch.is_grad_enabled() == training else eps
 
     return denoise
 
@@ -187,15 +201,8 @@ def app_job(tiny_app_model, tmp_path):
 @pytest.mark.parametrize("while_training", [False, True], ids=["sampling", "training"])
 def test_app_job_out_of_memory_fails_with_a_message_and_the_next_job_runs(app_job, tmp_path, monkeypatch,
                                                                           while_training):
-    real = PixelBackend.denoise
-
-    def denoise(self, x_t, t, cond):
-        if torch.is_grad_enabled() == while_training:  # sampling runs without gradients
-            impossible_allocation()
-        return real(self, x_t, t, cond)
-
     with monkeypatch.context() as patch:
-        patch.setattr(PixelBackend, "denoise", denoise)
+        patch.setattr(PixelBackend, "denoise", failing_while(while_training, lambda eps: impossible_allocation()))
         failed = app_job().wait(timeout=120)
     assert failed.phase == "failed" and failed.message.startswith("Stopped: the ")
     assert "ran out of memory" in failed.message and ("batch size 4" in failed.message) == while_training
@@ -205,17 +212,15 @@ def test_app_job_out_of_memory_fails_with_a_message_and_the_next_job_runs(app_jo
 
 def test_app_job_that_diverges_stops_with_the_reason_and_saves_nothing(app_job, tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
-        patch.setattr(PixelBackend, "denoise", failing_from_call(1, lambda eps: eps * float("nan")))
+        patch.setattr(PixelBackend, "denoise", failing_while(True, lambda eps: eps * float("nan")))
         state = app_job().wait(timeout=120)
-    assert state.phase == "failed" and re.search(r"loss became nan at step \d+", state.message), state.message
+    assert state.phase == "failed" and re.search(r"loss became nan at step 1;", state.message), state.message
     assert state.model_dir is None and not list((tmp_path / "app-output").rglob("model_index.json"))
 
 
 def test_cancelled_app_job_leaves_the_device_free_for_the_next(app_job):
     job = app_job(steps=5000)
-    deadline = time.monotonic() + 120
     for state in job.watch(timeout=120):
-        assert time.monotonic() < deadline
         if state.losses:  # training has started
             job.cancel()
     assert state.phase == "cancelled" and re.match(r"Cancelled after \d+ of 5000 training steps", state.message)

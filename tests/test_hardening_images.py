@@ -232,7 +232,7 @@ def _seed_files() -> list[bytes]:
 
 
 SEED_FILES = _seed_files()
-PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True,
+PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                              suppress_health_check=[HealthCheck.too_slow])
 
 
