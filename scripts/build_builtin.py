@@ -134,6 +134,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-steps", type=int, default=50, help="DDIM steps when sampling for evaluation")
     p.add_argument("--eval-seed", type=int, default=0)
     p.add_argument("--no-eval", action="store_true", help="train only")
+    p.add_argument("--resume", action="store_true",
+                   help="model/oracle: continue from the saved EMA weights in --out (a fresh optimiser), "
+                        "recording the earlier stages in retrack.json")
     p.add_argument("--log-seconds", type=float, default=10.0, help="seconds between progress lines")
     return p.parse_args(argv)
 
@@ -296,7 +299,14 @@ def train_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, dev
     images = dataset.images if part == "model" else dataset.retain_images
     data = images_to_device(images, device)
     torch.manual_seed(args.seed)
-    unet = UNet2DModel(**UNET_CONFIG).to(device).train()
+    earlier: list = []
+    if args.resume:
+        # Continue a time-boxed training: start from the saved EMA weights with a fresh optimiser.
+        previous = json.loads((args.out / part / "retrack.json").read_text())
+        earlier = previous.get("earlier_stages", []) + [{k: previous.get(k) for k in ("steps", "batch", "wall_seconds", "final_loss", "device")}]
+        unet = UNet2DModel.from_pretrained(args.out / part, subfolder="unet", use_safetensors=True).to(device).train()
+    else:
+        unet = UNet2DModel(**UNET_CONFIG).to(device).train()
     ema_unet = UNet2DModel(**UNET_CONFIG).to(device).eval().requires_grad_(False)
     ema_unet.load_state_dict(unet.state_dict())
     params, ema_params = list(unet.parameters()), list(ema_unet.parameters())
@@ -342,6 +352,9 @@ def train_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, dev
         "parameters": n_params,
         "scheduler": f"DDPMScheduler(num_train_timesteps={NUM_TRAIN_TIMESTEPS}), linear betas",
         "saved": "EMA weights",
+        "earlier_stages": earlier,
+        "total_steps": record["steps"] + sum(stage["steps"] for stage in earlier),
+        "total_images_seen": record["steps"] * args.batch + sum(stage["steps"] * stage["batch"] for stage in earlier),
     }
     folder = save_model(PixelBackend(ema_unet.cpu(), scheduler), args.out / part, info, overwrite=True)
     write_card(folder)
