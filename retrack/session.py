@@ -867,6 +867,8 @@ class Job:
 _SCORERS: dict[tuple[str, str], object] = {}
 _SCORERS_LOCK = threading.Lock()
 REFERENCE_SIZE = 2000  # retain images the threshold and the quality figure are measured against
+_DETECTORS: OrderedDict[tuple, "MemorisationDetector"] = OrderedDict()  # the last few, for repeated jobs
+_DETECTORS_LOCK = threading.Lock()
 
 
 def load_scorer(spec: str, device: str) -> tuple[object, str]:
@@ -918,11 +920,20 @@ class MemorisationDetector:
 
     @classmethod
     def for_model(cls, model: ModelInfo, forget: ForgetSet, device: str = "cpu") -> "MemorisationDetector":
-        scorer, note = load_scorer(model.scorer, device)
+        """The detector for a model's forget set, measured against (up to REFERENCE_SIZE) retain
+        images; kept for the next job with the same model, scorer and sets."""
         rng = np.random.default_rng(0)
         retain = forget.retain_index
         reference = retain if len(retain) <= REFERENCE_SIZE else np.sort(rng.choice(retain, REFERENCE_SIZE, replace=False))
-        return cls(scorer, forget.images, model.training_data.images[reference], note)
+        key = (model.cache_key, model.scorer, device, hashlib.sha256(forget.images.tobytes()).hexdigest(),
+               hashlib.sha256(reference.tobytes()).hexdigest())
+        with _DETECTORS_LOCK:
+            if key not in _DETECTORS:
+                scorer, note = load_scorer(model.scorer, device)
+                _DETECTORS[key] = cls(scorer, forget.images, model.training_data.images[reference], note)
+                while len(_DETECTORS) > 8:
+                    _DETECTORS.popitem(last=False)
+            return _DETECTORS[key]
 
     def evaluate(self, samples: Samples) -> Evaluation:
         from .metrics import frechet_distance, max_cosine_similarity
