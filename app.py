@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -117,14 +118,20 @@ def readable_errors(handler: Callable) -> Callable:
     return wrapper
 
 
+def symlog10(value: float) -> float:
+    """sign(x)·log10(1 + |x|): a log scale that also takes the negative losses of gradient ascent."""
+    return math.copysign(math.log10(1.0 + abs(value)), value)
+
+
 def loss_frame(state: JobState) -> pd.DataFrame:
-    """The loss history in long form: one row per (step, term) for the line plot."""
+    """The loss history in long form, one row per (step, term), for the line plot. The terms
+    differ by orders of magnitude (ReTrack's unlearning term is often 10-50x its retain term),
+    so the plot draws them on a log scale; the tooltip shows the plain values."""
     rows = []
     for event in state.losses:
-        rows += [dict(step=event.step, loss=event.loss, term="total"),
-                 dict(step=event.step, loss=event.unlearn, term="unlearning term"),
-                 dict(step=event.step, loss=event.retain, term="retain term")]
-    return pd.DataFrame(rows, columns=["step", "loss", "term"])
+        for term, value in (("total", event.loss), ("unlearning term", event.unlearn), ("retain term", event.retain)):
+            rows.append(dict(step=event.step, log_loss=symlog10(value), term=term, loss=value))
+    return pd.DataFrame(rows, columns=["step", "log_loss", "term", "loss"])
 
 
 def metrics_table(state: JobState) -> str:
@@ -257,8 +264,13 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             run_button = gr.Button("Unlearn", variant="primary", elem_id="run")
             cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
         status = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=2)
-        loss_plot = gr.LinePlot(x="step", y="loss", color="term", label="Loss per step", elem_id="loss-plot",
-                                x_title="step", y_title="loss", height=300)
+        # The colours are named in the label: gradio draws the legend below the chart and clips it.
+        loss_plot = gr.LinePlot(x="step", y="log_loss", color="term", elem_id="loss-plot", x_title="step",
+                                label="Loss per step, log scale: total (black), unlearning term (orange), "
+                                      "retain term (blue)", y_title="log10(1 + loss)", height=300,
+                                color_map={"total": "#111827", "unlearning term": "#f97316",
+                                           "retain term": "#2563eb"},
+                                tooltip=["step", "term", "loss"])
 
         # --- 5. results -------------------------------------------------------------------
         gr.Markdown("## 5 · Results\nSamples from the same seeds, captioned *seed: memorisation score*; "

@@ -150,7 +150,8 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     # The loss plot grew step by step: one update per training step, three terms each.
     sizes = [len(update[1]["data"]) for update in outputs if isinstance(update[1], dict) and "data" in update[1]]
     assert sizes == sorted(sizes) and {3, 6, 9, 12} <= set(sizes)
-    assert {row[2] for row in plot["data"]} == {"total", "unlearning term", "retain term"}
+    term = plot["columns"].index("term")
+    assert {row[term] for row in plot["data"]} == {"total", "unlearning term", "retain term"}
 
     for picture in (before, after, nearest, trajectory):
         assert Path(picture).is_file()
