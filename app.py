@@ -298,9 +298,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         family_controls = [k, lam, lr, steps, batch_size, grad_accum, weight_decay, beta1, beta2, eta, siss_c, eval_seed]
 
         @readable_errors
-        def load(spec: str, data_folder: str, fresh: bool = False):
-            if fresh:
-                cached_model.cache_clear()
+        def load(spec: str, data_folder: str):
+            """Open a model: its summary, a gallery of its training items, its family's defaults."""
             try:
                 model = cached_model(spec.strip(), data_folder.strip())
             except USER_ERRORS as exc:
@@ -314,7 +313,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
 
         def reload(spec: str, data_folder: str):
             """The Load button: read the folders again (they may have changed on disk)."""
-            return load(spec, data_folder, fresh=True)
+            cached_model.cache_clear()
+            return load(spec, data_folder)
 
         load_outputs = [model_info, gallery, gallery_indices, picks_box, prompt_group] + family_controls
         demo.load(load, [model_box, data_box], load_outputs, api_name="load_model")
@@ -333,8 +333,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 model = cached_model(spec.strip(), data_folder.strip())
                 forget = build_forget_set(model, parse_picks(picks), files or [])
             except USER_ERRORS as exc:
-                message = str(exc) if parse_picks(picks) or files else "Nothing picked yet."
-                return ("⚠ " if parse_picks(picks) or files else "") + message, None
+                return (f"⚠ {exc}" if parse_picks(picks) or files else "Nothing picked yet."), None
             tiles = display_grid(forget.images[:32], labels=[source[:14] for source in forget.sources[:32]])
             lines = [f"**{len(forget)} image(s) to forget**; {len(forget.retain_index):,} training images kept."]
             lines += [f"- {note}" for note in forget.notes]
