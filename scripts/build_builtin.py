@@ -634,6 +634,9 @@ def _training_lines(info: dict) -> list[str]:
         f"- Loss: {info['loss']}; final loss {info['final_loss']:.4f} (mean over the last progress window).",
         f"- Seed {info['seed']}; versions {json.dumps(info['versions'])}.",
         f"- Command: `{info['command']}`.",
+        *[f"- Before that (continued with `--resume`): {stage['steps']:,} steps at batch {stage['batch']}, "
+          f"{stage['wall_seconds']:.0f} s on {stage['device']}, final loss {stage['final_loss']:.4f}."
+          for stage in info.get("earlier_stages", [])],
         "",
     ]
 
