@@ -1,0 +1,48 @@
+"""The shipped built-in model: it loads offline, samples, its data rebuilds exactly, and a short
+benchmark run writes the table, the JSON and the trade-off plot."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from retrack import bench, paths
+from retrack.backends import load_backend
+from retrack.builtin import builtin_dataset, builtin_sets
+from retrack.data import dataset_fingerprint
+from retrack.sampling import sample
+
+
+def test_shipped_models_load_offline_and_sample():
+    for folder in (paths.BUILTIN_MODEL, paths.BUILTIN_ORACLE):
+        backend = load_backend(folder)
+        assert backend.x0_shape == (1, 28, 28)
+        images = sample(backend, 2, seed=0, steps=3).images
+        assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+
+
+def test_training_set_rebuilds_exactly():
+    spec = json.loads(paths.BUILTIN_DATASET.read_text())
+    dataset = builtin_dataset()
+    assert dataset_fingerprint(dataset.images) == spec["fingerprint"]
+    forget, retain = builtin_sets()
+    assert forget.shape == (1, 1, 28, 28)  # one T-shirt, copied many times in the training set
+    assert retain.shape[0] == spec["n_images"] - spec["n_forget"]
+    assert not any(torch.equal(forget[0], r) for r in retain[:2000])
+
+
+def test_short_benchmark_writes_table_json_and_plot(tmp_path):
+    settings = bench.BenchSettings(methods=("pretrained", "retrack", "siss", "oracle"), steps=1, batch_size=4,
+                                   samples=6, sample_steps=2, retain_reference=64, device="cpu")
+    rows = bench.run(settings, tmp_path, log=lambda line: None)
+    assert [r.method for r in rows] == ["pretrained", "retrack", "siss", "oracle"]
+    assert rows[1].seconds_per_step > 0 and rows[0].seconds_per_step is None
+    table = (tmp_path / "results.md").read_text()
+    assert "| retrack |" in table and "| oracle |" in table
+    stored = json.loads((tmp_path / "results.json").read_text())
+    assert [r["method"] for r in stored["rows"]] == ["pretrained", "retrack", "siss", "oracle"]
+    assert stored["meta"]["settings"]["samples"] == 6
+    plot = Image.open(tmp_path / "tradeoff.png")
+    assert plot.size[0] > 300 and np.asarray(plot).std() > 0
+    assert (tmp_path / "samples-retrack.png").is_file()
