@@ -485,5 +485,6 @@ def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, blo
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # gradio's own start-up requests
     app_settings, app_host, app_port = settings_from_args()
     launch(app_settings, app_host, app_port)
