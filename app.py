@@ -478,9 +478,18 @@ def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, blo
         log.warning("the default model cannot be opened: %s", exc)
     demo = build_app(settings)
     demo.queue(default_concurrency_limit=1)
-    return demo.launch(server_name=host, server_port=port, max_file_size=settings.max_file_size,
-                       allowed_paths=[str(settings.output_dir)], prevent_thread_lock=not block, show_error=True,
-                       footer_links=["api"])
+    for attempt in range(3):
+        try:
+            return demo.launch(server_name=host, server_port=port, max_file_size=settings.max_file_size,
+                               allowed_paths=[str(settings.output_dir)], prevent_thread_lock=not block,
+                               show_error=True, footer_links=["api"])
+        except ValueError as exc:
+            # gradio probes its own page once with a 3 s timeout; on a busy machine the probe can
+            # time out although the server is fine. Start again rather than give up.
+            if "localhost is not accessible" not in str(exc) or attempt == 2:
+                raise
+            log.warning("the server did not answer gradio's start-up probe in time; starting again")
+            demo.close()
 
 
 if __name__ == "__main__":
