@@ -2,7 +2,9 @@
 
     python scripts/sd_unlearn_job.py --model SD --forget forget/ --retain retain/ --prompt "..." --out OUT
     accelerate launch --num_processes 4 scripts/sd_unlearn_job.py ...          # 4 GPUs, same code
-    accelerate launch --cpu --num_processes 2 scripts/sd_unlearn_job.py ... --device cpu
+    accelerate launch --cpu --num_processes 2 --mpirun_hostfile HOSTS scripts/sd_unlearn_job.py ... --device cpu
+                      # CPU processes: accelerate starts them through Open MPI's mpirun, HOSTS
+                      # holding "localhost slots=2"; without a host file it starts only one
 
 Every process loads the model and the images, draws its own rows (the engine averages gradients
 across processes before each update, so all copies stay identical), and writes a sha256 of its

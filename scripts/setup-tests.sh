@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Installs what the test suite needs: the Python packages, and Chromium for the browser test.
+# Installs what the test suite needs: the Python packages, Chromium for the browser test and
+# Open MPI (mpirun) for the `accelerate launch --cpu --num_processes 2` test.
 # Safe to run again: it skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! [ -x /usr/bin/chromium ]; then
+missing=()
+[ -x /usr/bin/chromium ] || missing+=(chromium)
+command -v mpirun >/dev/null || missing+=(openmpi-bin)
+if [ ${#missing[@]} -gt 0 ]; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+    apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
   else
-    echo "note: /usr/bin/chromium is missing; install it (e.g. 'sudo apt-get install chromium') or the browser test is skipped" >&2
+    echo "note: ${missing[*]} missing; install with 'sudo apt-get install ${missing[*]}' or the tests that need them are skipped" >&2
   fi
 fi
 python3 -m pip install -q -r requirements-test.txt

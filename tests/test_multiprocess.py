@@ -1,13 +1,16 @@
 """Data-parallel Stable Diffusion unlearning through `accelerate launch`, on two CPU processes.
 
 The same job script runs on N GPUs with `accelerate launch --num_processes N`; here two CPU
-processes talk over gloo. accelerate's `--cpu` flag alone starts a single process (its multi-CPU
-mode needs MPI), so the test asks for the torchrun launcher (`--multi_gpu`) and the script's
-`--device cpu` keeps both processes on the CPU.
+processes talk over gloo, started by either of accelerate's launchers:
+- `--cpu --num_processes 2`: accelerate's multi-CPU mode. It starts the processes through MPI's
+  `mpirun` and needs a host file (`--mpirun_hostfile`); without one, accelerate 1.x quietly starts
+  a single process. scripts/setup-tests.sh installs Open MPI; without `mpirun` this case is skipped.
+- `--multi_gpu --num_processes 2` with the script's `--device cpu`: torchrun's launcher, no MPI.
 """
 
 import importlib.util
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -43,13 +46,30 @@ def write_images(folder: Path, n: int, seed: int) -> Path:
     return folder
 
 
+def launcher_arguments(launcher: str, tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """accelerate launch's arguments and extra environment for two local processes."""
+    port = str(free_port())
+    if launcher == "torchrun":
+        return ["--multi_gpu", "--main_process_port", port], {}
+    if shutil.which("mpirun") is None:
+        pytest.skip("mpirun is not installed (Open MPI: 'apt-get install openmpi-bin'); accelerate's --cpu mode needs it")
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n")
+    # Open MPI refuses to start as root unless told that is intended (CI runs as root).
+    env = {"MASTER_PORT": port, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
+    return ["--cpu", "--mpirun_hostfile", str(hostfile)], env
+
+
 @pytest.mark.slow
-def test_two_processes_end_with_the_same_weights(tiny_sd_model, tmp_path):
+@pytest.mark.parametrize("launcher", ["cpu-mpi", "torchrun"])
+def test_two_processes_end_with_the_same_weights(tiny_sd_model, tmp_path, launcher):
     forget, retain = write_images(tmp_path / "forget", 2, seed=1), write_images(tmp_path / "retain", 6, seed=2)
     out = tmp_path / "unlearned"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRACK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+    launch_args, launch_env = launcher_arguments(launcher, tmp_path)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRACK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           **launch_env}
+    command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                str(JOB), "--model", str(tiny_sd_model), "--forget", str(forget), "--retain", str(retain),
                "--prompt", "a lighthouse", "--out", str(out), "--steps", "2", "--batch", "2", "--accum", "2",
                "--lr", "1e-3", "--k", "3", "--device", "cpu"]
