@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retrack.objectives import (
-    METHODS, Batch, NoiseSchedule, Params, erasediff, erasediff_combine, neggrad, retrack, retrack_targets,
+    METHODS, Batch, NoiseSchedule, Params, _predict, erasediff, erasediff_combine, neggrad, retrack, retrack_targets,
     retrack_unlearn_loss, siss, siss_combine, siss_weights, sum_sq, vanilla,
 )
 
@@ -130,7 +130,9 @@ def test_retrack_objective_matches_formula_with_independent_branches():
     net = Recorder()
     terms = retrack(net, batch, sched, torch.Generator().manual_seed(11), params)
     (t_u, _, g_u, s_u, x_u), (t_r, eps_r, _, _, x_r) = replay_draws(batch, sched, 11)
-    assert len(net.calls) == 1  # one fused forward over forget and retain rows
+    # On the CPU one network call per branch (on a GPU one fused call: see test_fused_prediction_...)
+    assert [(torch.equal(x, xx), torch.equal(t, tt)) for (x, t), (xx, tt) in zip(net.calls, [(x_u, t_u), (x_r, t_r)])] \
+        == [(True, True), (True, True)]
     v, pi = retrack_targets(x_u, batch.neighbours, g_u, s_u)
     unlearn = retrack_unlearn_loss(net(x_u, t_u, None), v, pi).mean()
     retain = sum_sq(net(x_r, t_r, None), eps_r).mean()
@@ -138,6 +140,16 @@ def test_retrack_objective_matches_formula_with_independent_branches():
     torch.testing.assert_close(terms.retain, retain)
     torch.testing.assert_close(terms.loss, 0.3 * unlearn + 0.7 * retain)
     assert not torch.equal(t_u, t_r)  # the branches draw their own t
+
+
+def test_fused_prediction_equals_one_call_per_group():
+    net = Recorder()
+    xs, ts = [torch.randn(3, 1, 2, 2), torch.randn(2, 1, 2, 2)], [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
+    fused = _predict(net, xs, ts, [None, None], fuse=True)
+    separate = _predict(net, xs, ts, [None, None], fuse=False)
+    assert len(net.calls) == 3  # one fused call, then one per group
+    for a, b in zip(fused, separate):
+        torch.testing.assert_close(a, b)
 
 
 def test_lambda_zero_is_vanilla_and_lambda_one_is_pure_unlearning():
