@@ -34,9 +34,8 @@ import pandas as pd  # noqa: E402
 from retrack import paths  # noqa: E402
 from retrack.engine import PRESETS, UnlearnConfig, resolve_device  # noqa: E402
 from retrack.session import (  # noqa: E402
-    METHOD_LABELS, EvalSettings, Job, JobState, ModelInfo, build_forget_set, describe_device, display_grid,
-    gallery_items, generate_split,
-    open_model, parse_picks, toggle_pick,
+    METHOD_LABELS, EvalSettings, GalleryItem, Job, JobState, ModelInfo, build_forget_set, describe_device, display_grid,
+    gallery_items, generate_split, open_model, parse_picks, split_items, toggle_pick,
 )
 
 log = logging.getLogger("retrack.app")
@@ -160,6 +159,11 @@ def metrics_table(state: JobState) -> str:
 
 
 # ============================================================================ the page
+def tiles(items: list[GalleryItem]) -> list[tuple]:
+    """Gallery tiles (image, caption); grey images as 2-D arrays."""
+    return [(item.image[..., 0] if item.image.shape[-1] == 1 else item.image, item.caption) for item in items]
+
+
 def build_app(settings: AppSettings) -> gr.Blocks:
     """The whole page; `settings` picks the model shown first and the run defaults."""
     running: dict[str, Job] = {}  # browser session -> its job, so Cancel finds it
@@ -200,6 +204,15 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                                                "an uploaded image, if any, marks which cluster is the copies.")
                 generate_button = gr.Button("Generate & split", elem_id="generate-split", scale=1)
                 split_note = gr.Markdown(elem_id="split-note")
+            # The split as two sides; a click moves an image to the other side (edits the picks).
+            with gr.Row():
+                split_forget = gr.Gallery(label="Copies: to forget (click one to keep it)", elem_id="split-forget",
+                                          columns=6, height=240, allow_preview=False, format="png",
+                                          object_fit="contain")
+                split_retain = gr.Gallery(label="The rest: kept (click one to forget it)", elem_id="split-retain",
+                                          columns=6, height=240, allow_preview=False, format="png",
+                                          object_fit="contain")
+            split_forget_indices, split_retain_indices = gr.State([]), gr.State([])
         with gr.Row():
             with gr.Column(scale=3):
                 gallery = gr.Gallery(label="Training items: click to add to or remove from the forget set",
@@ -305,11 +318,10 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             except USER_ERRORS as exc:
                 return (f"⚠ {exc}", gr.update(value=[]), [], "", gr.skip()) + tuple(gr.skip() for _ in family_controls)
             items = gallery_items(model.training_data) if model.training_data is not None else []
-            tiles = [(item.image[..., 0] if item.image.shape[-1] == 1 else item.image, item.caption) for item in items]
             defaults = settings.run_defaults(model.preset)
             values = [defaults[name] for name in family_fields]
             prompts = gr.update(visible=model.family == "latent")
-            return (model.summary(), tiles, [item.index for item in items], "", prompts) + tuple(values)
+            return (model.summary(), tiles(items), [item.index for item in items], "", prompts) + tuple(values)
 
         def reload(spec: str, data_folder: str):
             """The Load button: read the folders again (they may have changed on disk)."""
@@ -325,6 +337,25 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             return toggle_pick(picks, positions[event.index])
 
         gallery.select(pick, [gallery_indices, picks_box], picks_box, api_visibility="private")
+        split_forget.select(pick, [split_forget_indices, picks_box], picks_box, api_visibility="private")
+        split_retain.select(pick, [split_retain_indices, picks_box], picks_box, api_visibility="private")
+
+        @readable_errors
+        def show_split(spec: str, data_folder: str, picks: str):
+            """Text-to-image models: the training items as two sides, picked (forget) and kept."""
+            try:
+                model = cached_model(spec.strip(), data_folder.strip())
+            except USER_ERRORS:
+                return [], [], [], []
+            if model.family != "latent" or model.training_data is None:
+                return [], [], [], []
+            forget_side, kept_side = split_items(model.training_data, parse_picks(picks))
+            return (tiles(forget_side), [item.index for item in forget_side],
+                    tiles(kept_side), [item.index for item in kept_side])
+
+        split_inputs = [model_box, data_box, picks_box]
+        split_outputs = [split_forget, split_forget_indices, split_retain, split_retain_indices]
+        picks_box.change(show_split, split_inputs, split_outputs, api_name="split_view")
 
         @readable_errors
         def preview(spec: str, data_folder: str, picks: str, files: Optional[list[str]]):
@@ -357,13 +388,14 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             chosen = ("closest to your first uploaded image" if split.rule == "reference"
                       else "the tighter cluster: near-copies of one image look alike")
             note = (f"{len(split.memorised)} of {whole(count)} generations look memorised ({chosen}); they are picked "
-                    f"to forget, the rest are kept. Click the gallery to change. {split.note}")
+                    f"to forget, the rest are kept. Click an image below to move it to the other side. {split.note}")
             loaded = list(load(spec, str(split.folder)))
             loaded[3] = ", ".join(f"#{i}" for i in split.memorised)  # the picks box
             return [str(split.folder), note] + loaded
 
         generate_button.click(generate, [model_box, prompt_box, uploads, n_generations, sampling_steps, guidance],
-                              [data_box, split_note] + load_outputs, api_name="generate_split")
+                              [data_box, split_note] + load_outputs, api_name="generate_split") \
+            .then(show_split, split_inputs, split_outputs, api_visibility="private")  # also when the picks are unchanged
 
         def show_method_settings(name: str):
             return gr.update(visible=name == "retrack"), gr.update(visible=name == "retrack")

@@ -188,10 +188,17 @@ def plot_tradeoff(rows: list[Row], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4.2), dpi=120)
+    placed: list[tuple[float, float]] = []  # points already labelled, to stack labels of coinciding points
+    x_span = max(1e-9, max(100 * r.tshirt_rate for r in rows) / 20)  # "the same place": within 1/20 of the axes
+    y_span = max(1e-9, max([r.fd for r in rows if np.isfinite(r.fd)] or [1.0]) / 20)
     for r in rows:
         colour = {"retrack": "tab:red", "oracle": "tab:green", "pretrained": "black"}.get(r.method, "tab:blue")
-        ax.scatter(100 * r.tshirt_rate, r.fd, s=60, color=colour, zorder=3)
-        ax.annotate(r.method, (100 * r.tshirt_rate, r.fd), textcoords="offset points", xytext=(6, 4), fontsize=9)
+        x, y = 100 * r.tshirt_rate, r.fd
+        ax.scatter(x, y, s=60 if r.method != "retrack" else 90, color=colour, zorder=3 if r.method != "retrack" else 4,
+                   marker="o" if r.method != "retrack" else "*")
+        near = sum(abs(x - px) < x_span and abs(y - py) < y_span for px, py in placed)
+        placed.append((x, y))
+        ax.annotate(r.method, (x, y), textcoords="offset points", xytext=(6, 4 - 11 * near), fontsize=9)
     ax.set_xlabel("T-shirt samples, % (lower: forgets better)")
     ax.set_ylabel("Fréchet distance to retain set, CLIP (lower: better digits)")
     ax.set_title("Memorisation vs quality, same steps and seeds")

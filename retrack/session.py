@@ -265,6 +265,18 @@ def gallery_items(data: TrainingData, limit: int = GALLERY_SIZE, seed: int = 0) 
     return items
 
 
+def split_items(data: TrainingData, picks: Sequence[int], limit: int = GALLERY_SIZE) -> tuple[list[GalleryItem], list[GalleryItem]]:
+    """The training data in two sides, as a generate-and-split shows it: the picked items (to
+    forget) and the others (kept), each side its first `limit` items."""
+    chosen = set(picks)
+    sides: tuple[list[GalleryItem], list[GalleryItem]] = ([], [])
+    for index in range(len(data)):
+        side = sides[0] if index in chosen else sides[1]
+        if len(side) < limit:
+            side.append(GalleryItem(index, data.images[index], 1, f"#{index} {data.names[index]}"))
+    return sides
+
+
 # ============================================================================ forget set
 @dataclass
 class ForgetSet:

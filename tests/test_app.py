@@ -24,7 +24,7 @@ import pytest
 from helpers import folder_digest, follow, free_port, merged, wait_for_status
 from retrack import paths
 from retrack.session import (
-    DeviceQueue, TrainingData, build_forget_set, gallery_items, parse_picks, toggle_pick,
+    DeviceQueue, TrainingData, build_forget_set, gallery_items, parse_picks, split_items, toggle_pick,
 )
 
 # ============================================================================ session logic
@@ -48,6 +48,15 @@ def test_gallery_shows_duplicated_images_first():
     assert len(items) == 5
     assert items[0].index == 2 and items[0].copies == 4 and "×4 copies" in items[0].caption
     assert all(item.copies == 1 for item in items[1:])
+
+
+def test_split_items_puts_the_picks_on_one_side_and_the_rest_on_the_other():
+    images = np.arange(6, dtype=np.uint8).reshape(6, 1, 1, 1).repeat(4, 1).repeat(4, 2)
+    data = TrainingData(images, [f"{i:03d}.png" for i in range(6)], "test")
+    forget_side, kept_side = split_items(data, [4, 1])
+    assert [item.index for item in forget_side] == [1, 4] and [item.index for item in kept_side] == [0, 2, 3, 5]
+    assert forget_side[0].caption == "#1 001.png" and int(forget_side[1].image.max()) == 4
+    assert [len(side) for side in split_items(data, [], limit=3)] == [0, 3]
 
 
 def test_forget_set_drops_every_copy_from_the_retain_set():
@@ -284,6 +293,17 @@ def test_text_to_image_model_generate_split_and_unlearn(client, tiny_text_to_ima
     assert "generations look memorised" in note and parse_picks(picks)
     again = client.predict(str(model), prompt, [], 8, 3, 7.5, api_name="/generate_split")
     assert again[0] == folder and again[4] == picks  # the same request is answered from disk
+
+    # The split as two galleries: the picks on one side, every other generation on the other.
+    forget_side, kept_side = client.predict(str(model), folder, picks, api_name="/split_view")
+    assert len(forget_side) == len(parse_picks(picks)) and len(forget_side) + len(kept_side) == 8
+    assert [int(tile["caption"].split()[0][1:]) for tile in forget_side] == parse_picks(picks)
+    # Clicking a kept image forgets it too (the click toggles it in the picks, as here).
+    moved = int(kept_side[0]["caption"].split()[0][1:])
+    picks = toggle_pick(picks, moved)
+    forget_side, kept_side = client.predict(str(model), folder, picks, api_name="/split_view")
+    assert moved in [int(tile["caption"].split()[0][1:]) for tile in forget_side]
+    assert len(forget_side) == len(parse_picks(picks)) and len(forget_side) + len(kept_side) == 8
 
     args = run_args(picks, steps=2)
     args[:2], args[4] = [str(model), folder], prompt

@@ -103,3 +103,45 @@ def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
                 shutil.copy(shot, os.environ["RETRACK_SCREENSHOT"])
         finally:
             browser.close()
+
+
+def test_text_to_image_split_shows_two_galleries_and_a_click_moves_an_image(app_url, tmp_path):
+    """A Stable Diffusion model (tiny, random) typed into the page: Generate & split fills the two
+    galleries, and clicking a kept image moves it to the forget side."""
+    from playwright.sync_api import sync_playwright
+
+    from retrack.tiny import build_tiny_clip, build_tiny_sd_pipeline
+
+    model = tmp_path / "model"
+    build_tiny_sd_pipeline(seed=0, image_size=32, save_to=model)
+    build_tiny_clip(tmp_path / "clip")  # the scorer the split embeds with, found beside the model
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
+            page.wait_for_selector("#training-gallery img", timeout=120_000)  # the built-in model first
+            page.locator("#model-path textarea, #model-path input").first.fill(str(model))
+            page.click("#load-model")
+            prompt = page.locator("#prompt textarea, #prompt input").first
+            prompt.wait_for(state="visible", timeout=60_000)  # shown for text-to-image models only
+            prompt.fill("a photo of a cat")
+            page.locator("#n-generations input").first.fill("8")
+            page.click("#generate-split")
+
+            forget_tiles = page.locator("#split-forget button.thumbnail-item")
+            kept_tiles = page.locator("#split-retain button.thumbnail-item")
+            page.wait_for_function(
+                "() => document.querySelectorAll('#split-forget button.thumbnail-item').length"
+                " + document.querySelectorAll('#split-retain button.thumbnail-item').length == 8", timeout=180_000)
+            before = forget_tiles.count()
+            assert before >= 1 and kept_tiles.count() == 8 - before
+            moved = kept_tiles.first.inner_text().split()[0]  # its caption starts with "#<index>"
+            kept_tiles.first.click()
+            page.wait_for_function(
+                f"() => document.querySelectorAll('#split-forget button.thumbnail-item').length == {before + 1}",
+                timeout=30_000)
+            assert moved in page.locator("#forget-picks textarea, #forget-picks input").first.input_value()
+            assert kept_tiles.count() == 7 - before
+        finally:
+            browser.close()
