@@ -36,16 +36,16 @@ def impossible_allocation() -> None:
     torch.empty(2**60, dtype=torch.uint8)
 
 
-def failing_from_call(n: int, fault: Callable[[torch.Tensor], torch.Tensor]) -> Callable:
-    """A PixelBackend.denoise that runs normally, then passes its output through `fault` from its
-    n-th call on (ReTrack makes one network call per step, so from step n)."""
+def failing_from_step(n: int, fault: Callable[[torch.Tensor], torch.Tensor], calls_per_step: int = 2) -> Callable:
+    """A PixelBackend.denoise that runs normally, then passes its output through `fault` from
+    step n on. ReTrack on the CPU makes two network calls per step, one per branch."""
     real = PixelBackend.denoise
     calls = 0
 
     def denoise(self, x_t, t, cond):
         nonlocal calls
         calls += 1
-        if calls >= n:
+        if calls > (n - 1) * calls_per_step:
             return fault(real(self, x_t, t, cond))
         return real(self, x_t, t, cond)
 
@@ -87,7 +87,7 @@ def test_model_with_nan_weights_stops_at_step_one_and_writes_nothing(tiny_pixel_
 
 def test_loss_turning_inf_mid_run_stops_with_the_step_and_writes_nothing(tiny_pixel_model, image_folders, tmp_path,
                                                                          capsys, monkeypatch):
-    monkeypatch.setattr(PixelBackend, "denoise", failing_from_call(3, lambda eps: eps * float("inf")))
+    monkeypatch.setattr(PixelBackend, "denoise", failing_from_step(3, lambda eps: eps * float("inf")))
     out = tmp_path / "outputs" / "clean"
     code, last = cli_unlearn(tiny_pixel_model, image_folders, out, capsys)
     assert code == 1 and re.search(r"retrack: stopped: the .*loss became (inf|nan) at step 3;", last), last
@@ -111,7 +111,7 @@ def test_out_of_memory_is_reported_as_such(tiny_pixel_model, fault, monkeypatch)
         fault()
         return eps
 
-    monkeypatch.setattr(PixelBackend, "denoise", failing_from_call(2, out_of_memory))
+    monkeypatch.setattr(PixelBackend, "denoise", failing_from_step(2, out_of_memory))
     g = torch.Generator().manual_seed(0)
     forget, retain = torch.rand(2, 1, 8, 8, generator=g), torch.rand(12, 1, 8, 8, generator=g)
     steps = []
@@ -130,7 +130,7 @@ def test_other_runtime_errors_are_not_mistaken_for_out_of_memory():
 
 def test_cli_reports_out_of_memory_in_one_line_and_writes_nothing(tiny_pixel_model, image_folders, tmp_path, capsys,
                                                                   monkeypatch):
-    monkeypatch.setattr(PixelBackend, "denoise", failing_from_call(2, lambda eps: impossible_allocation()))
+    monkeypatch.setattr(PixelBackend, "denoise", failing_from_step(2, lambda eps: impossible_allocation()))
     out = tmp_path / "outputs" / "clean"
     code, last = cli_unlearn(tiny_pixel_model, image_folders, out, capsys)
     assert code == 1 and last.startswith("retrack: stopped: the CPU ran out of memory with batch size 4"), last
@@ -138,7 +138,7 @@ def test_cli_reports_out_of_memory_in_one_line_and_writes_nothing(tiny_pixel_mod
 
 
 def test_cli_sampling_out_of_memory_is_one_line_too(tiny_pixel_model, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(PixelBackend, "denoise", failing_from_call(1, lambda eps: impossible_allocation()))
+    monkeypatch.setattr(PixelBackend, "denoise", failing_from_step(1, lambda eps: impossible_allocation()))
     grid = tmp_path / "grid.png"
     code = main(["sample", "--model", str(tiny_pixel_model), "--n", "2", "--steps", "2", "--device", "cpu",
                  "--out", str(grid)])
