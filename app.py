@@ -5,8 +5,11 @@
     python app.py --model m --data train/  # ... with the folder of images it was trained on
     python app.py --quick                  # tiny settings: a run takes seconds (for tests, demos)
 
+    python app.py --host 0.0.0.0 --folders /srv/models --auth USER:PASSWORD   # before sharing it
+
 Every option also reads an environment variable (RETRACK_APP_MODEL, RETRACK_APP_DATA,
-RETRACK_APP_HOST, RETRACK_APP_PORT, RETRACK_APP_OUTPUT, RETRACK_APP_QUICK).
+RETRACK_APP_HOST, RETRACK_APP_PORT, RETRACK_APP_OUTPUT, RETRACK_APP_QUICK, RETRACK_APP_FOLDERS,
+RETRACK_APP_AUTH; the variable keeps a password out of the process list).
 
 This file is the page only. What the page does (open a model and its training data, build the
 forget set, run a job in the background, sample, score) lives in `retrack.session`, which
@@ -53,6 +56,26 @@ class AppSettings:
     output_dir: Path = Path("outputs/app")
     quick: bool = False  # tiny run settings (tests, demos): seconds instead of minutes on a CPU
     max_file_size: str = "20mb"
+    # When set, the page may open model and training-data folders under these roots only (plus the
+    # start-up model and data, and the output folder where generated splits are written).
+    folders: tuple[Path, ...] = ()
+    auth: Optional[tuple[str, str]] = None  # (user, password) for gradio's login page
+
+    def check_folders(self, spec: str, data_folder: str) -> None:
+        """Refuse (ValueError) a model or training-data folder outside `folders`, when set."""
+        if not self.folders:
+            return
+        allowed = [*self.folders, self.output_dir, Path(self.model).expanduser()]
+        if self.data:
+            allowed.append(Path(self.data).expanduser())
+        allowed = [root.absolute().resolve() for root in allowed]
+        for what, text in (("model folder", spec), ("training-data folder", data_folder)):
+            if not text.strip():
+                continue
+            where = Path(text.strip()).expanduser().absolute().resolve()
+            if not any(where == root or root in where.parents for root in allowed):
+                raise ValueError(f"this server opens folders under {', '.join(str(f) for f in self.folders)} only; "
+                                 f"the {what} {text.strip()} is not one of them")
 
     def run_defaults(self, preset: str) -> dict:
         """Training and evaluation defaults for a model family: the published training settings;
@@ -87,9 +110,22 @@ def settings_from_args(argv: Optional[list[str]] = None) -> tuple[AppSettings, s
                         help="where unlearned models and their zips are written (default outputs/app)")
     parser.add_argument("--quick", action="store_true", default=env("RETRACK_APP_QUICK", "") not in ("", "0"),
                         help="tiny default settings so a run takes seconds (tests, demos)")
+    parser.add_argument("--folders", nargs="+", metavar="ROOT",
+                        default=[f for f in env("RETRACK_APP_FOLDERS", "").split(os.pathsep) if f],
+                        help="open model and training-data folders under these roots only (default: any folder "
+                             "this process can read); RETRACK_APP_FOLDERS separates them with '%s'" % os.pathsep)
+    parser.add_argument("--auth", default=env("RETRACK_APP_AUTH", ""), metavar="USER:PASSWORD",
+                        help="ask for this user name and password before showing the page")
     args = parser.parse_args(argv)
+    auth = None
+    if args.auth:
+        user, colon, password = args.auth.partition(":")
+        if not (user and colon and password):
+            parser.error("--auth takes USER:PASSWORD, both non-empty")
+        auth = (user, password)
     settings = AppSettings(model=args.model, data=args.data, output_dir=Path(args.output_dir).absolute(),
-                           quick=args.quick)
+                           quick=args.quick, folders=tuple(Path(f).expanduser().absolute() for f in args.folders),
+                           auth=auth)
     return settings, args.host, args.port
 
 
@@ -169,6 +205,11 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     running: dict[str, Job] = {}  # browser session -> its job, so Cancel finds it
     running_lock = threading.Lock()
     first = settings.run_defaults("mnist")
+
+    def open_checked(spec: str, data_folder: str) -> ModelInfo:
+        """cached_model, for what a visitor typed: only folders the server allows."""
+        settings.check_folders(spec, data_folder)
+        return cached_model(spec, data_folder)
 
     with gr.Blocks(title="retrack: make a diffusion model forget") as demo:
         gr.Markdown("# retrack: make a diffusion model forget images\n"
@@ -314,7 +355,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         def load(spec: str, data_folder: str):
             """Open a model: its summary, a gallery of its training items, its family's defaults."""
             try:
-                model = cached_model(spec.strip(), data_folder.strip())
+                model = open_checked(spec.strip(), data_folder.strip())
             except USER_ERRORS as exc:
                 return (f"⚠ {exc}", gr.update(value=[]), [], "", gr.skip()) + tuple(gr.skip() for _ in family_controls)
             items = gallery_items(model.training_data) if model.training_data is not None else []
@@ -344,7 +385,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         def show_split(spec: str, data_folder: str, picks: str):
             """Text-to-image models: the training items as two sides, picked (forget) and kept."""
             try:
-                model = cached_model(spec.strip(), data_folder.strip())
+                model = open_checked(spec.strip(), data_folder.strip())
             except USER_ERRORS:
                 return [], [], [], []
             if model.family != "latent" or model.training_data is None:
@@ -361,7 +402,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         def preview(spec: str, data_folder: str, picks: str, files: Optional[list[str]]):
             """The forget set as it will be used, or why it cannot be."""
             try:
-                model = cached_model(spec.strip(), data_folder.strip())
+                model = open_checked(spec.strip(), data_folder.strip())
                 forget = build_forget_set(model, parse_picks(picks), files or [])
             except USER_ERRORS as exc:
                 return (f"⚠ {exc}" if parse_picks(picks) or files else "Nothing picked yet."), None
@@ -379,7 +420,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                      progress=gr.Progress()):
             """Text-to-image models: generations of the prompt become the training data; the
             cluster that copies a training image is picked to forget."""
-            model = cached_model(spec.strip(), "")
+            model = open_checked(spec.strip(), "")
             progress(0.0, desc="Waiting for the device")
             split = generate_split(model, prompt, settings.output_dir, n=whole(count), seed=0,
                                    steps=whole(sampling_value), guidance=number(guidance_value),
@@ -412,7 +453,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                 progress=gr.Progress()) -> Iterator[tuple]:
             """Start a job and stream its state to the page until it ends."""
             try:
-                model = cached_model(spec.strip(), data_folder.strip())
+                model = open_checked(spec.strip(), data_folder.strip())
                 forget = build_forget_set(model, parse_picks(picks), files or [])
                 config = UnlearnConfig(method=method_name, k=whole(k_value), lam=number(lam_value), lr=number(lr_value),
                                        steps=whole(steps_value), batch_size=whole(batch_value),
@@ -514,6 +555,7 @@ def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, blo
         try:
             return demo.launch(server_name=host, server_port=port, max_file_size=settings.max_file_size,
                                allowed_paths=[str(settings.output_dir)], prevent_thread_lock=not block,
+                               auth=settings.auth,
                                show_error=True, footer_links=["api"])
         except ValueError as exc:
             # gradio probes its own page once with a 3 s timeout; on a busy machine the probe can

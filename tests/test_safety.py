@@ -8,6 +8,7 @@ against a real server in test_load.py, which starts one anyway.
 from __future__ import annotations
 
 import ast
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -15,6 +16,8 @@ from pathlib import Path
 import pytest
 from diffusers import DDPMPipeline
 
+from helpers import free_port
+from retrack import paths
 from retrack.backends import load_backend
 from retrack.cli import main
 from retrack.metrics import ClipScorer
@@ -181,3 +184,62 @@ def test_app_defaults_bind_to_this_machine_cap_uploads_and_serve_only_outputs(mo
     assert settings.output_dir == (Path.cwd() / "outputs" / "app").absolute()
     settings, host, _ = app.settings_from_args(["--host", "0.0.0.0", "--output-dir", str(tmp_path)])
     assert host == "0.0.0.0" and settings.output_dir == tmp_path  # only when the user asks
+
+
+def test_app_folders_and_auth_options(monkeypatch, tmp_path):
+    import app
+
+    for variable in ("RETRACK_APP_FOLDERS", "RETRACK_APP_AUTH"):
+        monkeypatch.delenv(variable, raising=False)
+    settings, _, _ = app.settings_from_args([])
+    assert settings.folders == () and settings.auth is None  # by default: any folder, no login
+    settings, _, _ = app.settings_from_args(["--folders", str(tmp_path / "models"), str(tmp_path / "data"),
+                                             "--auth", "teacher:s3cret:with-colon"])
+    assert settings.folders == (tmp_path / "models", tmp_path / "data")
+    assert settings.auth == ("teacher", "s3cret:with-colon")
+    monkeypatch.setenv("RETRACK_APP_FOLDERS", os.pathsep.join([str(tmp_path / "a"), str(tmp_path / "b")]))
+    assert app.settings_from_args([])[0].folders == (tmp_path / "a", tmp_path / "b")
+    for bad in ("teacher", "teacher:", ":pw"):
+        with pytest.raises(SystemExit):
+            app.settings_from_args(["--auth", bad])
+
+
+def test_app_folders_refuse_what_lies_outside_them(tmp_path):
+    import app
+
+    root, outside = tmp_path / "allowed", tmp_path / "private"
+    (root / "model").mkdir(parents=True)
+    outside.mkdir()
+    (root / "escape").symlink_to(outside)  # a link out of the root does not count as inside it
+    settings = app.AppSettings(model=str(paths.BUILTIN_MODEL), output_dir=tmp_path / "out", folders=(root,))
+    settings.check_folders(str(root / "model"), "")
+    settings.check_folders(str(paths.BUILTIN_MODEL), str(tmp_path / "out" / "generations" / "x"))  # start-up model, outputs
+    for spec, data in ((str(outside), ""), (str(root / "model"), str(outside)), (str(root / "escape"), ""),
+                       (str(root / ".." / "private"), ""), ("someone/some-ddpm", ""), ("/etc", "")):
+        with pytest.raises(ValueError, match="opens folders under .* only"):
+            settings.check_folders(spec, data)
+    app.AppSettings(model="m").check_folders("/etc", "/")  # no roots given: anything goes (the default)
+
+
+def test_app_with_folders_and_login_on_a_real_server(tiny_app_model, tmp_path):
+    """Started with --folders and --auth: a visitor without the password is refused; with it, the
+    page opens the allowed model and refuses a folder elsewhere with a message."""
+    from gradio_client import Client
+
+    import app
+
+    model, data = tiny_app_model
+    settings = app.AppSettings(model=str(model), data=str(data), output_dir=tmp_path / "out", quick=True,
+                               folders=(model.parent,), auth=("teacher", "s3cret"))
+    served, url, _ = app.launch(settings, port=free_port(), block=False)
+    try:
+        with pytest.raises(Exception, match="credentials were not provided"):
+            Client(url, verbose=False)
+        with pytest.raises(ValueError, match="Could not login"):
+            Client(url, auth=("teacher", "wrong"), verbose=False)
+        visitor = Client(url, auth=("teacher", "s3cret"), verbose=False)
+        assert "pixel" in visitor.predict(str(model), str(data), api_name="/load_model")[0]
+        refused = visitor.predict(str(model), str(tmp_path), api_name="/load_model")[0]
+        assert refused.startswith("⚠") and "opens folders under" in refused
+    finally:
+        served.get_blocks().close()  # this server only (the module's other server keeps running)
