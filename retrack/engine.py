@@ -70,6 +70,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
         sign in message for sign in ("out of memory", "can't allocate memory", "cublas_status_alloc_failed"))
 
 
+def check_range(label: str, value: float, low: float, high: float, *, open_low: bool = False,
+                open_high: bool = False) -> None:
+    """Refuse (ValueError) a setting outside [low, high]; open_low/open_high exclude an end."""
+    above = value > low if open_low else value >= low
+    below = value < high if open_high else value <= high
+    if not (above and below):
+        shown_high = "2**32" if high == 2**32 else str(high)
+        raise ValueError(f"{label} must lie in {'(' if open_low else '['}{low}, {shown_high}{')' if open_high else ']'}, "
+                         f"got {value}")
+
+
 @dataclass
 class UnlearnConfig:
     method: str = "retrack"
@@ -110,30 +121,22 @@ class UnlearnConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be a whole number, got {value!r}")
-        if not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lambda must lie in [0, 1], got {self.lam}")
-        if not 0.0 < self.lr <= 1.0:
-            raise ValueError(f"learning rate must lie in (0, 1], got {self.lr}")
-        if not 1 <= self.steps <= 1_000_000:
-            raise ValueError(f"steps must lie in [1, 1000000], got {self.steps}")
-        if not 1 <= self.batch_size <= 65_536:
-            raise ValueError(f"batch size must lie in [1, 65536], got {self.batch_size}")
-        if not 1 <= self.grad_accum <= 4096:
-            raise ValueError(f"gradient accumulation must lie in [1, 4096], got {self.grad_accum}")
+        check_range("lambda", self.lam, 0, 1)
+        check_range("learning rate", self.lr, 0, 1, open_low=True)
+        check_range("steps", self.steps, 1, 1_000_000)
+        check_range("batch size", self.batch_size, 1, 65_536)
+        check_range("gradient accumulation", self.grad_accum, 1, 4096)
+        check_range("weight decay", self.weight_decay, 0, 1)
+        check_range("the seed", self.seed, 0, 2**32, open_high=True)
+        check_range("SISS mixture weight", self.siss_lambda, 0, 1, open_low=True, open_high=True)
         if self.k < 1:
             raise ValueError(f"K must be at least 1, got {self.k}")
         if self.clip_norm <= 0:
             raise ValueError(f"clip norm must be positive, got {self.clip_norm}")
-        if not 0.0 <= self.weight_decay <= 1.0:
-            raise ValueError(f"weight decay must lie in [0, 1], got {self.weight_decay}")
         if self.eta < 0:
             raise ValueError(f"EraseDiff eta must not be negative, got {self.eta}")
         if self.siss_c <= 0:
             raise ValueError(f"SISS C must be positive, got {self.siss_c}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"the seed must lie in [0, 2**32), got {self.seed}")
-        if not 0.0 < self.siss_lambda < 1.0:
-            raise ValueError(f"SISS mixture weight must lie in (0, 1), got {self.siss_lambda}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"AdamW betas must be two numbers in [0, 1), got {self.betas}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):

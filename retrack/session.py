@@ -46,8 +46,8 @@ from . import paths
 from .backends import load_backend
 from .backends.base import Backend
 from .engine import (
-    Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, is_out_of_memory, preset_for, resolve_device, save_model,
-    unlearn,
+    Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, check_range, is_out_of_memory, preset_for,
+    resolve_device, save_model, unlearn,
 )
 from .images import expand_paths, load_images, tensor_to_pil, tensor_to_uint8, uint8_to_tensor
 from .objectives import retrack_targets
@@ -442,16 +442,11 @@ class EvalSettings:
     guidance: float = 7.5  # text-to-image models: classifier-free guidance scale
 
     def validate(self) -> None:
-        if not 1 <= self.n_samples <= 256:
-            raise ValueError(f"number of samples must lie in [1, 256], got {self.n_samples}")
-        if not 1 <= self.sampling_steps <= 1000:
-            raise ValueError(f"sampling steps must lie in [1, 1000], got {self.sampling_steps}")
-        if not 2 <= self.trajectory_points <= 20:
-            raise ValueError(f"trajectory points must lie in [2, 20], got {self.trajectory_points}")
-        if not 0 <= self.seed < 2**32:
-            raise ValueError(f"the first sample seed must lie in [0, 2**32), got {self.seed}")
-        if not 0.0 <= self.guidance <= 50.0:
-            raise ValueError(f"guidance must lie in [0, 50], got {self.guidance}")
+        check_range("number of samples", self.n_samples, 1, 256)
+        check_range("sampling steps", self.sampling_steps, 1, 1000)
+        check_range("trajectory points", self.trajectory_points, 2, 20)
+        check_range("the first sample seed", self.seed, 0, 2**32, open_high=True)
+        check_range("guidance", self.guidance, 0, 50)
 
 
 @dataclass
