@@ -269,6 +269,15 @@ def l2_memorised(samples01: np.ndarray, forget01: np.ndarray, threshold: float) 
     return nearest_l2_distances(samples01, forget01) < threshold
 
 
+def nearer_forget_than_retain(samples01: np.ndarray, forget01: np.ndarray, retain01: np.ndarray) -> np.ndarray:
+    """Boolean (N,): the sample's nearest image (pixel L2) among forget + retain is a forget image.
+
+    A criterion with no threshold: it also counts blurred or shifted copies that lie outside
+    ``calibrated_l2_threshold`` yet still resemble the forget image more than any retain image.
+    """
+    return nearest_l2_distances(samples01, forget01) < nearest_l2_distances(samples01, retain01)
+
+
 def calibrated_l2_threshold(forget01: np.ndarray, retain01: np.ndarray) -> float:
     """Half the pixel-L2 distance from the forget images to their nearest retain image.
 

@@ -9,6 +9,7 @@ import torch
 from retrack import paths
 from retrack.metrics import (ClipScorer, calibrate_threshold, calibrated_l2_threshold, class_histogram,
                              frechet_distance, inception_style_score, l2_memorised, max_cosine_similarity,
+                             nearer_forget_than_retain,
                              memorisation_rate, memorisation_scores, nearest_l2_distances, save_open_clip_folder)
 
 # Small enough to build in a fraction of a second; the full CLIP vocabulary keeps the real tokenizer.
@@ -76,6 +77,14 @@ def test_pixel_l2_criterion():
     assert threshold == pytest.approx(np.sqrt(8) / 2)
     samples = np.stack([forget[0], forget[0] * 0.9, retain[0]])  # a copy, a dimmed copy, a retain image
     assert l2_memorised(samples, forget, threshold).tolist() == [True, True, False]
+
+    # Nearest-image criterion: a copy with a 3-pixel smudge lies sqrt(3) = 1.73 from the forget
+    # image, beyond the threshold (1.41), yet much nearer to it than to any retain image (>= 3.3).
+    smudged = forget[0].copy()
+    smudged[2, :3] = 1.0
+    both = np.stack([smudged, retain[1]])
+    assert l2_memorised(both, forget, threshold).tolist() == [False, False]
+    assert nearer_forget_than_retain(both, forget, retain).tolist() == [True, False]
 
 
 @pytest.fixture(scope="module")
