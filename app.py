@@ -37,8 +37,8 @@ import pandas as pd  # noqa: E402
 from retrack import paths  # noqa: E402
 from retrack.engine import PRESETS, UnlearnConfig, resolve_device  # noqa: E402
 from retrack.session import (  # noqa: E402
-    METHOD_LABELS, EvalSettings, GalleryItem, Job, JobState, ModelInfo, build_forget_set, describe_device, display_grid,
-    gallery_items, generate_split, open_model, parse_picks, split_items, toggle_pick,
+    METHOD_LABELS, EvalSettings, GalleryItem, Job, JobState, ModelInfo, build_forget_set, describe_device,
+    display_grid, gallery_items, generate_split, open_model, parse_picks, split_items, toggle_pick,
 )
 
 log = logging.getLogger("retrack.app")
