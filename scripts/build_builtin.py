@@ -656,8 +656,8 @@ def _ddpm_card(info: dict, out: Path) -> str:
              f"- diffusers `UNet2DModel`, {info['parameters']:,} parameters: `{json.dumps(info['unet_config'])}`.",
              f"- Scheduler: {info['scheduler']}. Saved weights: {info['saved']} (decay {info['ema_decay']}, "
              "with warm-up). Precision: " + info["precision"] + ".",
-             "- Why this size: the published unlearning setting (50 steps, each one forward/backward of a fused "
-             "128 forget + 128 retain batch) must run in under 2 minutes on a 2-core CPU, so one step at batch "
+             "- Why this size: the published unlearning setting (50 steps, each one forward/backward over "
+             "128 forget + 128 retain rows) must run in under 2 minutes on a 2-core CPU, so one step at batch "
              "256 must take about 1.6 s or less. On the 2-core development CPU (shared, loaded) one step of this "
              f"network at batch 256 took {DEV_CPU_TIMING['chosen_config_under_load_s']} s while the reference "
              "model of ENVIRONMENT.md took "
