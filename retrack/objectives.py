@@ -9,7 +9,7 @@ Every objective takes the same inputs and returns named loss terms:
 - `schedule` gives gamma_t = sqrt(alpha_bar_t) and sigma_t = sqrt(1 - alpha_bar_t);
 - `generator` draws every t and epsilon, so runs are reproducible.
 
-Losses follow ../shared/METHOD.md exactly: squared errors are SUMMED over the entries of one
+Losses follow docs/METHOD.md exactly: squared errors are SUMMED over the entries of one
 sample and averaged over samples (`sum_sq`). Methods with one objective return `Terms.loss` and
 the engine back-propagates it. EraseDiff and SISS combine two gradients nonlinearly; they return
 `loss=None` and the engine calls `METHODS[name].combine(g_retain, g_unlearn, params)` on the
