@@ -76,9 +76,9 @@ def check_range(label: str, value: float, low: float, high: float, *, open_low: 
     above = value > low if open_low else value >= low
     below = value < high if open_high else value <= high
     if not (above and below):
+        left, right = "(" if open_low else "[", ")" if open_high else "]"
         shown_high = "2**32" if high == 2**32 else str(high)
-        raise ValueError(f"{label} must lie in {'(' if open_low else '['}{low}, {shown_high}{')' if open_high else ']'}, "
-                         f"got {value}")
+        raise ValueError(f"{label} must lie in {left}{low}, {shown_high}{right}, got {value}")
 
 
 @dataclass

@@ -168,7 +168,8 @@ def _noised(x0: Tensor, schedule: NoiseSchedule, generator: torch.Generator) -> 
     return gamma * x0 + sigma * eps, t.to(x0.device), eps, gamma, sigma
 
 
-def _predict(denoise: Denoiser, xs: list[Tensor], ts: list[Tensor], conds: list[Optional[Tensor]], fuse: bool) -> list[Tensor]:
+def _predict(denoise: Denoiser, xs: list[Tensor], ts: list[Tensor], conds: list[Optional[Tensor]],
+             fuse: bool) -> list[Tensor]:
     """Predicted noise for several row groups, in one network call (`fuse`) or one call per group.
 
     The result is the same either way (the UNets normalise per sample); only the speed differs.

@@ -260,12 +260,17 @@ def gallery_items(data: TrainingData, limit: int = GALLERY_SIZE, seed: int = 0) 
         first = group[0]
         items.append(GalleryItem(first, data.images[first], len(group),
                                  f"#{first} {data.names[first]} ×{len(group)} copies"))
-    for index in chosen_single:
-        items.append(GalleryItem(index, data.images[index], 1, f"#{index} {data.names[index]}"))
+    items += [single_item(data, index) for index in chosen_single]
     return items
 
 
-def split_items(data: TrainingData, picks: Sequence[int], limit: int = GALLERY_SIZE) -> tuple[list[GalleryItem], list[GalleryItem]]:
+def single_item(data: TrainingData, index: int) -> GalleryItem:
+    """Gallery tile of one training item, captioned with its number and name."""
+    return GalleryItem(index, data.images[index], 1, f"#{index} {data.names[index]}")
+
+
+def split_items(data: TrainingData, picks: Sequence[int],
+                limit: int = GALLERY_SIZE) -> tuple[list[GalleryItem], list[GalleryItem]]:
     """The training data in two sides, as a generate-and-split shows it: the picked items (to
     forget) and the others (kept), each side its first `limit` items."""
     chosen = set(picks)
@@ -273,7 +278,7 @@ def split_items(data: TrainingData, picks: Sequence[int], limit: int = GALLERY_S
     for index in range(len(data)):
         side = sides[0] if index in chosen else sides[1]
         if len(side) < limit:
-            side.append(GalleryItem(index, data.images[index], 1, f"#{index} {data.names[index]}"))
+            side.append(single_item(data, index))
     return sides
 
 
