@@ -12,9 +12,9 @@ Every option also reads an environment variable (RETRACK_APP_MODEL, RETRACK_APP_
 RETRACK_APP_HOST, RETRACK_APP_PORT, RETRACK_APP_OUTPUT, RETRACK_APP_QUICK, RETRACK_APP_FOLDERS,
 RETRACK_APP_AUTH; the variable keeps a password out of the process list). On a Hugging Face Space
 (SPACE_ID is set there) `--space` is on by default: see `SpaceLimits`. When the `spaces` package is
-installed (it is on Spaces; this project does not depend on it), the GPU-bound event handlers carry
-its ZeroGPU decorator, which on ZeroGPU hardware attaches a GPU for each call and elsewhere does
-nothing.
+installed (ZeroGPU Spaces come with it; this project does not depend on it), the GPU-bound
+handlers carry its ZeroGPU decorator, which on ZeroGPU hardware attaches a GPU for each call and
+elsewhere does nothing.
 
 This file is the page only. What the page does (open a model and its training data, build the
 forget set, run a job in the background, sample, score) lives in `retrack.session`, which
@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Optional
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outside look-ups at launch
 
-try:  # Hugging Face's ZeroGPU decorator: installed on Spaces, not a dependency of this project.
+try:  # Hugging Face's ZeroGPU decorator: there on ZeroGPU Spaces, not a dependency of this project.
     import spaces  # before torch: on ZeroGPU hardware it prepares torch for GPUs lent per call
 except ImportError:
     spaces = None
