@@ -6,10 +6,15 @@
     python app.py --quick                  # tiny settings: a run takes seconds (for tests, demos)
 
     python app.py --host 0.0.0.0 --folders /srv/models --auth USER:PASSWORD   # before sharing it
+    python app.py --space                  # as on a Hugging Face Space: job limits, queue size
 
 Every option also reads an environment variable (RETRACK_APP_MODEL, RETRACK_APP_DATA,
 RETRACK_APP_HOST, RETRACK_APP_PORT, RETRACK_APP_OUTPUT, RETRACK_APP_QUICK, RETRACK_APP_FOLDERS,
-RETRACK_APP_AUTH; the variable keeps a password out of the process list).
+RETRACK_APP_AUTH; the variable keeps a password out of the process list). On a Hugging Face Space
+(SPACE_ID is set there) `--space` is on by default: see `SpaceLimits`. When the `spaces` package is
+installed (ZeroGPU Spaces come with it; this project does not depend on it), the GPU-bound
+handlers carry its ZeroGPU decorator, which on ZeroGPU hardware attaches a GPU for each call and
+elsewhere does nothing.
 
 This file is the page only. What the page does (open a model and its training data, build the
 forget set, run a job in the background, sample, score) lives in `retrack.session`, which
@@ -31,11 +36,16 @@ from typing import Callable, Iterator, Optional
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no outside look-ups at launch
 
+try:  # Hugging Face's ZeroGPU decorator: there on ZeroGPU Spaces, not a dependency of this project.
+    import spaces  # before torch: on ZeroGPU hardware it prepares torch for GPUs lent per call
+except ImportError:
+    spaces = None
+
 import gradio as gr  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from retrack import paths  # noqa: E402
-from retrack.engine import PRESETS, UnlearnConfig, resolve_device  # noqa: E402
+from retrack.engine import PRESETS, UnlearnConfig, check_range, resolve_device  # noqa: E402
 from retrack.session import (  # noqa: E402
     METHOD_LABELS, EvalSettings, GalleryItem, Job, JobState, ModelInfo, build_forget_set, describe_device,
     display_grid, gallery_items, generate_split, open_model, parse_picks, split_items, toggle_pick,
@@ -47,6 +57,65 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 
 # ============================================================================ settings
+@dataclass(frozen=True)
+class SpaceLimits:
+    """What one visitor may ask of a shared public server (a Hugging Face Space), in one place.
+
+    Every published preset fits within them (the longest is CIFAR-10's 60 steps of 128 rows); the
+    MNIST preset's 50 steps take about 100 s on a 2-core CPU (README's benchmark), the size of a
+    free CPU Space. The page shows them, its number boxes stop at them, and `check` refuses a run
+    over them before it starts.
+    """
+
+    queue_size: int  # visitors waiting in gradio's queue; more are asked to try again later
+    concurrent_runs: int  # unlearning events at once (jobs still train one at a time per device)
+    steps: int  # optimiser steps per job
+    rows_per_step: int  # batch size x gradient accumulation
+    samples: int  # before/after samples per job
+    sampling_steps: int  # DDIM steps per sample
+    generations: int  # text-to-image: generations to split
+    gpu_seconds: int  # ZeroGPU: how long one unlearning job may hold a GPU
+    generate_gpu_seconds: int  # ZeroGPU: the same for one "Generate & split"
+
+    @classmethod
+    def for_hardware(cls, on_gpu: bool) -> "SpaceLimits":
+        """The limits for a Space with a GPU (ZeroGPU or a dedicated one) or on CPU hardware."""
+        if on_gpu:
+            return cls(queue_size=32, concurrent_runs=4, steps=200, rows_per_step=256, samples=64,
+                       sampling_steps=50, generations=32, gpu_seconds=120, generate_gpu_seconds=60)
+        return cls(queue_size=16, concurrent_runs=2, steps=60, rows_per_step=128, samples=16, sampling_steps=25,
+                   generations=8, gpu_seconds=120, generate_gpu_seconds=60)
+
+    def check(self, config: UnlearnConfig, n_samples: int, sampling_steps: int) -> None:
+        """Refuse (ValueError) a job over the limits."""
+        check_range("on this Space, steps", config.steps, 1, self.steps)
+        check_range("on this Space, batch size × gradient accumulation", config.batch_size * config.grad_accum,
+                    1, self.rows_per_step)
+        check_range("on this Space, samples to compare", n_samples, 1, self.samples)
+        check_range("on this Space, DDIM steps", sampling_steps, 1, self.sampling_steps)
+
+    def describe(self) -> str:
+        """One line of Markdown for the page."""
+        return (f"**Limits of this Space:** up to {self.steps} steps of {self.rows_per_step} rows "
+                f"(batch size × accumulation), {self.samples} samples with {self.sampling_steps} DDIM steps, "
+                f"{self.generations} generations to split; {self.queue_size} visitors in the queue"
+                + (f"; a job holds a ZeroGPU for at most {self.gpu_seconds} s." if zero_gpu() else "."))
+
+
+def zero_gpu() -> bool:
+    """Whether this is a ZeroGPU Space (the `spaces` package is there and the Space says so)."""
+    return spaces is not None and os.environ.get("SPACES_ZERO_GPU", "").lower() in ("1", "t", "true")
+
+
+def gpu_task(seconds: int) -> Callable[[Callable], Callable]:
+    """ZeroGPU's decorator, `spaces.GPU(duration=seconds)`, when `spaces` is installed: on ZeroGPU
+    hardware it runs each call in a process lent a GPU for that long; elsewhere it returns the
+    function as it is. Without `spaces`, nothing is decorated."""
+    if spaces is None:
+        return lambda handler: handler
+    return spaces.GPU(duration=seconds)
+
+
 @dataclass(frozen=True)
 class AppSettings:
     """What `python app.py` was started with."""
@@ -60,6 +129,7 @@ class AppSettings:
     # start-up model and data, and the output folder where generated splits are written).
     folders: tuple[Path, ...] = ()
     auth: Optional[tuple[str, str]] = None  # (user, password) for gradio's login page
+    limits: Optional[SpaceLimits] = None  # set on a shared public server (a Hugging Face Space)
 
     def check_folders(self, spec: str, data_folder: str) -> None:
         """Refuse (ValueError) a model or training-data folder outside `folders`, when set."""
@@ -92,6 +162,10 @@ class AppSettings:
         if self.quick:
             defaults.update(steps=3, batch_size=8, grad_accum=1, n_samples=4, sampling_steps=5, trajectory_points=4,
                             n_generations=8)
+        if self.limits is not None:  # the published settings fit; only evaluation may need trimming
+            defaults.update(n_samples=min(defaults["n_samples"], self.limits.samples),
+                            sampling_steps=min(defaults["sampling_steps"], self.limits.sampling_steps),
+                            n_generations=min(defaults["n_generations"], self.limits.generations))
         return defaults
 
 
@@ -102,8 +176,8 @@ def settings_from_args(argv: Optional[list[str]] = None) -> tuple[AppSettings, s
                         help="diffusers model folder or Hub id (default: the built-in digits + T-shirt DDPM)")
     parser.add_argument("--data", default=env("RETRACK_APP_DATA", ""),
                         help="folder of the images the model was trained on (not needed for the built-in model)")
-    parser.add_argument("--host", default=env("RETRACK_APP_HOST", "127.0.0.1"),
-                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument("--host", default=env("RETRACK_APP_HOST", ""),
+                        help="address to listen on (default 127.0.0.1: this machine only; with --space 0.0.0.0)")
     parser.add_argument("--port", type=int, default=int(env("RETRACK_APP_PORT", "7860")),
                         help="port (default 7860)")
     parser.add_argument("--output-dir", default=env("RETRACK_APP_OUTPUT", "outputs/app"),
@@ -116,6 +190,10 @@ def settings_from_args(argv: Optional[list[str]] = None) -> tuple[AppSettings, s
                              "this process can read); RETRACK_APP_FOLDERS separates them with '%s'" % os.pathsep)
     parser.add_argument("--auth", default=env("RETRACK_APP_AUTH", ""), metavar="USER:PASSWORD",
                         help="ask for this user name and password before showing the page")
+    parser.add_argument("--space", action="store_true", default=bool(env("SPACE_ID")),
+                        help="run as a shared public Space: job limits, a bounded queue, only the start-up model "
+                             "and the built-in assets can be opened (default on when SPACE_ID is set, as on "
+                             "Hugging Face Spaces)")
     args = parser.parse_args(argv)
     auth = None
     if args.auth:
@@ -123,10 +201,14 @@ def settings_from_args(argv: Optional[list[str]] = None) -> tuple[AppSettings, s
         if not (user and colon and password):
             parser.error("--auth takes USER:PASSWORD, both non-empty")
         auth = (user, password)
+    folders = [Path(f).expanduser().absolute() for f in args.folders]
+    if args.space and not folders:
+        folders = [paths.ASSETS]  # visitors may not open other folders of the Space's disk, nor Hub ids
+    limits = SpaceLimits.for_hardware(on_gpu=resolve_device("auto") != "cpu") if args.space else None
     settings = AppSettings(model=args.model, data=args.data, output_dir=Path(args.output_dir).absolute(),
-                           quick=args.quick, folders=tuple(Path(f).expanduser().absolute() for f in args.folders),
-                           auth=auth)
-    return settings, args.host, args.port
+                           quick=args.quick, folders=tuple(folders), auth=auth, limits=limits)
+    host = args.host or ("0.0.0.0" if args.space else "127.0.0.1")  # a Space reaches the app from outside
+    return settings, host, args.port
 
 
 # ============================================================================ helpers
@@ -205,6 +287,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     running: dict[str, Job] = {}  # browser session -> its job, so Cancel finds it
     running_lock = threading.Lock()
     first = settings.run_defaults("mnist")
+    limits = settings.limits
 
     def open_checked(spec: str, data_folder: str) -> ModelInfo:
         """cached_model, for what a visitor typed: only folders the server allows."""
@@ -216,6 +299,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                     "Pick images the model should no longer generate, fine-tune it with **ReTrack** (or a baseline) "
                     "and compare samples from the same seeds before and after.")
         gr.Markdown(f"**Device:** {describe_device()}", elem_id="device")
+        if settings.limits is not None:
+            gr.Markdown(settings.limits.describe(), elem_id="space-limits")
 
         # --- 1. model ---------------------------------------------------------------------
         gr.Markdown("## 1 · Model")
@@ -240,7 +325,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                                                                "without the words that trigger the copy.")
             with gr.Row():
                 n_generations = gr.Number(first["n_generations"], label="Generations to split",
-                                          elem_id="n-generations", precision=0, minimum=4, maximum=64, scale=1,
+                                          elem_id="n-generations", precision=0, minimum=4,
+                                          maximum=limits.generations if limits else 64, scale=1,
                                           info="Images of the prompt (seeds 0, 1, ...) split into copies and the rest; "
                                                "an uploaded image, if any, marks which cluster is the copies.")
                 generate_button = gr.Button("Generate & split", elem_id="generate-split", scale=1)
@@ -281,6 +367,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                             info="Weight of the unlearning term; the retain term gets 1 − λ.")
             lr = gr.Number(first["lr"], label="Learning rate", elem_id="lr", info="AdamW, constant.")
             steps = gr.Number(first["steps"], label="Steps", elem_id="steps", precision=0, minimum=1,
+                              maximum=limits.steps if limits else None,
                               info="Optimiser steps.")
             batch_size = gr.Number(first["batch_size"], label="Batch size", elem_id="batch-size", precision=0,
                                    minimum=1, info="Rows per branch (forget and retain) per micro-batch.")
@@ -300,10 +387,11 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                                    info="SISS: norm the forget gradient is rescaled to.")
             with gr.Row():
                 n_samples = gr.Number(first["n_samples"], label="Samples to compare", elem_id="n-samples",
-                                      precision=0, minimum=1, maximum=256,
+                                      precision=0, minimum=1, maximum=limits.samples if limits else 256,
                                       info="Drawn before and after from the same seeds.")
                 sampling_steps = gr.Number(first["sampling_steps"], label="DDIM steps", elem_id="sampling-steps",
-                                           precision=0, minimum=1, info="Sampler steps per sample.")
+                                           precision=0, minimum=1, maximum=limits.sampling_steps if limits else None,
+                                           info="Sampler steps per sample.")
                 eval_seed = gr.Number(first["eval_seed"], label="First sample seed", elem_id="eval-seed",
                                       precision=0, minimum=0, info="Samples use seeds s, s+1, ...")
                 trajectory_points = gr.Number(first["trajectory_points"], label="Trajectory points",
@@ -415,6 +503,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         picks_box.change(preview, preview_inputs, [forget_summary, forget_preview], api_name="preview_forget")
         uploads.change(preview, preview_inputs, [forget_summary, forget_preview], api_visibility="private")
 
+        @gpu_task(limits.generate_gpu_seconds if limits else 60)
         @readable_errors
         def generate(spec: str, prompt: str, files: Optional[list[str]], count, sampling_value, guidance_value,
                      progress=gr.Progress()):
@@ -446,6 +535,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         run_outputs = [status, loss_plot, before_grid, after_grid, metrics, neighbours, download,
                        teaching_note, trajectory]
 
+        @gpu_task(limits.gpu_seconds if limits else 120)
         def run(spec: str, data_folder: str, picks: str, files: Optional[list[str]], prompt: str,
                 training_prompt: str, method_name: str, k_value, lam_value, lr_value, steps_value, batch_value,
                 accum_value, wd_value, beta1_value, beta2_value, eta_value, siss_c_value, seed_value, n_value,
@@ -465,6 +555,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                                           trajectory_points=whole(trajectory_value),
                                           prompt=prompt if model.family == "latent" else "",
                                           guidance=number(guidance_value))
+                if limits is not None:
+                    limits.check(config, evaluation.n_samples, evaluation.sampling_steps)
                 job = Job(model, forget, config, evaluation, settings.output_dir,
                           training_prompt=training_prompt if model.family == "latent" else "").start()
             except USER_ERRORS as exc:
@@ -512,8 +604,9 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                       eval_seed, trajectory_points, guidance]
         # Jobs queue per device inside retrack.session (one training job per device at a time,
         # and a waiting job can still be cancelled), so gradio may start several run events.
-        run_button.click(run, run_inputs, run_outputs, api_name="unlearn", show_progress_on=[status],
-                         concurrency_limit=16, concurrency_id="unlearn")
+        run_event = run_button.click(run, run_inputs, run_outputs, api_name="unlearn", show_progress_on=[status],
+                                     concurrency_limit=limits.concurrent_runs if limits else 16,
+                                     concurrency_id="unlearn")
 
         def cancel(request: gr.Request) -> str:
             with running_lock:
@@ -523,7 +616,10 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             job.cancel()
             return "Cancelling..."
 
-        cancel_button.click(cancel, None, status, api_name="cancel", concurrency_limit=None, show_progress="hidden")
+        # On ZeroGPU the job runs in the process lent the GPU, out of this one's reach: Cancel also
+        # stops the event, and spaces then closes the job's stream there, which cancels the job.
+        cancel_button.click(cancel, None, status, api_name="cancel", concurrency_limit=None, show_progress="hidden",
+                            cancels=[run_event] if zero_gpu() else None)
     return demo
 
 
@@ -550,7 +646,7 @@ def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, blo
     except USER_ERRORS as exc:
         log.warning("the default model cannot be opened: %s", exc)
     demo = build_app(settings)
-    demo.queue(default_concurrency_limit=1)
+    demo.queue(default_concurrency_limit=1, max_size=settings.limits.queue_size if settings.limits else None)
     for attempt in range(3):
         try:
             return demo.launch(server_name=host, server_port=port, max_file_size=settings.max_file_size,

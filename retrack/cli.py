@@ -22,9 +22,12 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
 
 
 def _model_path(name: str) -> Path:
+    """The local folder of --model: 'builtin', a folder, or a Hub id (downloaded when online, e.g.
+    google/ddpm-cifar10-32; offline, the message says to use a local folder)."""
+    from .backends import resolve_model_path
     from .paths import BUILTIN_MODEL
 
-    return BUILTIN_MODEL if name == "builtin" else Path(name)
+    return BUILTIN_MODEL if name == "builtin" else resolve_model_path(name)
 
 
 def load_sets(args: argparse.Namespace, backend) -> tuple:
@@ -63,7 +66,8 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose a new --out folder or pass --overwrite")
-    backend = load_backend(_model_path(args.model), device="cpu", **sd_load_options(args, _model_path(args.model)))
+    model_path = _model_path(args.model)
+    backend = load_backend(model_path, device="cpu", **sd_load_options(args, model_path))
     preset = args.preset or preset_for(backend)
     overrides = {name: getattr(args, name) for name in ("k", "lam", "lr", "steps", "batch_size", "grad_accum", "seed")
                  if getattr(args, name) is not None}
@@ -132,11 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("unlearn", help="fine-tune a model to forget images", description=cmd_unlearn.__doc__)
-    p.add_argument("--model", default="builtin", help="diffusers model folder, or 'builtin' (default)")
+    p.add_argument("--model", default="builtin",
+                   help="diffusers model folder, Hub id (when online) or 'builtin' (default)")
     p.add_argument("--forget", nargs="+", help="images or folders to forget (default for builtin: the T-shirt)")
     p.add_argument("--retain", help="folder of images to keep (the training data without the forget images)")
     p.add_argument("--method", default="retrack", choices=sorted(METHODS))
-    p.add_argument("--preset", choices=["mnist", "cifar", "celeba", "sd"], help="published settings (default: by model family)")
+    p.add_argument("--preset", choices=["mnist", "cifar", "celeba", "sd"],
+                   help="published settings (default: sd for Stable Diffusion; for pixel models by image size: "
+                        "mnist for 1 channel up to 32 px, cifar up to 64 px, celeba above)")
     p.add_argument("--k", type=int, help="neighbours per forget item (ReTrack; default 10)")
     p.add_argument("--lam", type=float, help="weight of the unlearning term, in [0, 1]")
     p.add_argument("--lr", type=float, help="AdamW learning rate")

@@ -43,7 +43,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import paths
-from .backends import load_backend
+from .backends import load_backend, resolve_model_path
 from .backends.base import Backend
 from .engine import (
     Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, check_range, is_out_of_memory, preset_for,
@@ -126,32 +126,6 @@ class ModelInfo:
         else:
             lines.append("Training data unknown: name the folder of images it was trained on (the retain set).")
         return "  \n".join(lines)
-
-
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model_path(spec: str) -> Path:
-    """A local model folder for `spec`: the folder itself, or a Hub id downloaded when online."""
-    spec = spec.strip()
-    if not spec:
-        raise ValueError("no model given: type a model folder or a Hub model id")
-    local = Path(spec).expanduser()
-    if local.is_dir():
-        return local.resolve()
-    if local.absolute() == paths.BUILTIN_MODEL:
-        raise ValueError(f"the built-in model is missing from {paths.BUILTIN_MODEL}; "
-                         "build it with `python scripts/build_builtin.py`")
-    if not HUB_ID.match(spec):
-        raise ValueError(f"{spec}: no such folder (and not a Hub model id like 'google/ddpm-cifar10-32')")
-    try:
-        from huggingface_hub import snapshot_download
-
-        # Configs and safetensors weights only: no pickled weights, no remote code.
-        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
-    except Exception as exc:  # offline, unknown id, gated repo: all end up here
-        raise ValueError(f"could not fetch the model {spec!r} from the Hugging Face Hub "
-                         f"({type(exc).__name__}); without network use a local model folder") from None
 
 
 def open_model(spec: str, data_folder: str = "") -> ModelInfo:

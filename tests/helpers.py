@@ -1,12 +1,20 @@
 """Helpers shared by the tests that drive a real app server with gradio_client (test_app.py,
-test_load.py) and the ones that check folders on disk. Plain functions, no fixtures."""
+test_load.py, test_space.py, test_browser.py) and the ones that check folders on disk. Plain functions,
+no fixtures."""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import socket
+import subprocess
+import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator, Optional
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def folder_digest(folder: Path) -> dict[str, str]:
@@ -51,3 +59,30 @@ def follow(job, timeout: float = 300) -> list:
             progress += [unit.desc for unit in status.progress_data if unit.desc]
         time.sleep(0.01)
     return progress
+
+
+@contextmanager
+def app_server(args: list[str], log: Path, env: Optional[dict] = None,
+               python: Optional[list[str]] = None) -> Iterator[str]:
+    """`python app.py ARGS --port FREE` in a subprocess, exactly as a user starts it (offline, no
+    analytics); yields its URL once it serves and stops it afterwards. `python` replaces
+    `[sys.executable, "app.py"]`, e.g. to start it with `-c` and a prelude; `env` adds variables."""
+    port = free_port()
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+           **(env or {})}
+    command = [*(python or [sys.executable, str(REPO / "app.py")]), *args, "--port", str(port)]
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while "Running on local URL" not in log.read_text():
+            assert server.poll() is None, f"the app exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"the app did not start:\n{log.read_text()}"
+            time.sleep(0.5)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            server.kill()

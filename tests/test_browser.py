@@ -10,14 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
-from helpers import free_port
+from helpers import app_server
 from retrack import paths
 
 # The built-in model, or another with the same companions (dataset.json, clip/) beside it; the
@@ -29,7 +26,6 @@ pytestmark = [
     pytest.mark.skipif(not (MODEL / "model_index.json").is_file(), reason=f"the model {MODEL} is not built"),
 ]
 
-REPO = Path(__file__).resolve().parent.parent
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -37,27 +33,10 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """`python app.py --quick` on a free port; yields its URL, stops it afterwards."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     quick = [] if os.environ.get("RETRACK_BROWSER_FULL") else ["--quick"]  # full: published settings
-    command = [sys.executable, str(REPO / "app.py"), *quick, "--port", str(port),
-               "--output-dir", str(tmp_path_factory.mktemp("app-output"))]
-    with open(log, "w") as out:
-        server = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        deadline = time.monotonic() + 180
-        while "Running on local URL" not in log.read_text():
-            assert server.poll() is None, f"the app exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"the app did not start:\n{log.read_text()}"
-            time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        server.terminate()
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            server.kill()
+    with app_server([*quick, "--output-dir", str(tmp_path_factory.mktemp("app-output"))],
+                    tmp_path_factory.mktemp("server") / "server.log") as url:
+        yield url
 
 
 def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):

@@ -41,6 +41,9 @@ def test_bad_arguments_give_one_line(tiny_pixel_model, image_folders, tmp_path, 
 
 def test_missing_model_and_bad_image(tmp_path, tiny_pixel_model, image_folders, capsys):
     assert main(["sample", "--model", str(tmp_path / "nope"), "--out", str(tmp_path / "g.png")]) == 2
+    assert "nope: no such folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["sample", "--model", str(tmp_path / "empty"), "--out", str(tmp_path / "g.png")]) == 2
     assert "not a diffusers model folder" in capsys.readouterr().err
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not an image at all")

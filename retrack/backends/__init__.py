@@ -1,13 +1,16 @@
-"""Model families. `load_backend` picks the right one from a model folder's model_index.json."""
+"""Model families. `load_backend` picks the right one from a model folder's model_index.json;
+`resolve_model_path` turns what a user names (a folder or a Hub id) into that folder."""
 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Union
 
 import torch
 
+from .. import paths
 from .base import Backend
 from .pixel import PixelBackend
 
@@ -57,6 +60,32 @@ def refuse_pickle_weights(path: Union[str, Path]) -> None:
                 "DDPMPipeline.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True)")
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(spec: str) -> Path:
+    """A local model folder for `spec`: the folder itself, or a Hub id downloaded when online."""
+    spec = spec.strip()
+    if not spec:
+        raise ValueError("no model given: type a model folder or a Hub model id")
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        return local.resolve()
+    if local.absolute() == paths.BUILTIN_MODEL:
+        raise ValueError(f"the built-in model is missing from {paths.BUILTIN_MODEL}; "
+                         "build it with `python scripts/build_builtin.py`")
+    if not HUB_ID.match(spec):
+        raise ValueError(f"{spec}: no such folder (and not a Hub model id like 'google/ddpm-cifar10-32')")
+    try:
+        from huggingface_hub import snapshot_download
+
+        # Configs and safetensors weights only: no pickled weights, no remote code.
+        return Path(snapshot_download(spec, allow_patterns=["*.json", "*.txt", "*.safetensors"]))
+    except Exception as exc:  # offline, unknown id, gated repo: all end up here
+        raise ValueError(f"could not fetch the model {spec!r} from the Hugging Face Hub "
+                         f"({type(exc).__name__}); without network use a local model folder") from None
+
+
 def load_backend(path: Union[str, Path], device: Union[str, torch.device] = "cpu", **kwargs) -> Backend:
     """Load any supported model folder as a backend on `device` (safetensors weights only).
 
@@ -77,4 +106,4 @@ def load_backend(path: Union[str, Path], device: Union[str, torch.device] = "cpu
         raise ValueError(f"{path}: the model cannot be loaded ({type(exc).__name__}: {exc})") from None
 
 
-__all__ = ["Backend", "PixelBackend", "load_backend", "model_family", "refuse_pickle_weights"]
+__all__ = ["Backend", "PixelBackend", "load_backend", "model_family", "refuse_pickle_weights", "resolve_model_path"]
