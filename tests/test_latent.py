@@ -174,9 +174,16 @@ def test_full_unet_unlearning_changes_only_the_unet(backend, tiny_sd_model, tmp_
         assert torch.equal(v, backend.unet.state_dict()[k])
 
 
-def test_a_small_retain_set_lowers_k(backend):
+def test_a_k_larger_than_a_small_retain_set_is_refused_with_the_engine_rule(backend, monkeypatch):
+    """The Stable Diffusion path follows the one K rule (no silent lowering), before encoding."""
+    encoded = []
+    monkeypatch.setattr(backend, "encode", lambda images, **kw: encoded.append(images) or LatentBackend.encode(backend, images))
+    with pytest.raises(ValueError, match=r"K = 10 neighbours asked for, but the retain set has only 2 item\(s\)"):
+        unlearn_prompt(backend, random_images(1, seed=20), random_images(2, seed=21), PROMPT,
+                       quick_config(k=10, steps=1, grad_accum=1), knn_cache=None)
+    assert encoded == []
     result = unlearn_prompt(backend, random_images(1, seed=20), random_images(2, seed=21), PROMPT,
-                            quick_config(k=10, steps=1, grad_accum=1), knn_cache=None)
+                            quick_config(k=2, steps=1, grad_accum=1), knn_cache=None)
     assert result.config.k == 2 and result.neighbours.shape == (1, 2)
 
 

@@ -146,7 +146,10 @@ class LatentBackend(Backend):
         self.lora_rank, self.lora_alpha = rank, alpha
 
     def to(self, device: Union[str, torch.device]) -> "LatentBackend":
-        for module in (self.unet, self.vae, self.text_encoder):
+        """Move the UNet, the VAE, the text encoder and the pipeline's other networks (safety
+        checker, image encoder) to `device`, so `pipeline()` runs there as a whole."""
+        extra = [m for m in self.extra_components.values() if isinstance(m, torch.nn.Module)]
+        for module in (self.unet, self.vae, self.text_encoder, *extra):
             module.to(device)
         return self
 
