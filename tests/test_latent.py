@@ -16,6 +16,7 @@ from retrack.backends.latent import LORA_REFERENCE_FILE, LORA_WEIGHTS_FILE, Late
 from retrack.engine import UnlearnConfig, save_model
 from retrack.sampling import initial_noise, sample
 from retrack.split import unlearn_prompt
+from retrack.tiny import build_tiny_sd_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -271,3 +272,23 @@ def test_models_that_do_not_predict_noise_are_refused(tiny_sd_model):
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     with pytest.raises(ValueError, match="epsilon"):
         LatentBackend(pipe)
+
+
+def test_the_gpu_checks_gradient_comparison_at_tiny_size():
+    """benchmarks/gpu_sd_check.py's comparison of one micro-batch's gradient in bf16 and fp16
+    (with the gradient scaler) against fp32, run here on the CPU at tiny size: the scaled fp16
+    gradient is finite and close to fp32's; bf16 (8 mantissa bits) is coarser but aligned."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sd_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_sd_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    rows = {row["precision"]: row for row in check.gradient_comparison(
+        lambda: build_tiny_sd_pipeline(seed=0, image_size=32), "tiny", "cpu")}
+    assert set(rows) == {"bf16", "fp16 + scaler", "fp16, no scaling"}
+    scaled = rows["fp16 + scaler"]
+    assert scaled["finite"] and scaled["relative L2 error"] < 1e-2 and scaled["cosine"] > 0.9999
+    assert scaled["loss scale"] < 2.0**16 and scaled["attempts"] > 1  # it backed off from an overflow
+    assert rows["bf16"]["relative L2 error"] < 0.1 and rows["bf16"]["cosine"] > 0.99
