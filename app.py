@@ -46,6 +46,7 @@ import pandas as pd  # noqa: E402
 
 from retrack import paths  # noqa: E402
 from retrack.engine import PRESETS, UnlearnConfig, check_range, resolve_device  # noqa: E402
+from retrack.split import PAPER_GENERATIONS, default_generations  # noqa: E402
 from retrack.session import (  # noqa: E402
     METHOD_LABELS, EvalSettings, GalleryItem, Job, JobState, ModelInfo, build_forget_set, describe_device,
     display_grid, gallery_items, generate_split, open_model, parse_picks, split_items, toggle_pick,
@@ -149,14 +150,17 @@ class AppSettings:
 
     def run_defaults(self, preset: str) -> dict:
         """Training and evaluation defaults for a model family: the published training settings;
-        fewer eval samples and DDIM steps than a paper would use, so a CPU run stays short."""
+        fewer eval samples and DDIM steps than a paper would use, so a CPU run stays short.
+        Text-to-image splits start from the paper's 128 generations on a GPU, 16 on a CPU."""
         training = dict(PRESETS[preset])
-        on_gpu = resolve_device("auto") != "cpu"
+        device = resolve_device("auto")
+        on_gpu = device != "cpu"
         defaults = dict(k=10, lam=training["lam"], lr=training["lr"], steps=training["steps"],
                         batch_size=training["batch_size"], grad_accum=training["grad_accum"],
                         weight_decay=training["weight_decay"], beta1=training["betas"][0], beta2=training["betas"][1],
                         eta=training["eta"], siss_c=training["siss_c"], seed=0,
-                        n_samples=32 if on_gpu else 16, sampling_steps=25, trajectory_points=6, n_generations=16,
+                        n_samples=32 if on_gpu else 16, sampling_steps=25, trajectory_points=6,
+                        n_generations=default_generations(device),
                         # text-to-image: before/after use other seeds than the split's generations (0, 1, ...)
                         eval_seed=1000 if preset == "sd" else 0)
         if self.quick:
@@ -322,13 +326,15 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                                              "before/after samples use it.")
                 training_prompt_box = gr.Textbox(label="Training prompt (optional)", elem_id="training-prompt",
                                                  scale=3, info="Fine-tune on this prompt instead, e.g. the prompt "
-                                                               "without the words that trigger the copy.")
+                                                               "without the words that trigger the copy (as the "
+                                                               "paper does).")
             with gr.Row():
                 n_generations = gr.Number(first["n_generations"], label="Generations to split",
                                           elem_id="n-generations", precision=0, minimum=4,
-                                          maximum=limits.generations if limits else 64, scale=1,
+                                          maximum=limits.generations if limits else 256, scale=1,
                                           info="Images of the prompt (seeds 0, 1, ...) split into copies and the rest; "
-                                               "an uploaded image, if any, marks which cluster is the copies.")
+                                               "an uploaded image, if any, marks which cluster is the copies. The "
+                                               f"paper uses {PAPER_GENERATIONS} (the default on a GPU; 16 on a CPU).")
                 generate_button = gr.Button("Generate & split", elem_id="generate-split", scale=1)
                 split_note = gr.Markdown(elem_id="split-note")
             # The split as two sides; a click moves an image to the other side (edits the picks).

@@ -60,14 +60,16 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .backends import load_backend
-    from .engine import UnlearnConfig, preset_for, save_model, unlearn
+    from .engine import UnlearnConfig, preset_for, save_model, training_device, unlearn
     from .sd_cli import sd_conditioning, sd_load_options
 
     out = Path(args.out)
     if out.exists() and not args.overwrite:
         raise FileExistsError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    # Loaded straight onto the training device: Stable Diffusion's VAE and text encoder then encode
+    # the images and the prompt there (on a GPU, not the CPU) before the UNet trains.
     model_path = _model_path(args.model)
-    backend = load_backend(model_path, device="cpu", **sd_load_options(args, model_path))
+    backend = load_backend(model_path, device=training_device(args.device), **sd_load_options(args, model_path))
     preset = args.preset or preset_for(backend)
     overrides = {name: getattr(args, name) for name in ("k", "lam", "lr", "steps", "batch_size", "grad_accum", "seed")
                  if getattr(args, name) is not None}
@@ -152,7 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accum", dest="grad_accum", type=int, help="gradient accumulation micro-batches")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto", help="auto (GPU when present), cpu, cuda, cuda:1")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
+    p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
+                   help="autocast precision; fp16 adds gradient scaling (default: what `accelerate launch "
+                        "--mixed_precision` chose, else no, i.e. fp32 as published)")
     p.add_argument("--out", required=True, help="new folder for the unlearned model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_sd_arguments(p)  # --prompt, --train-prompt, --lora-rank, ... (Stable Diffusion models)

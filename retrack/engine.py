@@ -10,6 +10,11 @@ global norm, take an AdamW step, report a `StepEvent`. Runs on `accelerate`'s pr
 `accelerate launch --num_processes N` gives data parallelism with no code change: each process
 draws its own rows and gradients are averaged before the update, so all copies stay identical.
 
+Mixed precision is torch autocast; fp16 adds torch's gradient scaler (`torch.amp.GradScaler`), so
+small gradients do not underflow and a step whose gradients overflow is skipped, not fatal. A
+config that leaves mixed precision unset takes what `accelerate launch --mixed_precision` (or
+`accelerate config`) chose. Why not `accelerate.Accelerator.prepare`: see `unlearn`.
+
 The backend's network is trained in place; the folder it was loaded from is never written.
 Results are saved by `save_model`, atomically, to a new folder.
 """
@@ -31,11 +36,11 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import reduce
+from accelerate.utils import parse_choice_from_env, reduce
 from torch import Tensor
 
 from .backends.base import Backend
-from .neighbours import DEFAULT_CACHE, nearest_neighbours
+from .neighbours import DEFAULT_CACHE, check_neighbour_count, nearest_neighbours
 from .objectives import METHODS, Batch, Params
 
 # Published settings (METHOD.md). K = 10 everywhere; they are starting points, not constants.
@@ -45,6 +50,13 @@ PRESETS: dict[str, dict] = {
     "celeba": dict(lam=0.005, lr=5e-6, betas=(0.95, 0.999), weight_decay=1e-6, batch_size=4, grad_accum=16, steps=40, eta=1e-3, siss_c=500.0),
     "sd": dict(lam=0.5, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, batch_size=1, grad_accum=16, steps=30, eta=1e-2, siss_c=750.0),
 }
+
+
+# Mixed precision: the autocast dtype of each mode ("no" = fp32 throughout, the published setting).
+AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# fp16: attempts in a row whose gradients overflow before the run counts as diverged. The scaler
+# halves its scale at each one, so by then the scale has fallen by 2**20 from where it stood.
+MAX_OVERFLOWS_IN_A_ROW = 20
 
 
 class Cancelled(Exception):
@@ -97,7 +109,9 @@ class UnlearnConfig:
     eta: float = 1e-3
     siss_lambda: float = 0.5
     siss_c: float = 5.0
-    mixed_precision: str = "no"  # "no", "bf16" or "fp16" (autocast; GPU only)
+    # "no" (fp32), "bf16" or "fp16" (autocast; fp16 with gradient scaling); None: what `accelerate
+    # launch --mixed_precision` / `accelerate config` chose, else "no" (see resolve_precision).
+    mixed_precision: Optional[str] = None
     device: str = "auto"  # "auto" (GPU when present), "cpu", "cuda", "cuda:1", ...
 
     @classmethod
@@ -139,8 +153,7 @@ class UnlearnConfig:
             raise ValueError(f"SISS C must be positive, got {self.siss_c}")
         if len(self.betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"AdamW betas must be two numbers in [0, 1), got {self.betas}")
-        if self.mixed_precision not in ("no", "bf16", "fp16"):
-            raise ValueError(f"mixed precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        resolve_precision(self.mixed_precision)  # an unknown mode is refused here, wherever it came from
         resolve_device(self.device)  # an unknown or absent device is refused here too
 
     def params(self) -> Params:
@@ -173,6 +186,7 @@ class UnlearnResult:
     n_forget: int
     n_retain: int
     world_size: int = 1
+    overflow_skips: int = 0  # fp16: attempts skipped (and redone) because their gradients overflowed
 
     @property
     def seconds_per_step(self) -> float:
@@ -193,6 +207,8 @@ class UnlearnResult:
             "seconds_per_step": round(self.seconds_per_step, 4),
             "final_loss": self.events[-1].loss if self.events else None,
             "processes": self.world_size,
+            "mixed_precision": self.config.mixed_precision,
+            "fp16_overflow_skips": self.overflow_skips,
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
         }
@@ -226,6 +242,32 @@ def resolve_device(device: str) -> str:
             raise ValueError(f"there is no {device} here: {torch.cuda.device_count()} GPU(s), cuda:0 to "
                              f"cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def training_device(requested: str) -> str:
+    """The device a run trains on: `requested` ('auto', 'cpu', 'cuda:1', ...) resolved, or under
+    `accelerate launch` with several GPU processes, this process's own GPU. Load the model there
+    before encoding images, so the VAE encodes on the device the UNet trains on."""
+    device = resolve_device(requested)
+    state = PartialState(cpu=device == "cpu")
+    if device != "cpu" and state.num_processes > 1:
+        return str(state.device)
+    return device
+
+
+def resolve_precision(requested: Optional[str]) -> str:
+    """The mixed precision of a run: 'no' (fp32), 'bf16' or 'fp16'.
+
+    None (not set) takes what `accelerate launch --mixed_precision` or `accelerate config` chose:
+    accelerate hands it to the processes it starts as ACCELERATE_MIXED_PRECISION. Read from there,
+    not from an `Accelerator`: accelerate's state fixes the precision once per process, and the
+    app runs jobs with different settings in one process.
+    """
+    mode = parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no") if requested is None else requested
+    if mode not in AUTOCAST_DTYPES:
+        where = " (set by accelerate launch or accelerate config)" if requested is None else ""
+        raise ValueError(f"mixed precision must be 'no', 'bf16' or 'fp16', got {mode!r}{where}")
+    return mode
 
 
 @contextmanager
@@ -291,22 +333,29 @@ def unlearn(
     """Fine-tune `backend.unet` to forget `forget` (x0 rows) while keeping `retain` (x0 rows).
 
     Raises ValueError for unusable inputs (before any work), Cancelled if `cancel` is set,
-    Diverged if a loss or gradient becomes non-finite, and OutOfMemory if the device runs out of
-    memory.
+    Diverged if a loss or gradient becomes non-finite (in fp16: if the gradients overflow in
+    MAX_OVERFLOWS_IN_A_ROW attempts in a row), and OutOfMemory if the device runs out of memory.
+
+    Built on accelerate's process state, torch's autocast and torch's GradScaler rather than on
+    `accelerate.Accelerator.prepare`: EraseDiff and SISS take two separate gradients per
+    micro-batch (`torch.autograd.grad`) and combine them nonlinearly after accumulation. DDP, what
+    `prepare` wraps a model in, averages only gradients that `.backward()` accumulates, and
+    FSDP/DeepSpeed shard the parameters those gradients are taken of. So gradients are averaged
+    here, with accelerate's `reduce`, after accumulation and before any combination, which keeps
+    every method exact on any number of processes; FSDP and DeepSpeed configs are not used.
     """
+    config = replace(config, mixed_precision=resolve_precision(config.mixed_precision))  # results record what ran
     config.validate()
     forget, retain = forget.detach().float().cpu(), retain.detach().float().cpu()
     check_sets(forget, retain)
     method = METHODS[config.method]
-    device = resolve_device(config.device)
+    if method.needs_neighbours and neighbours is None:
+        check_neighbour_count(config.k, retain.shape[0])
+    device = training_device(config.device)
     state = PartialState(cpu=device == "cpu")
     world, rank = state.num_processes, state.process_index
-    if device != "cpu" and world > 1:
-        device = str(state.device)
     if config.batch_size % world:
         raise ValueError(f"batch size {config.batch_size} does not split evenly over {world} processes")
-    if config.mixed_precision != "no" and not device.startswith("cuda"):
-        raise ValueError("mixed precision needs a GPU; use 'no' on the CPU")
 
     with out_of_memory_reported(device, config):
         start = time.perf_counter()
@@ -323,8 +372,14 @@ def unlearn(
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
         schedule, params = backend.schedule, config.params()
         rows = config.batch_size // world
-        autocast = (torch.autocast("cuda", dtype=torch.bfloat16 if config.mixed_precision == "bf16" else torch.float16)
-                    if config.mixed_precision != "no" else nullcontext())
+        device_type = torch.device(device).type
+        dtype = AUTOCAST_DTYPES[config.mixed_precision]
+        autocast = nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+        # fp16 only (bf16 has fp32's range): losses are multiplied by a power-of-two scale before
+        # backward so small gradients survive in fp16, gradients are divided by it again before
+        # clipping, and a step whose gradients overflowed is skipped while the scale is halved.
+        # Disabled, the scaler passes everything through (scale 1, a plain optimiser step).
+        scaler = torch.amp.GradScaler(device_type, enabled=config.mixed_precision == "fp16")
 
         def draw() -> Batch:
             fi = torch.randint(forget.shape[0], (rows,), generator=generator)
@@ -334,47 +389,65 @@ def unlearn(
             return Batch(forget=to(forget[fi]), neighbours=to(nbrs), retain=to(retain[ri]),
                          forget_cond=to(_rows(forget_cond, fi)), retain_cond=to(_rows(retain_cond, ri)))
 
+        def accumulate(step: int) -> Tensor:
+            """Run one step's micro-batches and leave the step's gradient (averaged over
+            micro-batches and processes, in the scaler's units) in each parameter's .grad.
+            Returns the mean losses (total, unlearn, retain)."""
+            sums = torch.zeros(3, dtype=torch.float64)
+            acc_retain = acc_unlearn = None
+            for _ in range(config.grad_accum):
+                with autocast:
+                    terms = method.objective(backend.denoise, draw(), schedule, generator, params)
+                values = torch.stack([terms.total, terms.unlearn, terms.retain]).detach().double().cpu()
+                if not torch.isfinite(values).all() and not scaler.is_enabled():
+                    bad = [n for n, v in zip(("total", "unlearn", "retain"), values) if not math.isfinite(v)]
+                    raise Diverged(f"the {'/'.join(bad)} loss became {values[0].item()} at step {step}; "
+                                   f"try a lower learning rate or lambda")
+                # (fp16: a non-finite loss gives non-finite gradients, and the scaler skips the step.)
+                sums += values / config.grad_accum
+                if method.combine is None:
+                    scaler.scale(terms.loss / config.grad_accum).backward()
+                    continue
+                g_r, g_u = (_gradient(scaler.scale(term) / config.grad_accum, parameters, keep_graph=keep)
+                            for term, keep in ((terms.retain, True), (terms.unlearn, False)))
+                acc_retain = g_r if acc_retain is None else [a + g for a, g in zip(acc_retain, g_r)]
+                acc_unlearn = g_u if acc_unlearn is None else [a + g for a, g in zip(acc_unlearn, g_u)]
+            if method.combine is not None:
+                # Combine only after accumulating and averaging: the combination is nonlinear.
+                if world > 1:
+                    acc_retain, acc_unlearn = reduce(acc_retain, "mean"), reduce(acc_unlearn, "mean")
+                combined = combine_in_scaler_units(method.combine, acc_retain, acc_unlearn, params, scaler.get_scale())
+                for p, g in zip(parameters, combined):
+                    p.grad = g
+            elif world > 1:
+                grads = reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters], "mean")
+                for p, g in zip(parameters, grads):
+                    p.grad = g
+            return sums
+
         events: list[StepEvent] = []
+        overflows = overflows_in_a_row = 0
         try:
-            for step in range(1, config.steps + 1):
+            while len(events) < config.steps:
+                step = len(events) + 1
                 if cancel is not None and cancel.is_set():
                     raise Cancelled(f"cancelled after {step - 1} of {config.steps} steps")
                 t0 = time.perf_counter()
-                sums = torch.zeros(3, dtype=torch.float64)  # total, unlearn, retain (mean over micro-batches)
-                acc_retain = acc_unlearn = None
-                for _ in range(config.grad_accum):
-                    with autocast:
-                        terms = method.objective(backend.denoise, draw(), schedule, generator, params)
-                    values = torch.stack([terms.total, terms.unlearn, terms.retain]).detach().double().cpu()
-                    if not torch.isfinite(values).all():
-                        bad = [n for n, v in zip(("total", "unlearn", "retain"), values) if not math.isfinite(v)]
-                        raise Diverged(f"the {'/'.join(bad)} loss became {values[0].item()} at step {step}; "
-                                       f"try a lower learning rate or lambda")
-                    sums += values / config.grad_accum
-                    if method.combine is None:
-                        (terms.loss / config.grad_accum).backward()
-                    else:
-                        g_r = torch.autograd.grad(terms.retain, parameters, retain_graph=True, allow_unused=True)
-                        g_u = torch.autograd.grad(terms.unlearn, parameters, allow_unused=True)
-                        g_r = [torch.zeros_like(p) if g is None else g / config.grad_accum for g, p in zip(g_r, parameters)]
-                        g_u = [torch.zeros_like(p) if g is None else g / config.grad_accum for g, p in zip(g_u, parameters)]
-                        acc_retain = g_r if acc_retain is None else [a + g for a, g in zip(acc_retain, g_r)]
-                        acc_unlearn = g_u if acc_unlearn is None else [a + g for a, g in zip(acc_unlearn, g_u)]
-                if method.combine is not None:
-                    # Combine only after accumulating and averaging: the combination is nonlinear.
-                    if world > 1:
-                        acc_retain, acc_unlearn = reduce(acc_retain, "mean"), reduce(acc_unlearn, "mean")
-                    for p, g in zip(parameters, method.combine(acc_retain, acc_unlearn, params)):
-                        p.grad = g
-                elif world > 1:
-                    grads = reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters], "mean")
-                    for p, g in zip(parameters, grads):
-                        p.grad = g
+                sums = accumulate(step)
+                scaler.unscale_(optimiser)  # true gradients from here on (a no-op unless fp16)
                 grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
-                if not math.isfinite(grad_norm):
+                if not math.isfinite(grad_norm) and not scaler.is_enabled():
                     raise Diverged(f"the gradient norm became {grad_norm} at step {step}; try a lower learning rate")
-                optimiser.step()
+                scaler.step(optimiser)  # fp16: no update when the gradients overflowed
+                scaler.update()
                 optimiser.zero_grad(set_to_none=True)
+                if not math.isfinite(grad_norm):  # fp16 overflow: the step is redone with the lowered scale
+                    overflows, overflows_in_a_row = overflows + 1, overflows_in_a_row + 1
+                    if overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+                        raise Diverged(f"the fp16 gradients overflowed in {overflows_in_a_row} attempts in a row at "
+                                       f"step {step}; try bf16, fp32 (mixed precision 'no') or a lower learning rate")
+                    continue
+                overflows_in_a_row = 0
                 now = time.perf_counter()
                 event = StepEvent(step, config.steps, *map(float, sums), grad_norm, now - start, now - t0)
                 events.append(event)
@@ -386,7 +459,33 @@ def unlearn(
 
     return UnlearnResult(config=config, events=events, seconds=time.perf_counter() - start, knn_seconds=knn_seconds,
                          neighbours=neighbours, neighbour_distances=distances, source=backend.source,
-                         n_forget=forget.shape[0], n_retain=retain.shape[0], world_size=world)
+                         n_forget=forget.shape[0], n_retain=retain.shape[0], world_size=world, overflow_skips=overflows)
+
+
+def _gradient(loss: Tensor, parameters: list[torch.nn.Parameter], keep_graph: bool) -> list[Tensor]:
+    """d loss / d parameters, with zeros for parameters the loss does not reach."""
+    grads = torch.autograd.grad(loss, parameters, retain_graph=keep_graph, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, parameters)]
+
+
+def combine_in_scaler_units(combine: Callable[[list[Tensor], list[Tensor], Params], list[Tensor]],
+                            g_retain: list[Tensor], g_unlearn: list[Tensor], params: Params,
+                            scale: float) -> list[Tensor]:
+    """EraseDiff/SISS: combine the two true gradients, and return the result in the gradient
+    scaler's units (multiplied by `scale`), so one path (unscale, clip, step) serves every method.
+
+    Both gradients arrive multiplied by the same loss scale (1 without fp16). The combinations are
+    nonlinear (a projection; a rescaling to the fixed norm C), so they must see the true
+    gradients: both are divided by the scale first. fp16 scales are powers of two, so dividing and
+    multiplying by them is exact. When either gradient overflowed, their sum (non-finite) is
+    returned instead, so the scaler sees the overflow and skips the step.
+    """
+    if not all(bool(torch.isfinite(g).all()) for g in (*g_retain, *g_unlearn)):
+        return [r + u for r, u in zip(g_retain, g_unlearn)]
+    if scale == 1.0:
+        return combine(g_retain, g_unlearn, params)
+    combined = combine([g / scale for g in g_retain], [g / scale for g in g_unlearn], params)
+    return [g * scale for g in combined]
 
 
 def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, overwrite: bool = False) -> Path:

@@ -23,6 +23,16 @@ from .paths import CACHE
 DEFAULT_CACHE = CACHE / "knn"
 
 
+def check_neighbour_count(k: int, n_retain: int) -> None:
+    """The one rule for K, used by the library, the CLI and the app: ReTrack's neighbours are
+    retain items, so 1 <= K <= the retain set's size; any other K is refused (ValueError), never
+    changed behind the user's back, so a run's recorded K is always the K that was asked for."""
+    if not 1 <= k <= n_retain:
+        raise ValueError(f"K = {k} neighbours asked for, but the retain set has only {n_retain} item(s); K counts "
+                         f"retain images, so choose 1 <= K <= {n_retain}, or add retain images (for a Stable "
+                         f"Diffusion split: generate more images)")
+
+
 def knn(queries: Tensor, keys: Tensor, k: int, chunk_bytes: int = 64 * 2**20) -> tuple[Tensor, Tensor]:
     """Exact K nearest keys of each query: (distances (Q, k), indices (Q, k)), nearest first.
 
@@ -34,8 +44,7 @@ def knn(queries: Tensor, keys: Tensor, k: int, chunk_bytes: int = 64 * 2**20) ->
     n, dim = keys.shape
     if q.shape[1] != dim:
         raise ValueError(f"forget items have {q.shape[1]} values each but retain items have {dim}: they must have the same shape")
-    if not 1 <= k <= n:
-        raise ValueError(f"K = {k} neighbours asked for, but the retain set has {n} item(s): choose 1 <= K <= {n}")
+    check_neighbour_count(k, n)
     q64 = q.double()
     q_sq = q64.pow(2).sum(1, keepdim=True)
     rows = max(1, chunk_bytes // (8 * dim))

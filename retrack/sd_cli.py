@@ -57,6 +57,9 @@ def sd_conditioning(args: argparse.Namespace, backend) -> dict:
         return {}
     if not prompt or not prompt.strip():
         raise ValueError("--prompt is required for Stable Diffusion models (the prompt to unlearn)")
+    if not args.train_prompt:
+        print("note: fine-tuning on the memorised prompt itself; the paper fine-tunes on a modified prompt "
+              "(--train-prompt), e.g. the prompt without the words that trigger the copy", file=sys.stderr)
     cond = backend.encode_prompt([prompt])
     return {"forget_cond": cond, "retain_cond": cond}
 
@@ -64,7 +67,6 @@ def sd_conditioning(args: argparse.Namespace, backend) -> dict:
 # ----------------------------------------------------------------------------- `split` and `sd-eval`
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the prompt the model memorised")
-    p.add_argument("--n", type=int, default=16, help="images to generate (default 16)")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per image")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"open_clip model name or local folder (default {DEFAULT_CLIP})")
@@ -77,9 +79,11 @@ def add_sd_commands(subparsers) -> None:
     """Register `split` and `sd-eval` on the CLI's subparsers."""
     p = subparsers.add_parser("split", help="generate images for a prompt and split them into memorised / rest",
                               description="Generate --n images with seeds --seed.., embed them with CLIP and split "
-                                          "them with 2-means into a forget folder and a retain folder.")
+                                          "them with 2-means into a forget folder and a retain folder. (The paper "
+                                          "clusters 128 generations; here the clustering runs on CLIP features.)")
     p.add_argument("--model", required=True, help="Stable Diffusion model folder")
     _add_common(p)
+    p.add_argument("--n", type=int, help="images to generate (default: 128 as in the paper on a GPU, 16 on the CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image")
     p.add_argument("--reference", help="an image known to be memorised: its cluster becomes the forget set")
     p.add_argument("--memorised", help="override: comma-separated image numbers that form the forget set")
@@ -91,6 +95,7 @@ def add_sd_commands(subparsers) -> None:
                                           "score them against the memorised images.")
     p.add_argument("--model", nargs="+", required=True, help="one or more model folders (e.g. original and unlearned)")
     _add_common(p)
+    p.add_argument("--n", type=int, default=16, help="samples per model (default 16, as the paper evaluates)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first sample (default: not the split's)")
     p.add_argument("--forget", nargs="+", required=True, help="the memorised images (files or folders)")
     p.add_argument("--retain", help="folder of non-memorised images, to calibrate the threshold")
@@ -122,7 +127,7 @@ def _progress(label: str):
 
 def cmd_split(args: argparse.Namespace) -> int:
     from .images import load_images
-    from .split import generate_and_split
+    from .split import PAPER_GENERATIONS, default_generations, generate_and_split
 
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
@@ -130,7 +135,12 @@ def cmd_split(args: argparse.Namespace) -> int:
     backend = _load(args.model, args.device)
     scorer = _scorer(args)
     reference = load_images([args.reference], backend.image_size, 3).tensor if args.reference else None
-    split = generate_and_split(backend, args.prompt, scorer, reference=reference, n=args.n, seed=args.seed,
+    n = args.n if args.n is not None else default_generations(backend.device)
+    if n < PAPER_GENERATIONS:
+        print(f"note: generating {n} images; the paper generates {PAPER_GENERATIONS} per prompt"
+              f"{' (the default on a GPU; this runs on the CPU)' if backend.device.type == 'cpu' else ''}",
+              file=sys.stderr)
+    split = generate_and_split(backend, args.prompt, scorer, reference=reference, n=n, seed=args.seed,
                                steps=args.steps, guidance=args.guidance, on_batch=_progress("generated"))
     if args.memorised:
         split = split.with_memorised(_indices(args.memorised))

@@ -50,7 +50,8 @@ from .engine import (
     resolve_device, save_model, unlearn,
 )
 from .images import expand_paths, load_images, tensor_to_pil, tensor_to_uint8, uint8_to_tensor
-from .objectives import retrack_targets
+from .neighbours import check_neighbour_count
+from .objectives import METHODS, retrack_targets
 from .sampling import Samples, image_grid, sample
 
 log = logging.getLogger(__name__)
@@ -652,9 +653,8 @@ class Job:
             raise ValueError("this model's training data is unknown: name the folder of images it was trained on")
         if model.family == "latent" and not evaluation.prompt.strip():
             raise ValueError("type the prompt whose memorised images should be forgotten")
-        if config.method == "retrack" and config.k > len(forget.retain_index):
-            raise ValueError(f"K = {config.k} neighbours asked for, but the retain set has only "
-                             f"{len(forget.retain_index)} image(s)")
+        if METHODS[config.method].needs_neighbours:
+            check_neighbour_count(config.k, len(forget.retain_index))  # the engine's rule, before the job queues
         self.model, self.forget, self.config, self.evaluation = model, forget, config, evaluation
         self.training_prompt = (training_prompt or evaluation.prompt).strip()
         self.device = resolve_device(config.device)

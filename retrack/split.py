@@ -11,7 +11,7 @@ The protocol of the Stable Diffusion experiments (METHOD.md): for a prompt the m
 5. unlearn: forget set = the memorised cluster, retain set = the rest, both conditioned on the
    prompt or a user-given modified prompt (`unlearn_prompt`, which calls the shared engine).
 
-    split = generate_and_split(backend, "a memorised prompt", scorer, n=16, seed=0)
+    split = generate_and_split(backend, "a memorised prompt", scorer, seed=0)  # 128 images on a GPU, 16 on a CPU
     split = split.with_memorised([0, 2, 5])          # optional: the user's correction
     result = unlearn_prompt(backend, split.forget_images(), split.retain_images(),
                             "a memorised prompt", UnlearnConfig.preset("sd"))
@@ -35,9 +35,21 @@ from torch import Tensor
 from .backends.latent import LatentBackend
 from .engine import UnlearnConfig, UnlearnResult, unlearn
 from .images import tensor_to_pil
+from .neighbours import check_neighbour_count
+from .objectives import METHODS
 from .sampling import Samples, image_grid, sample
 
 MIN_GENERATIONS = 4  # two clusters need a few members each to say which one is tighter
+# The paper generates 128 images per memorised prompt before splitting. At 512 px on a CPU that
+# takes hours, so without a GPU the default is 16: enough for two clusters of a few images each.
+PAPER_GENERATIONS = 128
+CPU_GENERATIONS = 16
+
+
+def default_generations(device: Union[str, torch.device]) -> int:
+    """How many images of a prompt to generate for the split by default: the paper's 128 on a
+    GPU (or other accelerator), 16 on the CPU."""
+    return CPU_GENERATIONS if torch.device(device).type == "cpu" else PAPER_GENERATIONS
 
 
 class ImageEmbedder(Protocol):
@@ -106,7 +118,7 @@ def cluster_split(
     n = embeddings.shape[0]
     if n < MIN_GENERATIONS:
         raise ValueError(f"{n} images are too few to split into a memorised and a non-memorised cluster; "
-                         f"use at least {MIN_GENERATIONS} (16 is usual)")
+                         f"use at least {MIN_GENERATIONS} (the paper uses {PAPER_GENERATIONS})")
     unit = _unit(embeddings)
     with warnings.catch_warnings():
         # Identical embeddings give one distinct cluster; handled below, not warned about.
@@ -219,10 +231,12 @@ def generate_and_split(
     **generation,
 ) -> Split:
     """Steps 1-3 of the protocol: `generate(backend, prompt, **generation)` (n, seed, steps,
-    guidance, batch_size, on_batch), then `split_samples`."""
-    n = generation.get("n", 16)
+    guidance, batch_size, on_batch), then `split_samples`. n defaults to
+    `default_generations(backend.device)`: the paper's 128 on a GPU, 16 on the CPU."""
+    n = generation.setdefault("n", default_generations(backend.device))
     if n < MIN_GENERATIONS:
-        raise ValueError(f"generate at least {MIN_GENERATIONS} images to split (16 is usual), not {n}")
+        raise ValueError(f"generate at least {MIN_GENERATIONS} images to split (the paper uses {PAPER_GENERATIONS}), "
+                         f"not {n}")
     samples = generate(backend, prompt, **generation)
     return split_samples(samples, prompt, scorer, reference, seed=generation.get("seed", 0))
 
@@ -239,16 +253,16 @@ def unlearn_prompt(
     """Step 5: encode both image sets to latents and run the shared engine with every row
     conditioned on `prompt` (the original prompt, or a modified one the user chose).
 
-    K is lowered to the retain set's size when that is smaller (a 16-image split often keeps
-    fewer than 10 images); `result.config.k` says what was used. `engine_kwargs` go to
+    K follows the engine's one rule (`neighbours.check_neighbour_count`): a K larger than the
+    retain set is refused with the reason, before the images are encoded. `engine_kwargs` go to
     `engine.unlearn` (on_step, cancel, knn_cache, ...).
     """
     if not prompt or not prompt.strip():
         raise ValueError("the training prompt is empty: give the prompt (or a modified prompt) to fine-tune on")
+    if METHODS[config.method].needs_neighbours:
+        check_neighbour_count(config.k, retain_images.shape[0])
     forget, retain = backend.encode(forget_images), backend.encode(retain_images)
     cond = backend.encode_prompt([prompt])  # one row, broadcast by the engine to every batch row
-    if config.k > retain.shape[0]:
-        config = replace(config, k=int(retain.shape[0]))
     return unlearn(backend, forget, retain, config, forget_cond=cond, retain_cond=cond, **engine_kwargs)
 
 

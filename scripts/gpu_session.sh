@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # What this project checks on a lent GPU machine, as one prepared command per device call.
 #
-#   bash scripts/gpu_session.sh checks    # ~4 min: step timing of every method on the GPU (issue:
+#   bash scripts/gpu_session.sh checks    # ~5 min: step timing of every method on the GPU (issue:
 #                                         # ReTrack vs SISS/EraseDiff s/step), the Stable Diffusion
-#                                         # fp32/fp16/bf16/LoRA check, the out-of-memory check
+#                                         # check (the default fp32 whole-UNet batch 1 x 16 path at SD v1
+#                                         # size: s/step, peak memory, projected 30 steps; fp16/bf16/LoRA;
+#                                         # fp32 vs bf16 vs fp16+scaler gradients), the out-of-memory check
 #   bash scripts/gpu_session.sh rebuild   # ~9 min: retrain the built-in model, oracle and CLIP
 #                                         # scorer (150 s each) and evaluate; tar of assets/builtin
 #
@@ -26,7 +28,8 @@ case "$what" in
   checks)
     timeout 150 python3 benchmarks/step_timing.py --device cuda --rounds 5 --out "$OUT/step_timing_cuda.json" \
       2>&1 | tee "$OUT/step_timing.log" || status=1
-    timeout 240 python3 benchmarks/gpu_sd_check.py 2>&1 | tee "$OUT/gpu_sd_check.log" || status=1
+    timeout 300 python3 benchmarks/gpu_sd_check.py --out "$OUT/gpu_sd_check.json" 2>&1 \
+      | tee "$OUT/gpu_sd_check.log" || status=1
     timeout 120 python3 benchmarks/gpu_oom_check.py 2>&1 | tee "$OUT/gpu_oom_check.log" || status=1
     ;;
   rebuild)

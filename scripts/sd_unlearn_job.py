@@ -10,6 +10,7 @@ Every process loads the model and the images, draws its own rows (the engine ave
 across processes before each update, so all copies stay identical), and writes a sha256 of its
 final trainable weights to OUT.digests/rank<N>.txt so the agreement can be checked. Only the
 main process saves the model. --batch is the total over all processes and must divide evenly.
+Mixed precision follows `accelerate launch --mixed_precision` unless --mixed-precision is given.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from accelerate import PartialState
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
-from retrack.engine import UnlearnConfig, save_model  # noqa: E402
+from retrack.engine import UnlearnConfig, save_model, training_device  # noqa: E402
 from retrack.images import expand_paths, load_images  # noqa: E402
 from retrack.split import unlearn_prompt  # noqa: E402
 
@@ -54,7 +55,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--lora-rank", type=int, help="train a LoRA adapter of this rank instead of the UNet")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--mixed-precision", default="no", choices=["no", "fp16", "bf16"])
+    p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"],
+                   help="default: accelerate launch's --mixed_precision (fp16 adds gradient scaling)")
     p.add_argument("--device", default="auto", help="auto (this process's GPU when present) or cpu")
     args = p.parse_args()
 
@@ -62,8 +64,7 @@ def main() -> None:
                                   grad_accum=args.accum, lr=args.lr, k=args.k, seed=args.seed,
                                   mixed_precision=args.mixed_precision, device=args.device)
     state = PartialState(cpu=args.device == "cpu")
-    device = "cpu" if args.device == "cpu" else str(state.device)
-    backend = load_backend(args.model, device=device, lora_rank=args.lora_rank,
+    backend = load_backend(args.model, device=training_device(args.device), lora_rank=args.lora_rank,
                            gradient_checkpointing=args.gradient_checkpointing)
     forget = load_images(expand_paths(args.forget), backend.image_size, backend.channels).tensor
     retain = load_images(expand_paths([args.retain]), backend.image_size, backend.channels).tensor
@@ -80,7 +81,8 @@ def main() -> None:
     (digests / f"rank{state.process_index}.txt").write_text(weights_digest(backend.unet) + "\n")
     if state.is_main_process:
         saved = save_model(backend, args.out, result.metadata(prompt=args.prompt))
-        print(f"saved {saved}: {result.world_size} process(es), {result.seconds_per_step:.3f} s/step", flush=True)
+        print(f"saved {saved}: {result.world_size} process(es), mixed precision {result.config.mixed_precision}, "
+              f"{result.seconds_per_step:.3f} s/step", flush=True)
     state.wait_for_everyone()
 
 

@@ -49,3 +49,53 @@ def tiny_sd_model(tmp_path_factory) -> Path:
 def tiny_clip(tmp_path_factory) -> Path:
     """A tiny random open_clip model saved as a folder ClipScorer.load reads."""
     return build_tiny_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+def tiny_safety_checker_parts(seed: int = 0):
+    """A random StableDiffusionSafetyChecker with a tiny CLIP vision tower, and the CLIP image
+    processor that feeds it (the feature extractor of a real Stable Diffusion folder)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    torch.manual_seed(seed)
+    config = CLIPConfig(
+        text_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2),
+        vision_config=dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=32, patch_size=8),
+        projection_dim=8,
+    )
+    checker = StableDiffusionSafetyChecker(config).to(torch.float32).eval()
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_download(tmp_path_factory) -> Path:
+    """The tiny pipeline laid out like a full Stable Diffusion v1.5 download: a safety checker and
+    a feature extractor; in each component folder the safetensors weights plus `.bin` (pickle) and
+    `.fp16.safetensors` variants; and, at the top level, single-file checkpoints of the whole model
+    (`.safetensors` and `.ckpt`) and a README. What the pipeline loads: model_index.json, and per
+    component its config and non-variant safetensors weights (and the tokenizer's files)."""
+    import copy
+
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    path = tmp_path_factory.mktemp("models") / "sd-download"
+    base = build_tiny_sd_pipeline(seed=0, image_size=TINY_IMAGE_SIZE)
+    checker, processor = tiny_safety_checker_parts()
+    pipe = StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                   unet=base.unet, scheduler=base.scheduler, safety_checker=checker,
+                                   feature_extractor=processor, requires_safety_checker=True)
+    # Variants first and the plain safetensors save last, so the configs are the float32 ones.
+    copy.deepcopy(pipe).to(torch.float16).save_pretrained(path, variant="fp16", safe_serialization=True)
+    pipe.save_pretrained(path, safe_serialization=False)  # .bin for the diffusers models
+    for name in ("text_encoder", "safety_checker"):  # transformers 5 no longer writes .bin: as older downloads hold
+        torch.save(getattr(pipe, name).state_dict(), path / name / "pytorch_model.bin")
+    pipe.save_pretrained(path, safe_serialization=True)
+    everything = {f"{name}.{key}": tensor.contiguous() for name in ("unet", "vae", "text_encoder")
+                  for key, tensor in getattr(pipe, name).state_dict().items()}
+    save_file(everything, path / "v1-5-pruned-emaonly.safetensors")
+    torch.save({"state_dict": everything}, path / "v1-5-pruned-emaonly.ckpt")
+    (path / "README.md").write_text("A model card.\n")
+    return path

@@ -4,10 +4,14 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from diffusers import DDPMPipeline
 from PIL import Image
+from sd_fixtures import random_images, tiny_sd_model  # noqa: F401  (fixture)
 
+from retrack.backends.latent import LatentBackend
 from retrack.cli import main
+from retrack.images import tensor_to_pil
 
 
 def test_unlearn_then_sample_end_to_end(tiny_pixel_model, image_folders, tmp_path, capsys):
@@ -55,3 +59,56 @@ def test_missing_model_and_bad_image(tmp_path, tiny_pixel_model, image_folders, 
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "retrack", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "unlearn" in result.stdout
+
+
+def write_images(folder, n: int, seed: int):
+    folder.mkdir(parents=True)
+    for i, picture in enumerate(tensor_to_pil(random_images(n, seed))):
+        picture.save(folder / f"{i}.png")
+    return folder
+
+
+class EncodedHere(Exception):
+    """Raised by the recording encoder once it has seen the device (the run need not go on)."""
+
+
+def record_vae_device(monkeypatch, seen: list, stop: bool):
+    real_encode = LatentBackend.encode
+
+    def recording_encode(self, images, *args, **kwargs):
+        seen.append(self.vae.device)
+        if stop:
+            raise EncodedHere
+        return real_encode(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(LatentBackend, "encode", recording_encode)
+
+
+def sd_unlearn_args(tiny_sd_model, tmp_path, device: str) -> list[str]:
+    forget, retain = write_images(tmp_path / "forget", 1, seed=1), write_images(tmp_path / "retain", 3, seed=2)
+    return ["unlearn", "--model", str(tiny_sd_model), "--forget", str(forget), "--retain", str(retain),
+            "--prompt", "a lighthouse", "--k", "2", "--steps", "1", "--accum", "1", "--device", device,
+            "--out", str(tmp_path / "out")]
+
+
+def test_stable_diffusion_images_are_encoded_on_the_training_device(tiny_sd_model, tmp_path, monkeypatch):
+    """The CLI puts the model on the device training will use before the VAE encodes the images
+    (it used to encode on the CPU and move only the UNet). No GPU here, so the training device
+    is made PyTorch's 'meta' device, which no CPU-only path can reach by accident: the VAE must
+    encode there. (On a GPU machine the next test checks the same with the real device.)"""
+    import retrack.engine
+
+    monkeypatch.setattr(retrack.engine, "training_device", lambda requested: "meta")
+    seen = []
+    record_vae_device(monkeypatch, seen, stop=True)
+    with pytest.raises(EncodedHere):
+        main(sd_unlearn_args(tiny_sd_model, tmp_path, "auto"))
+    assert [d.type for d in seen] == ["meta"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_stable_diffusion_images_are_encoded_on_the_gpu(tiny_sd_model, tmp_path, monkeypatch):
+    seen = []
+    record_vae_device(monkeypatch, seen, stop=False)
+    assert main(sd_unlearn_args(tiny_sd_model, tmp_path, "cuda")) == 0
+    assert seen and all(d.type == "cuda" for d in seen)

@@ -1,16 +1,21 @@
 """The training loop on a tiny random UNet2DModel: every method, events, cancel, NaN, saving."""
 
 import hashlib
+import math
 import threading
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import DDPMPipeline
+from sd_fixtures import one_thread  # noqa: F401  (fixture)
 
 from retrack import objectives
 from retrack.backends import load_backend
-from retrack.engine import Cancelled, Diverged, UnlearnConfig, save_model, unlearn
+from retrack.engine import (
+    MAX_OVERFLOWS_IN_A_ROW, Cancelled, Diverged, UnlearnConfig, combine_in_scaler_units, resolve_precision, save_model,
+    unlearn,
+)
 
 
 def folder_digest(path: Path) -> dict:
@@ -146,3 +151,80 @@ def test_interrupted_save_leaves_no_folder_under_the_real_name(tiny_pixel_model,
     with pytest.raises(KeyboardInterrupt):
         save_model(backend, tmp_path / "out", {})
     assert list(tmp_path.iterdir()) == []
+
+
+# ----------------------------------------------------------------------------- mixed precision
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("method", ["retrack", "erasediff", "siss"])  # one- and two-gradient paths
+def test_fp16_overflows_are_skipped_by_the_scaler_and_every_step_is_taken(method, tiny_pixel_model, data):
+    """The summed squared errors make gradients of a few hundred; times fp16's starting loss scale
+    (2**16) they overflow fp16, so the first attempts overflow. The scaler skips them (no update)
+    and halves its scale until the gradients fit; the run then takes all its steps, and the
+    gradient norms it reports are true (unscaled) ones, of the size fp32 gives."""
+    fp32 = unlearn(load_backend(tiny_pixel_model), *data, config(method=method, steps=3, mixed_precision="no"),
+                   knn_cache=None)
+    fp16 = unlearn(load_backend(tiny_pixel_model), *data, config(method=method, steps=3, mixed_precision="fp16"),
+                   knn_cache=None)
+    assert fp32.overflow_skips == 0 and fp16.overflow_skips >= 1
+    assert [e.step for e in fp16.events] == [1, 2, 3]
+    assert all(math.isfinite(e.loss) and math.isfinite(e.grad_norm) for e in fp16.events)
+    ratio = fp16.events[0].grad_norm / fp32.events[0].grad_norm  # other draws (retried), same model and data
+    assert 0.5 < ratio < 2, ratio  # still scaled, it would be 2**10 times larger or more
+    assert fp16.metadata()["mixed_precision"] == "fp16"
+    assert fp16.metadata()["fp16_overflow_skips"] == fp16.overflow_skips
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_fp16_that_never_stops_overflowing_diverges_with_a_reason(tiny_pixel_model, data):
+    """NaN weights make every attempt's gradients non-finite: after MAX_OVERFLOWS_IN_A_ROW skips
+    the run stops with the reason, the weights never updated."""
+    backend = load_backend(tiny_pixel_model)
+    with torch.no_grad():
+        next(backend.unet.parameters()).fill_(float("nan"))
+    before = [p.detach().clone() for p in backend.unet.parameters()]
+    with pytest.raises(Diverged, match=f"overflowed in {MAX_OVERFLOWS_IN_A_ROW} attempts in a row at step 1; try bf16"):
+        unlearn(backend, *data, config(mixed_precision="fp16", batch_size=1), knn_cache=None)
+    assert all(torch.equal(a, b) for a, b in zip(before[1:], list(backend.unet.parameters())[1:]))  # no update
+
+
+@pytest.mark.parametrize("combine", [lambda r, u, p: objectives.erasediff_combine(r, u, 0.3),
+                                     lambda r, u, p: objectives.siss_combine(r, u, 2.0)], ids=["erasediff", "siss"])
+def test_two_gradient_methods_combine_the_true_gradients_under_a_loss_scale(combine):
+    """Both gradients arrive multiplied by the loss scale. SISS's rescaling to the fixed norm C
+    is not homogeneous, so combining scaled gradients would be wrong; combine_in_scaler_units
+    divides both by the scale, combines, and multiplies back: exactly scale * combine(true)."""
+    g = torch.Generator().manual_seed(0)
+    g_r, g_u = ([torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)]
+                for _ in range(2))
+    scale = 2.0**12
+    got = combine_in_scaler_units(combine, [x * scale for x in g_r], [x * scale for x in g_u], None, scale)
+    for a, b in zip(got, combine(g_r, g_u, None)):
+        assert torch.equal(a, b * scale)  # powers of two: exact
+    # An overflow in either gradient reaches the scaler as a non-finite gradient (the step is skipped).
+    broken = [g_u[0].clone().fill_(float("inf")), g_u[1]]
+    assert not torch.isfinite(combine_in_scaler_units(combine, g_r, broken, None, scale)[0]).all()
+
+
+def test_siss_on_scaled_gradients_would_differ():
+    """Why the unscaling matters: SISS on gradients still multiplied by the scale is not the
+    scaled SISS update (its forget term keeps the fixed norm C whatever the scale)."""
+    g = torch.Generator().manual_seed(1)
+    g_r, g_u = [torch.randn(6, generator=g, dtype=torch.float64)], [torch.randn(6, generator=g, dtype=torch.float64)]
+    scale = 2.0**12
+    naive = objectives.siss_combine([g_r[0] * scale], [g_u[0] * scale], 2.0)[0] / scale
+    assert not torch.allclose(naive, objectives.siss_combine(g_r, g_u, 2.0)[0])
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_an_unset_precision_follows_accelerate_launch(tiny_pixel_model, data, monkeypatch):
+    """`accelerate launch --mixed_precision X` hands X to the processes it starts as
+    ACCELERATE_MIXED_PRECISION; a config that sets no precision follows it, one that sets it wins."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    assert resolve_precision(None) == "bf16" and resolve_precision("no") == "no"
+    result = unlearn(load_backend(tiny_pixel_model), *data, config(steps=1), knn_cache=None)
+    assert result.config.mixed_precision == "bf16" and result.metadata()["mixed_precision"] == "bf16"
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ValueError, match="got 'fp8' \\(set by accelerate launch"):
+        unlearn(load_backend(tiny_pixel_model), *data, config(steps=1), knn_cache=None)
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    assert resolve_precision(None) == "no"  # fp32, the published setting

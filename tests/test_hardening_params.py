@@ -31,7 +31,7 @@ BAD_SETTINGS = [
     (dict(grad_accum=10**5), "gradient accumulation must lie"),
     (dict(k=0), "K must be at least 1"),
     (dict(k=True), "k must be a whole number"),
-    (dict(k=25), "K = 25 neighbours asked for, but the retain set has 24"),
+    (dict(k=25), "K = 25 neighbours asked for, but the retain set has only 24"),
     (dict(betas=(math.nan, 0.999)), "betas"),
     (dict(betas=(0.9, 1.0)), "betas"),
     (dict(weight_decay=-1.0), "weight decay must lie in [0, 1]"),
@@ -97,7 +97,7 @@ CLI_BAD = [
     (["--batch", "0"], "batch size must lie in [1, 65536]"),
     (["--batch", "100000000"], "batch size must lie in [1, 65536]"),
     (["--accum", "0"], "gradient accumulation must lie"),
-    (["--k", "13"], "K = 13 neighbours asked for, but the retain set has 12"),
+    (["--k", "13"], "K = 13 neighbours asked for, but the retain set has only 12"),
     (["--seed", "-3"], "seed must lie in [0, 2**32)"),
     (["--device", "tpu"], "unknown device 'tpu'"),
 ]

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file
-from sd_fixtures import folder_digest, one_thread, random_images, tiny_sd_model  # noqa: F401  (fixtures)
+from sd_fixtures import folder_digest, one_thread, random_images, tiny_sd_download, tiny_sd_model  # noqa: F401  (fixtures)
 
 from retrack import objectives
 from retrack.backends import PixelBackend, load_backend, model_family
@@ -16,6 +16,7 @@ from retrack.backends.latent import LORA_REFERENCE_FILE, LORA_WEIGHTS_FILE, Late
 from retrack.engine import UnlearnConfig, save_model
 from retrack.sampling import initial_noise, sample
 from retrack.split import unlearn_prompt
+from retrack.tiny import build_tiny_sd_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -174,9 +175,63 @@ def test_full_unet_unlearning_changes_only_the_unet(backend, tiny_sd_model, tmp_
         assert torch.equal(v, backend.unet.state_dict()[k])
 
 
-def test_a_small_retain_set_lowers_k(backend):
+# What StableDiffusionPipeline loads from a folder (use_safetensors, no variant): model_index.json
+# and, per component, its config and plain safetensors weights; the tokenizer's files as they are.
+LOADED_FILES = {"model_index.json", "scheduler/scheduler_config.json", "feature_extractor/preprocessor_config.json",
+                "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+                "text_encoder/config.json", "text_encoder/model.safetensors",
+                "safety_checker/config.json", "safety_checker/model.safetensors"}
+
+
+def test_saving_a_full_download_writes_only_what_the_pipeline_loads(tiny_sd_download, tmp_path):
+    """A real SD download holds the original weights several times over (single-file
+    checkpoints at the top, .bin and .fp16 variants beside each component): none of it may
+    reach the unlearned folder. It holds the loaded files only, the frozen ones byte-identical."""
+    source = folder_digest(tiny_sd_download)
+    backend = LatentBackend.from_pretrained(tiny_sd_download)
+    assert backend.extra_components["safety_checker"] is not None  # loaded, so it must be saved too
+    result = unlearn_prompt(backend, random_images(2, seed=40), random_images(4, seed=41), PROMPT,
+                            quick_config(steps=1, grad_accum=1), knn_cache=None)
+    out = save_model(backend, tmp_path / "unlearned", result.metadata(prompt=PROMPT))
+    saved = folder_digest(out)
+
+    tokenizer_files = {name for name in source if name.startswith("tokenizer/")}
+    assert set(saved) == LOADED_FILES | tokenizer_files | {"retrack.json"}
+    assert {"v1-5-pruned-emaonly.safetensors", "v1-5-pruned-emaonly.ckpt", "unet/diffusion_pytorch_model.bin",
+            "vae/diffusion_pytorch_model.fp16.safetensors", "text_encoder/pytorch_model.bin"} <= set(source)
+    for name, digest in saved.items():  # all but the trained UNet's weights: the source's bytes
+        if name not in ("unet/diffusion_pytorch_model.safetensors", "unet/config.json", "retrack.json"):
+            assert digest == source[name], name
+    assert saved["unet/diffusion_pytorch_model.safetensors"] != source["unet/diffusion_pytorch_model.safetensors"]
+    assert folder_digest(tiny_sd_download) == source  # the source folder is never written
+
+    reloaded = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)
+    assert type(reloaded.safety_checker).__name__ == "StableDiffusionSafetyChecker"
+    for k, v in reloaded.unet.state_dict().items():
+        assert torch.equal(v, backend.unet.state_dict()[k])
+
+
+def test_the_pipeline_runs_every_network_on_the_backend_device(tiny_sd_download):
+    """backend.to moves the safety checker (and image encoder) with the UNet, VAE and text
+    encoder, so `pipeline()` has no module left behind on the CPU. PyTorch's 'meta' device
+    stands in for a GPU here: no module reaches it unless it is moved."""
+    pipe = LatentBackend.from_pretrained(tiny_sd_download).to("meta").pipeline()
+    networks = {name: module for name, module in pipe.components.items() if isinstance(module, torch.nn.Module)}
+    assert {"unet", "vae", "text_encoder", "safety_checker"} <= set(networks)
+    assert {name: next(m.parameters()).device.type for name, m in networks.items()} == dict.fromkeys(networks, "meta")
+
+
+def test_a_k_larger_than_a_small_retain_set_is_refused_with_the_engine_rule(backend, monkeypatch):
+    """The Stable Diffusion path follows the one K rule (no silent lowering), before encoding."""
+    encoded = []
+    monkeypatch.setattr(backend, "encode", lambda images, **kw: encoded.append(images) or LatentBackend.encode(backend, images))
+    with pytest.raises(ValueError, match=r"K = 10 neighbours asked for, but the retain set has only 2 item\(s\)"):
+        unlearn_prompt(backend, random_images(1, seed=20), random_images(2, seed=21), PROMPT,
+                       quick_config(k=10, steps=1, grad_accum=1), knn_cache=None)
+    assert encoded == []
     result = unlearn_prompt(backend, random_images(1, seed=20), random_images(2, seed=21), PROMPT,
-                            quick_config(k=10, steps=1, grad_accum=1), knn_cache=None)
+                            quick_config(k=2, steps=1, grad_accum=1), knn_cache=None)
     assert result.config.k == 2 and result.neighbours.shape == (1, 2)
 
 
@@ -217,3 +272,23 @@ def test_models_that_do_not_predict_noise_are_refused(tiny_sd_model):
     pipe.scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type="v_prediction")
     with pytest.raises(ValueError, match="epsilon"):
         LatentBackend(pipe)
+
+
+def test_the_gpu_checks_gradient_comparison_at_tiny_size():
+    """benchmarks/gpu_sd_check.py's comparison of one micro-batch's gradient in bf16 and fp16
+    (with the gradient scaler) against fp32, run here on the CPU at tiny size: the scaled fp16
+    gradient is finite and close to fp32's; bf16 (8 mantissa bits) is coarser but aligned."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_sd_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_sd_check", path)
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    rows = {row["precision"]: row for row in check.gradient_comparison(
+        lambda: build_tiny_sd_pipeline(seed=0, image_size=32), "tiny", "cpu")}
+    assert set(rows) == {"bf16", "fp16 + scaler", "fp16, no scaling"}
+    scaled = rows["fp16 + scaler"]
+    assert scaled["finite"] and scaled["relative L2 error"] < 1e-2 and scaled["cosine"] > 0.9999
+    assert scaled["loss scale"] < 2.0**16 and scaled["attempts"] > 1  # it backed off from an overflow
+    assert rows["bf16"]["relative L2 error"] < 0.1 and rows["bf16"]["cosine"] > 0.99

@@ -5,7 +5,8 @@ processes talk over gloo, started by either of accelerate's launchers:
 - `--cpu --num_processes 2`: accelerate's multi-CPU mode. It starts the processes through MPI's
   `mpirun` and needs a host file (`--mpirun_hostfile`); without one, accelerate 1.x quietly starts
   a single process. scripts/setup-tests.sh installs Open MPI; without `mpirun` this case is skipped.
-- `--multi_gpu --num_processes 2` with the script's `--device cpu`: torchrun's launcher, no MPI.
+- `--multi_gpu --num_processes 2` with the script's `--device cpu`: torchrun's launcher, no MPI; it
+  also passes `--mixed_precision bf16`, which the job (no precision of its own) must follow.
 """
 
 import importlib.util
@@ -66,16 +67,18 @@ def test_two_processes_end_with_the_same_weights(tiny_sd_model, tmp_path, launch
     forget, retain = write_images(tmp_path / "forget", 2, seed=1), write_images(tmp_path / "retain", 6, seed=2)
     out = tmp_path / "unlearned"
     launch_args, launch_env = launcher_arguments(launcher, tmp_path)
+    # The job sets no precision of its own: it runs in what accelerate launch says.
+    precision = "bf16" if launcher == "torchrun" else "no"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRACK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
            **launch_env}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no",
                str(JOB), "--model", str(tiny_sd_model), "--forget", str(forget), "--retain", str(retain),
                "--prompt", "a lighthouse", "--out", str(out), "--steps", "2", "--batch", "2", "--accum", "2",
                "--lr", "1e-3", "--k", "3", "--device", "cpu"]
     run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "2 process(es)" in run.stdout
+    assert f"2 process(es), mixed precision {precision}," in run.stdout
 
     digests = [(Path(f"{out}.digests") / f"rank{r}.txt").read_text().strip() for r in (0, 1)]
     assert digests[0] == digests[1]  # gradients were averaged: both copies took the same updates

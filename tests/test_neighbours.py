@@ -1,9 +1,13 @@
-"""Exact k-NN against brute force, across chunk boundaries, with its cache and its errors."""
+"""Exact k-NN against brute force, across chunk boundaries, with its cache and its errors; the one K rule."""
 
 import pytest
 import torch
 
-from retrack.neighbours import knn, nearest_neighbours
+from retrack.backends import load_backend
+from retrack.cli import main
+from retrack.engine import UnlearnConfig, unlearn
+from retrack.neighbours import check_neighbour_count, knn, nearest_neighbours
+from retrack.session import EvalSettings, Job, build_forget_set, open_model
 
 
 def brute_force(q, keys, k):
@@ -51,3 +55,36 @@ def test_cache_returns_the_same_result_and_is_keyed_by_k(tmp_path):
     nearest_neighbours(forget, retain, 3, cache_dir=tmp_path)
     nearest_neighbours(forget, retain[:-1], 3, cache_dir=tmp_path)
     assert len(list(tmp_path.iterdir())) == 3
+
+
+def rule_message(k: int, n_retain: int) -> str:
+    with pytest.raises(ValueError) as info:
+        check_neighbour_count(k, n_retain)
+    return str(info.value)
+
+
+def test_one_k_rule_for_the_library_the_cli_and_the_app(tiny_pixel_model, image_folders, tiny_app_model, tmp_path,
+                                                        capsys):
+    """K larger than the retain set is refused, with the same message, by the engine (library),
+    the CLI and the app's job (before it queues); methods without neighbours ignore K."""
+    g = torch.Generator().manual_seed(0)
+    forget, retain = torch.rand(2, 1, 8, 8, generator=g) * 2 - 1, torch.rand(12, 1, 8, 8, generator=g) * 2 - 1
+    assert "the retain set has only 12 item(s)" in rule_message(13, 12) and "choose 1 <= K <= 12" in rule_message(13, 12)
+
+    with pytest.raises(ValueError) as library:
+        unlearn(load_backend(tiny_pixel_model), forget, retain, UnlearnConfig(k=13, steps=1, batch_size=2), knn_cache=None)
+    assert str(library.value) == rule_message(13, 12)
+    vanilla = unlearn(load_backend(tiny_pixel_model), forget, retain,
+                      UnlearnConfig(method="vanilla", k=13, steps=1, batch_size=2), knn_cache=None)
+    assert len(vanilla.events) == 1
+
+    forget_dir, retain_dir = image_folders  # 12 retain images
+    code = main(["unlearn", "--model", str(tiny_pixel_model), "--forget", str(forget_dir), "--retain", str(retain_dir),
+                 "--k", "13", "--steps", "1", "--device", "cpu", "--out", str(tmp_path / "cli")])
+    assert code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == f"retrack: error: {rule_message(13, 12)}"
+
+    model = open_model(*map(str, tiny_app_model))  # 16 training images; forgetting #0 and #1 keeps 14
+    forget_set = build_forget_set(model, [0, 1])
+    with pytest.raises(ValueError) as app:
+        Job(model, forget_set, UnlearnConfig(k=15, steps=1), EvalSettings(), tmp_path / "app")
+    assert str(app.value) == rule_message(15, len(forget_set.retain_index)) and len(forget_set.retain_index) == 14

@@ -15,7 +15,10 @@ from retrack.images import list_image_files, load_images
 from retrack.metrics import ClipScorer, calibrate_threshold
 from retrack.neighbours import knn
 from retrack.cli import main
-from retrack.split import Split, cluster_split, evaluate_prompt, generate, generate_and_split, unlearn_prompt
+from retrack.split import (
+    PAPER_GENERATIONS, Split, cluster_split, default_generations, evaluate_prompt, generate, generate_and_split,
+    unlearn_prompt,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -164,3 +167,22 @@ def test_cli_split_unlearn_with_lora_then_evaluate_before_and_after(tiny_sd_mode
     assert main(["unlearn", "--model", str(tiny_pixel_model), "--forget", str(folder / "forget"), "--lora-rank", "2",
                  "--out", str(tmp_path / "y")]) == 2
     assert "only for Stable Diffusion models" in capsys.readouterr().err
+
+
+def test_protocol_defaults_follow_the_paper_on_a_gpu_and_say_so_on_the_cpu(tiny_sd_model, tiny_clip, tmp_path, capsys):
+    """The paper splits 128 generations per prompt and fine-tunes on a modified prompt. On a GPU
+    the split generates 128 by default; on the CPU 16, and the CLI says so. Unlearning on the
+    memorised prompt itself works but says what the paper did."""
+    assert default_generations("cuda") == default_generations("cuda:1") == PAPER_GENERATIONS == 128
+    assert default_generations("cpu") == 16
+    folder = tmp_path / "split"
+    assert main(["split", "--model", str(tiny_sd_model), "--prompt", PROMPT, "--steps", "1", "--clip", str(tiny_clip),
+                 "--device", "cpu", "--memorised", "0,1", "--out", str(folder)]) == 0
+    assert len(json.loads((folder / "split.json").read_text())["seeds"]) == 16
+    err = capsys.readouterr().err
+    assert "note: generating 16 images; the paper generates 128 per prompt (the default on a GPU; this runs on the CPU)" in err
+
+    assert main(["unlearn", "--model", str(tiny_sd_model), "--forget", str(folder / "forget"), "--retain",
+                 str(folder / "retain"), "--prompt", PROMPT, "--k", "2", "--steps", "1", "--accum", "1",
+                 "--device", "cpu", "--out", str(tmp_path / "clean")]) == 0
+    assert "the paper fine-tunes on a modified prompt (--train-prompt)" in capsys.readouterr().err

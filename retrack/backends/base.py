@@ -9,7 +9,7 @@ sampler are shared by every family and only talk to this interface.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, Union
 
 import torch
 from torch import Tensor
@@ -30,6 +30,11 @@ class Backend:
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    def to(self, device: Union[str, torch.device]) -> "Backend":
+        """Move every module the model holds to `device` (here the network; latent models add theirs)."""
+        self.unet.to(device)
+        return self
 
     # --- images <-> x0 -------------------------------------------------------------------
     image_size: int

@@ -12,9 +12,13 @@ this file only says how a Stable Diffusion folder is loaded, called and saved.
     result = unlearn(backend, forget, retain, UnlearnConfig.preset("sd"), forget_cond=cond, retain_cond=cond)
     save_model(backend, "out/sd-unlearned", result.metadata())
 
-Saving writes a complete StableDiffusionPipeline folder: the trained UNet as safetensors, and every
-other component (VAE, text encoder, tokenizer, scheduler, safety checker if any) copied file by
-file from the source, so they stay byte-identical. With `lora_rank`, only a LoRA adapter on the
+Saving writes a StableDiffusionPipeline folder holding only what the pipeline loads: model_index.json
+and the component folders it names, each written by diffusers' own save_pretrained (the trained UNet
+as safetensors). The files of the frozen components (VAE, text encoder, tokenizer, scheduler, safety
+checker, feature extractor) are then replaced by the source's files of the same name, so they stay
+byte-identical. Nothing else of the source folder is copied: a full Stable Diffusion download also
+holds single-file checkpoints (`v1-5-pruned-emaonly.safetensors`, `.ckpt`), `.bin` and `.fp16`
+variants, i.e. the original, memorising weights. With `lora_rank`, only a LoRA adapter on the
 UNet's attention projections is trained and saved: `pytorch_lora_weights.safetensors` (what
 `StableDiffusionPipeline.load_lora_weights(folder)` reads) plus `retrack_lora.json` naming the base
 model. `LatentBackend.from_pretrained(adapter_folder)` loads the base and merges the adapter.
@@ -53,9 +57,9 @@ class LatentBackend(Backend):
         source: str = "",
         components_dir: Optional[Union[str, Path]] = None,
     ):
-        """Wrap the modules of a loaded pipeline. `components_dir` is the local folder the frozen
-        components were read from (copied unchanged on save); None writes them with
-        `save_pretrained` instead (for a pipeline built in memory)."""
+        """Wrap the modules of a loaded pipeline. `components_dir` is the local folder the pipeline
+        was read from (the frozen components' files are copied from it on save, byte for byte); None
+        (a pipeline built in memory) saves them with their own `save_pretrained` only."""
         prediction = pipeline.scheduler.config.get("prediction_type", "epsilon")
         if prediction != "epsilon":
             raise ValueError(f"this model predicts {prediction!r}; ReTrack's objectives need a noise (epsilon) "
@@ -146,7 +150,10 @@ class LatentBackend(Backend):
         self.lora_rank, self.lora_alpha = rank, alpha
 
     def to(self, device: Union[str, torch.device]) -> "LatentBackend":
-        for module in (self.unet, self.vae, self.text_encoder):
+        """Move the UNet, the VAE, the text encoder and the pipeline's other networks (safety
+        checker, image encoder) to `device`, so `pipeline()` runs there as a whole."""
+        extra = [m for m in self.extra_components.values() if isinstance(m, torch.nn.Module)]
+        for module in (self.unet, self.vae, self.text_encoder, *extra):
             module.to(device)
         return self
 
@@ -245,19 +252,11 @@ class LatentBackend(Backend):
         if self.lora_rank is not None:
             self._save_lora(out_dir)
             return
-        if self.components_dir is None:
-            self.pipeline().save_pretrained(out_dir, safe_serialization=True)
-            return
-        for entry in sorted(self.components_dir.iterdir()):
-            # Everything but the UNet is copied as it is (links followed, so Hub cache snapshots
-            # copy their files); the UNet is written fresh below.
-            if entry.name == "unet" or entry.name.startswith(".") or entry.name == "retrack.json":
-                continue
-            if entry.is_dir():
-                shutil.copytree(entry, out_dir / entry.name)
-            else:
-                shutil.copy2(entry, out_dir / entry.name)
-        self.unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+        # diffusers writes exactly what a pipeline consists of: model_index.json and one folder per
+        # component, with each component's config and safetensors weights (no variants, no pickles).
+        self.pipeline().save_pretrained(out_dir, safe_serialization=True)
+        if self.components_dir is not None:
+            _restore_source_files(self.components_dir, out_dir, trained=("unet",))
 
     def _save_lora(self, out_dir: Path) -> None:
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -272,3 +271,15 @@ class LatentBackend(Backend):
         reference = {"base_model": str(base), "rank": self.lora_rank, "alpha": self.lora_alpha,
                      "target_modules": list(LORA_TARGET_MODULES), "weights": LORA_WEIGHTS_FILE}
         (out_dir / LORA_REFERENCE_FILE).write_text(json.dumps(reference, indent=2))
+
+
+def _restore_source_files(source: Path, out_dir: Path, trained: Sequence[str]) -> None:
+    """Replace each file just written under `out_dir` (outside the `trained` component folders) by
+    the source's file at the same relative path, when there is one: the frozen components and
+    model_index.json then stay byte-identical to the source, while only files the pipeline loads
+    are written. Links are followed, so a Hub cache snapshot's files are copied, not linked."""
+    for written in sorted(out_dir.rglob("*")):
+        relative = written.relative_to(out_dir)
+        original = source / relative
+        if written.is_file() and relative.parts[0] not in trained and original.is_file():
+            shutil.copyfile(original, written)
