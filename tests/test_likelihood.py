@@ -156,3 +156,21 @@ def test_real_tiny_unet_end_to_end(tiny_pixel_model):
     assert again[0].repeats == pytest.approx(first[0].repeats, rel=1e-5)
     with pytest.raises(ValueError, match="do not fit"):
         model_likelihoods(backend, torch.zeros(1, 3, 8, 8), settings)
+
+
+def test_nll_command_prints_bits_per_dim_with_noise(tiny_pixel_model, tmp_path, capsys):
+    from PIL import Image
+
+    from retrack.cli import main
+
+    for i in range(2):
+        Image.fromarray(((torch.arange(64).reshape(8, 8) * (i + 1)) % 256).byte().numpy()).save(tmp_path / f"{i}.png")
+    code = main(["nll", "--model", str(tiny_pixel_model), "--images", str(tmp_path), "--rtol", "0.1", "--atol", "0.1",
+                 "--repeats", "2", "--device", "cpu"])
+    printed = capsys.readouterr()
+    assert code == 0 and "rtol 0.1 atol 0.1, 2 rademacher probes" in printed.err
+    lines = printed.out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["0.png", "1.png"]
+    assert all(" ± " in line and "bits/dim (2 repeats" in line for line in lines)
+    assert main(["nll", "--model", str(tiny_pixel_model), "--repeats", "1"]) == 2
+    assert "at least 2 repeats" in capsys.readouterr().err
