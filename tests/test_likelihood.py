@@ -174,3 +174,23 @@ def test_nll_command_prints_bits_per_dim_with_noise(tiny_pixel_model, tmp_path, 
     assert all(" ± " in line and "bits/dim (2 repeats" in line for line in lines)
     assert main(["nll", "--model", str(tiny_pixel_model), "--repeats", "1"]) == 2
     assert "at least 2 repeats" in capsys.readouterr().err
+
+
+def test_benchmark_likelihood_table_on_the_builtin_model(tmp_path):
+    import json
+
+    from retrack import bench, builtin
+
+    if not builtin.available():
+        pytest.skip("the built-in model is not built")
+    settings = bench.BenchSettings(methods=("pretrained", "retrack"), steps=1, batch_size=4, device="cpu")
+    rows = bench.run_likelihood(settings, tmp_path, NLLSettings(rtol=0.1, atol=0.1, repeats=2), n_retain=1,
+                                log=lambda line: None)
+    assert [(row.model, row.role) for row in rows] == [("pretrained", "forget"), ("pretrained", "retain"),
+                                                       ("retrack", "forget"), ("retrack", "retain")]
+    assert rows[0].image == "t-shirt" and rows[1].image == rows[3].image
+    table = (tmp_path / "nll.md").read_text()
+    assert "| image | pretrained | retrack |" in table and "| t-shirt (forget) |" in table
+    stored = json.loads((tmp_path / "nll.json").read_text())
+    assert stored["meta"]["likelihood"]["rtol"] == 0.1 and len(stored["rows"]) == 4
+    assert len(stored["rows"][0]["result"]["repeats"]) == 2
