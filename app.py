@@ -546,7 +546,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
 def app_nll_settings(quick: bool) -> NLLSettings:
     """The app's likelihood setting: NLLSettings.cheap() (rtol = atol = 1e-3, 2 repeats); with
     --quick, looser still, so a test sees the table in seconds."""
-    return NLLSettings(rtol=1e-2, atol=1e-2, repeats=2) if quick else NLLSettings.cheap()
+    return NLLSettings.rough() if quick else NLLSettings.cheap()
 
 
 def teaching_views(settings: AppSettings, open_checked: Callable[[str, str], ModelInfo], model_box: gr.Textbox,

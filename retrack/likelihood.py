@@ -111,6 +111,11 @@ class NLLSettings:
         benchmarks/results/nll_timing.json for what it costs and how far it moves the figure)."""
         return cls(rtol=1e-3, atol=1e-3, repeats=2)
 
+    @classmethod
+    def rough(cls) -> "NLLSettings":
+        """Rougher still (rtol = atol = 1e-2, 2 repeats): the app's --quick mode, for tests and demos."""
+        return cls(rtol=1e-2, atol=1e-2, repeats=2)
+
     def validate(self) -> None:
         if self.probe not in PROBES:
             raise ValueError(f"unknown probe {self.probe!r}; use one of {', '.join(PROBES)}")
