@@ -9,7 +9,7 @@ process CPU seconds, the wall seconds, the network evaluations (each a forward p
 vector-Jacobian product over the repeats) and the estimate, so the cheap settings' cost and how far
 they move the figure can be read side by side. CPU seconds are the figure to quote on a shared
 machine: wall time there depends on what else runs (the load average is recorded). On a busy
-2-core machine, run it with one thread: two threads that wait on each other were 30x slower there.
+2-core machine, run it with one thread (OMP_NUM_THREADS=1), as the committed results were.
 """
 
 from __future__ import annotations
