@@ -46,10 +46,12 @@ import pandas as pd  # noqa: E402
 
 from retrack import paths  # noqa: E402
 from retrack.engine import PRESETS, UnlearnConfig, check_range, resolve_device  # noqa: E402
+from retrack.likelihood import NLLSettings, likelihood_table  # noqa: E402
 from retrack.split import PAPER_GENERATIONS, default_generations  # noqa: E402
 from retrack.session import (  # noqa: E402
-    METHOD_LABELS, EvalSettings, GalleryItem, Job, JobState, ModelInfo, build_forget_set, describe_device,
-    display_grid, gallery_items, generate_split, open_model, parse_picks, split_items, toggle_pick,
+    METHOD_LABELS, RENOISE_STEPS, EvalSettings, GalleryItem, Job, JobState, ModelInfo, build_forget_set,
+    describe_device, display_grid, gallery_items, generate_split, likelihood_view, open_model, parse_picks,
+    renoise_view, split_items, teaching_images, teaching_models, toggle_pick,
 )
 
 log = logging.getLogger("retrack.app")
@@ -290,6 +292,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
     """The whole page; `settings` picks the model shown first and the run defaults."""
     running: dict[str, Job] = {}  # browser session -> its job, so Cancel finds it
     running_lock = threading.Lock()
+    unlearned: dict[str, str] = {}  # browser session -> folder of its last unlearned model (teaching views)
     first = settings.run_defaults("mnist")
     limits = settings.limits
 
@@ -438,6 +441,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         teaching_note = gr.Markdown(elem_id="teaching-note")
         trajectory = gr.Image(label="Denoising trajectory: before (top), after (bottom)", elem_id="trajectory",
                               format="png", interactive=False)
+        after_model = teaching_views(settings, open_checked, model_box, data_box, picks_box, uploads)
 
         # ============================================================================ events
         # Controls whose defaults depend on the model family (set again whenever a model loads).
@@ -579,6 +583,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
             try:
                 for state in job.watch():
                     progress(state.progress, desc=state.message)
+                    if state.model_dir is not None:
+                        unlearned[session] = str(state.model_dir)
                     yield render(state, sent)
             finally:
                 # The page was closed or the event was stopped: stop the job too.
@@ -626,7 +632,90 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         # stops the event, and spaces then closes the job's stream there, which cancels the job.
         cancel_button.click(cancel, None, status, api_name="cancel", concurrency_limit=None, show_progress="hidden",
                             cancels=[run_event] if zero_gpu() else None)
+
+        def show_unlearned(request: gr.Request):
+            """The teaching views' "after" model: the folder this visitor's last job saved."""
+            return unlearned.get(request.session_hash, gr.skip())
+
+        download.change(show_unlearned, None, after_model, api_visibility="private")
     return demo
+
+
+# ============================================================================ teaching views
+# Noise-and-denoise and the likelihood of the forget image, before / after / oracle. The
+# handlers only call retrack.session (teaching_images, teaching_models, renoise_view,
+# likelihood_view); this section is layout and wiring.
+def app_nll_settings(quick: bool) -> NLLSettings:
+    """The app's likelihood setting: NLLSettings.cheap() (rtol = atol = 1e-3, 2 repeats); with
+    --quick, looser still, so a test sees the table in seconds."""
+    return NLLSettings.rough() if quick else NLLSettings.cheap()
+
+
+def teaching_views(settings: AppSettings, open_checked: Callable[[str, str], ModelInfo], model_box: gr.Textbox,
+                   data_box: gr.Textbox, picks_box: gr.Textbox, uploads: gr.File) -> gr.Textbox:
+    """Layout and events of the two teaching views; returns the "after" model box (the page fills
+    it when a job has saved its model)."""
+    nll_settings = app_nll_settings(settings.quick)
+    n_retain = 1 if settings.quick else 2
+    gr.Markdown("### Noise and denoise\nThe first forget image (by default the training image copied most often) "
+                "is noised to timestep *t* and denoised again by each model, all from the same noise. A model that "
+                "memorised the image brings it back; after unlearning it should not (the oracle, retrained without "
+                "it, shows what a model that never saw it does).")
+    with gr.Row():
+        after_box = gr.Textbox(label="Unlearned model (after)", elem_id="teach-after-model", scale=3,
+                               info="Filled in when a run above has saved its model; or type a model folder.")
+        t_slider = gr.Slider(0, 980, value=500, step=20, label="t (noise level, 0..980)", elem_id="renoise-t",
+                             scale=3, info=f"Moves to the {RENOISE_STEPS}-step DDIM grid; 0: no noise.")
+        noise_seed = gr.Number(0, label="Noise seed", elem_id="renoise-seed", precision=0, minimum=0, scale=1)
+        renoise_button = gr.Button("Noise and denoise", elem_id="renoise-run", scale=1)
+    renoise_note = gr.Markdown(elem_id="renoise-note")
+    renoise_picture = gr.Image(label="The image, noised to t, then each model's result (before, after, oracle)",
+                               elem_id="renoise-grid", format="png", interactive=False)
+    gr.Markdown("### Likelihood of the forget image\nBits per dimension (lower: the model finds the image more "
+                "likely) of the forget image and a few retain images, by the probability-flow ODE. Forgetting should "
+                "raise the forget image's value toward the oracle's while the retain images' stay. *The page uses a "
+                f"cheap setting (ODE tolerances {nll_settings.rtol:g}, {nll_settings.repeats} repeats per image), "
+                "coarser than the benchmark's (Song et al.'s 1e-5, 4 repeats); ± is the estimator's standard "
+                "error.*")
+    with gr.Row():
+        nll_button = gr.Button("Compute the likelihood", elem_id="nll-run")
+    nll_table = gr.Markdown(elem_id="nll-table")
+
+    def models_and_images(spec: str, data_folder: str, picks: str, files: Optional[list[str]], after: str):
+        model = open_checked(spec.strip(), data_folder.strip())
+        settings.check_folders(after, "")  # the "after" folder is a model folder a visitor may type
+        return teaching_models(model, after or ""), teaching_images(model, parse_picks(picks), files or [], n_retain)
+
+    @gpu_task(60)
+    @readable_errors
+    def show_renoise(spec: str, data_folder: str, picks: str, files: Optional[list[str]], after: str, t, seed):
+        models, images = models_and_images(spec, data_folder, picks, files, after)
+        picture, note = renoise_view(models, images.images[0], whole(t), whole(seed))
+        return picture, note
+
+    @gpu_task(120)
+    def show_likelihood(spec: str, data_folder: str, picks: str, files: Optional[list[str]], after: str,
+                        progress=gr.Progress()) -> Iterator[str]:
+        """The table grows model by model (a generator: its errors are caught here, not by readable_errors)."""
+        try:
+            models, images = models_and_images(spec, data_folder, picks, files, after)
+            progress(0.0, desc=f"Likelihood under {models[0][0]}")
+            for done, rows in enumerate(likelihood_view(models, images, nll_settings), start=1):
+                seconds = sum(row.result.seconds for row in rows) / len(rows)
+                if done < len(models):
+                    progress(done / len(models), desc=f"Likelihood under {models[done][0]}")
+                yield likelihood_table(rows) + f"\n\n*{seconds:.0f} s per image on {describe_device()}.*"
+        except USER_ERRORS as exc:
+            yield f"⚠ {exc}"
+        except Exception as exc:  # never a stack trace in the page
+            log.exception("the likelihood failed")
+            yield f"⚠ Unexpected error ({type(exc).__name__}: {exc}); details are in the server log"
+
+    sources = [model_box, data_box, picks_box, uploads, after_box]
+    renoise_button.click(show_renoise, sources + [t_slider, noise_seed], [renoise_picture, renoise_note],
+                         api_name="renoise")
+    nll_button.click(show_likelihood, sources, nll_table, api_name="likelihood", show_progress_on=[nll_table])
+    return after_box
 
 
 def number(value) -> float:

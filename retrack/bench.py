@@ -15,6 +15,12 @@ model then draws the same seeded samples, which are scored:
   the retain set and an Inception-style score from zero-shot CLIP digit classes.
 It writes results.json, results.md (table), tradeoff.png (memorisation vs quality, one point per
 method) and one sample grid per method. All timings come from this one process.
+
+    python -m retrack bench --nll --methods pretrained,retrack,oracle
+
+instead measures the likelihood (bits/dim, `retrack.likelihood`) of the forget image and a few
+retain images under each method's model and writes nll.json and nll.md: forgetting should raise
+the forget image's bits/dim toward the oracle's while the retain images' stay.
 """
 
 from __future__ import annotations
@@ -31,9 +37,11 @@ import torch
 
 from . import metrics
 from .backends import load_backend
+from .backends.base import Backend
 from .builtin import builtin_dataset, builtin_sets
 from .engine import UnlearnConfig, resolve_device, unlearn
 from .images import uint8_to_tensor
+from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .sampling import sample, save_grid
 
@@ -130,11 +138,31 @@ def evaluate(images: torch.Tensor, ref: Reference) -> dict:
                 class_score=float(class_score))
 
 
-def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) -> list[Row]:
-    """Run every method in one process and write the results under `out`."""
+def check_methods(settings: BenchSettings) -> None:
     unknown = set(settings.methods) - set(ALL_METHODS)
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(ALL_METHODS)}")
+
+
+def method_model(method: str, settings: BenchSettings, device: str, forget: torch.Tensor, retain: torch.Tensor,
+                 log: Callable[[str], None]) -> tuple[Backend, dict]:
+    """The model a method leaves: the built-in model (pretrained), the oracle, or the built-in model
+    unlearned with the published MNIST settings at the benchmark's steps, batch and seed. Returns
+    it and the unlearning figures for the table."""
+    backend = load_backend(BUILTIN_ORACLE if method == "oracle" else BUILTIN_MODEL, device=device)
+    if method in ("pretrained", "oracle"):
+        return backend, {}
+    config = UnlearnConfig.preset("mnist", method=method, steps=settings.steps, batch_size=settings.batch_size,
+                                  seed=settings.seed, device=device)
+    result = unlearn(backend, forget, retain, config)
+    log(f"{method}: {result.seconds:.1f} s ({result.knn_seconds:.2f} s k-NN, {result.seconds_per_step:.3f} s/step)")
+    return backend, dict(unlearn_seconds=result.seconds, knn_seconds=result.knn_seconds,
+                         seconds_per_step=result.seconds_per_step, final_loss=result.events[-1].loss)
+
+
+def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) -> list[Row]:
+    """Run every method in one process and write the results under `out`."""
+    check_methods(settings)
     device = resolve_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -143,15 +171,7 @@ def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) 
     forget, retain = builtin_sets()
     rows = []
     for method in settings.methods:
-        backend = load_backend(BUILTIN_ORACLE if method == "oracle" else BUILTIN_MODEL, device=device)
-        extra = {}
-        if method not in ("pretrained", "oracle"):
-            config = UnlearnConfig.preset("mnist", method=method, steps=settings.steps, batch_size=settings.batch_size,
-                                          seed=settings.seed, device=device)
-            result = unlearn(backend, forget, retain, config)
-            extra = dict(unlearn_seconds=result.seconds, knn_seconds=result.knn_seconds,
-                         seconds_per_step=result.seconds_per_step, final_loss=result.events[-1].loss)
-            log(f"{method}: {result.seconds:.1f} s ({result.knn_seconds:.2f} s k-NN, {result.seconds_per_step:.3f} s/step)")
+        backend, extra = method_model(method, settings, device, forget, retain, log)
         t0 = time.perf_counter()
         samples = sample(backend, settings.samples, seed=settings.seed, steps=settings.sample_steps, batch_size=250)
         sampling_seconds = time.perf_counter() - t0
@@ -222,3 +242,81 @@ def plot_tradeoff(rows: list[Row], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+# ============================================================================ likelihood
+def likelihood_images(seed: int, n_retain: int) -> tuple[list[tuple[str, str]], torch.Tensor]:
+    """The forget image (the T-shirt) and `n_retain` digits drawn with `seed`: (name, role) pairs and x0."""
+    dataset = builtin_dataset()
+    forget, retain = builtin_sets()
+    pick = np.sort(np.random.default_rng(seed).choice(len(retain), n_retain, replace=False))
+    labels = dataset.labels[~dataset.is_forget][pick]
+    names = [("t-shirt", "forget")] + [(f"retain #{i} ({dataset.class_names[label]})", "retain")
+                                       for i, label in zip(pick.tolist(), labels.tolist())]
+    return names, torch.cat([forget[:1], retain[torch.from_numpy(pick)]])
+
+
+def run_likelihood(settings: BenchSettings, out: Path, nll: NLLSettings = NLLSettings(), n_retain: int = 3,
+                   log: Callable[[str], None] = print) -> list[LikelihoodRow]:
+    """Bits/dim of the T-shirt and `n_retain` digits under each method's model; nll.json, nll.md in `out`.
+
+    The same images get the same dequantisation and probes under every model (seeded per image).
+    The files are rewritten after each method, so an interrupted run keeps what it measured.
+    """
+    check_methods(settings)
+    nll.validate()
+    device = resolve_device(settings.device)
+    out.mkdir(parents=True, exist_ok=True)
+    started, load_before = time.perf_counter(), _load_average()
+    forget, retain = builtin_sets()
+    names, images = likelihood_images(settings.seed, n_retain)
+    rows: list[LikelihoodRow] = []
+    for method in settings.methods:
+        backend, _ = method_model(method, settings, device, forget, retain, log)
+        for (name, role), result in zip(names, model_likelihoods(backend, images, nll)):
+            rows.append(LikelihoodRow(method, name, role, result))
+            log(f"{method}: {name}: {result} ({result.evaluations} evaluations, {result.seconds:.0f} s)")
+        write_likelihood(rows, settings, nll, out, time.perf_counter() - started, device, load_before)
+    return rows
+
+
+def _load_average() -> Optional[float]:
+    try:
+        import os
+
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):  # not on every platform
+        return None
+
+
+def write_likelihood(rows: list[LikelihoodRow], settings: BenchSettings, nll: NLLSettings, out: Path, seconds: float,
+                     device: str, load_before: Optional[float]) -> None:
+    """nll.json (every repeat, evaluations and seconds per image) and nll.md (the table)."""
+    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    per_image = [row.result.seconds for row in rows]
+    meta = dict(settings=asdict(settings), likelihood=asdict(nll), device=where, total_seconds=round(seconds, 1),
+                load_average_at_start=load_before, load_average_at_end=_load_average(),
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    (out / "nll.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
+    methods = list(dict.fromkeys(row.model for row in rows))
+    lines = [
+        f"Likelihood of the built-in model's forget image and {len({r.image for r in rows}) - 1} retain digits "
+        f"(drawn with seed {settings.seed}), in bits/dim (lower: the model finds the image more likely), under "
+        f"{', '.join(methods)}; unlearning: published MNIST preset, {settings.steps} steps x batch "
+        f"{settings.batch_size}, seed {settings.seed}.",
+        "",
+        likelihood_table(rows),
+        "",
+        f"Probability-flow ODE (Song et al. 2021), torchdiffeq {nll.method} with rtol {nll.rtol:g}, atol "
+        f"{nll.atol:g}, t from {nll.t_min:g} to 1; {nll.repeats} repeats per image, each with its own uniform "
+        f"dequantisation and {nll.probe} Hutchinson probe; ± is the standard error over the repeats (the solver's "
+        f"error is not in it). Bits/dim on the 8-bit scale (-log p / (D ln 2) + 7), an upper bound on the "
+        f"discrete negative log-likelihood.",
+        "",
+        f"Device: {where}; {min(per_image):.0f}–{max(per_image):.0f} s per image "
+        f"({min(r.result.evaluations for r in rows)}–{max(r.result.evaluations for r in rows)} network "
+        f"evaluations with their vector-Jacobian products); whole run {seconds:.0f} s, on a shared machine "
+        f"(load average {load_before} at the start, {meta['load_average_at_end']} at the end).",
+    ]
+    (out / "nll.md").write_text("\n".join(lines) + "\n")

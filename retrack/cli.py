@@ -3,6 +3,8 @@
     python -m retrack unlearn --model builtin --out outputs/no-tshirt
     python -m retrack unlearn --model my-ddpm --forget bad1.png bad2.png --retain train/ --out my-ddpm-clean
     python -m retrack sample --model outputs/no-tshirt --n 64 --out grid.png
+    python -m retrack renoise --model builtin outputs/no-tshirt --t 300 500 --out renoise.png
+    python -m retrack nll --model outputs/no-tshirt --images tshirt.png digit.png
 
 Argument and input errors print one line (`retrack: error: ...`) and exit with status 2; a
 diverged or cancelled run, or one that runs out of memory, prints `retrack: stopped: ...` and exits
@@ -14,9 +16,12 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import TYPE_CHECKING, Optional, Sequence
 
 from . import __version__
+
+if TYPE_CHECKING:  # torch is imported inside the commands, so that --help answers at once
+    from torch import Tensor
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, PermissionError)
 
@@ -116,6 +121,70 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def teaching_images(model: str, files: Optional[Sequence[str]], backend) -> tuple[list[str], Tensor]:
+    """(names, x0) of the images named on the command line; the built-in T-shirt by default."""
+    from .images import expand_paths, load_images
+
+    if files:
+        paths = expand_paths(files)
+        loaded = load_images(paths, backend.image_size, backend.channels)
+        for note in loaded.notes:
+            print(f"note: {note}", file=sys.stderr)
+        return [p.name for p in paths], backend.encode(loaded.tensor)
+    if model != "builtin":
+        raise ValueError("--image is required (or --images for nll) unless --model builtin (default: the T-shirt)")
+    from .builtin import builtin_sets
+
+    return ["t-shirt"], backend.encode(builtin_sets()[0][:1])
+
+
+def cmd_renoise(args: argparse.Namespace) -> int:
+    from .backends import load_backend
+    from .engine import resolve_device
+    from .sampling import pixel_l2, renoise, renoise_grid, save_png
+
+    device = resolve_device(args.device)
+    backends = [load_backend(_model_path(name), device=device) for name in args.model]
+    if any(b.family != "pixel" for b in backends):
+        raise ValueError("noise-and-denoise is for pixel models (DDPM folders)")
+    names, x0 = teaching_images(args.model[0], [args.image] if args.image else None, backends[0])
+    image = x0[:1].cpu()
+    rows = []
+    for t in args.t:
+        row = [(Path(name).name or name, renoise(b, image, t, seed=args.seed, steps=args.steps))
+               for name, b in zip(args.model, backends)]
+        if row[0][1].t != t:
+            print(f"note: t={row[0][1].t} (nearest DDIM timestep to {t})", file=sys.stderr)
+        for name, result in row:
+            print(f"t={result.t} {name}: L2 to the image {float(pixel_l2(result.denoised, image)[0]):.2f} "
+                  f"(pixels in [0, 1])")
+        rows.append(row)
+    path = save_png(renoise_grid(image, rows), args.out)
+    print(f"wrote {path} (rows: t = {', '.join(str(row[0][1].t) for row in rows)}; columns: the image, its noised "
+          f"version, then each model's denoised result from the same noise)", file=sys.stderr)
+    return 0
+
+
+def cmd_nll(args: argparse.Namespace) -> int:
+    from .backends import load_backend
+    from .engine import resolve_device
+    from .likelihood import NLLSettings, model_likelihoods
+
+    base = NLLSettings.cheap() if args.cheap else NLLSettings()
+    overrides = {name: getattr(args, name) for name in ("rtol", "atol", "repeats", "probe", "seed")
+                 if getattr(args, name) is not None}
+    settings = NLLSettings(**{**base.__dict__, **overrides})
+    settings.validate()
+    backend = load_backend(_model_path(args.model), device=resolve_device(args.device))
+    names, x0 = teaching_images(args.model, args.images, backend)
+    print(f"probability-flow ODE, dopri5 rtol {settings.rtol:g} atol {settings.atol:g}, {settings.repeats} "
+          f"{settings.probe} probes and dequantisations per image, seed {settings.seed}", file=sys.stderr)
+    for name, result in zip(names, model_likelihoods(backend, x0, settings)):
+        print(f"{name}: {result} ({settings.repeats} repeats, {result.evaluations} evaluations, "
+              f"{result.seconds:.1f} s)", flush=True)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -124,7 +193,18 @@ def cmd_bench(args: argparse.Namespace) -> int:
                  if getattr(args, name) is not None}
     settings = bench.BenchSettings(**{**settings.__dict__, **overrides, "device": args.device,
                                       "methods": tuple(args.methods.split(",")) if args.methods else settings.methods})
-    bench.run(settings, Path(args.out), log=lambda line: print(line, flush=True))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if args.nll:
+        from .likelihood import NLLSettings
+
+        nll = NLLSettings.cheap() if args.quick else NLLSettings()
+        overrides = {name: value for name, value in (("rtol", args.nll_tol), ("atol", args.nll_tol),
+                                                     ("repeats", args.nll_repeats)) if value is not None}
+        nll = NLLSettings(**{**nll.__dict__, **overrides})
+        bench.run_likelihood(settings, Path(args.out), nll, n_retain=args.nll_retain, log=log)
+        print(f"wrote {args.out}/nll.md, nll.json")
+        return 0
+    bench.run(settings, Path(args.out), log=log)
     print(f"wrote {args.out}/results.md, results.json, tradeoff.png")
     return 0
 
@@ -183,9 +263,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample-steps", type=int, help="DDIM steps per sample (default 50)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI)")
+    p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI); with --nll, the cheap "
+                                                           "likelihood setting")
+    p.add_argument("--nll", action="store_true", help="instead: likelihood (bits/dim) of the T-shirt and a few "
+                                                      "retain digits per method (nll.json, nll.md)")
+    p.add_argument("--nll-retain", type=int, default=3, help="retain digits in the likelihood table (default 3)")
+    p.add_argument("--nll-tol", type=float, help="ODE rtol = atol for --nll (default 1e-5, Song et al.'s)")
+    p.add_argument("--nll-repeats", type=int, help="dequantisation + probe draws per image for --nll (default 4)")
     p.add_argument("--out", default="benchmarks/results/builtin", help="folder for the table, JSON and plots")
     p.set_defaults(run=cmd_bench)
+
+    p = sub.add_parser("renoise", help="noise an image to timestep t and denoise it with each model (same noise)")
+    p.add_argument("--model", nargs="+", default=["builtin"], help="model folders to compare, e.g. before and after")
+    p.add_argument("--image", help="the image (default for builtin: the T-shirt)")
+    p.add_argument("--t", type=int, nargs="+", default=[500], help="timestep(s) to noise to, 0..T-1 (default 500)")
+    p.add_argument("--steps", type=int, default=50, help="DDIM grid (t moves to its nearest timestep)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.set_defaults(run=cmd_renoise)
+
+    p = sub.add_parser("nll", help="likelihood of images in bits/dim (probability-flow ODE)")
+    p.add_argument("--model", default="builtin")
+    p.add_argument("--images", nargs="+", help="image files or folders (default for builtin: the T-shirt)")
+    p.add_argument("--repeats", type=int, help="dequantisation + probe draws per image (default 4)")
+    p.add_argument("--probe", choices=["rademacher", "gaussian"], help="Hutchinson probe (default rademacher)")
+    p.add_argument("--rtol", type=float, help="ODE relative tolerance (default 1e-5)")
+    p.add_argument("--atol", type=float, help="ODE absolute tolerance (default 1e-5)")
+    p.add_argument("--cheap", action="store_true", help="the app's setting: rtol = atol = 1e-3, 2 repeats")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(run=cmd_nll)
 
     add_sd_commands(sub)  # split, sd-eval (Stable Diffusion models)
     return parser

@@ -1,8 +1,12 @@
-"""Seeded sampling, denoising trajectories and image grids.
+"""Seeded sampling, denoising trajectories, noise-and-denoise, and image grids.
 
 Sample i always starts from the noise of `torch.Generator().manual_seed(seed + i)`, whatever the
 batch size or device, so "before" and "after" grids of an unlearning run use the same noise and
 can be compared tile by tile. DDIM with eta = 0 is deterministic given that noise.
+
+`renoise` is the paper's check for one memorised image: noise it to timestep t, then denoise it
+with deterministic DDIM from t. A model that memorised the image brings it back; after
+unlearning, from the same noise, it should not.
 """
 
 from __future__ import annotations
@@ -91,6 +95,80 @@ def sample(
     return Samples(torch.cat(images), seeds, {t: torch.cat(v) for t, v in trajectory.items()})
 
 
+@dataclass
+class Renoised:
+    """Images noised to one timestep and denoised back by one model."""
+
+    t: int  # the timestep used: 0 (no noise) or one of the DDIM sampler's timesteps
+    noised: Tensor  # (N, C, H, W) x_t, decoded, in [-1, 1] (clamped for display)
+    denoised: Tensor  # (N, C, H, W) in [-1, 1], on the CPU
+
+
+def ddim_grid(backend: Backend, steps: int) -> list[int]:
+    """The timesteps deterministic DDIM with `steps` steps visits, highest first."""
+    sched = DDIMScheduler.from_config(backend.scheduler.config)
+    sched.set_timesteps(steps)
+    return [int(t) for t in sched.timesteps]
+
+
+def nearest_renoise_t(backend: Backend, t: int, steps: int = 50) -> int:
+    """0, or the DDIM timestep nearest t: noise-and-denoise starts exactly on the sampler's grid."""
+    if not 0 <= t < backend.scheduler.config.num_train_timesteps:
+        raise ValueError(f"t = {t} is outside 0..{backend.scheduler.config.num_train_timesteps - 1}")
+    return min([0, *ddim_grid(backend, steps)], key=lambda s: (abs(s - t), s))
+
+
+@torch.no_grad()
+def renoise(backend: Backend, x0: Tensor, t: int, seed: int = 0, steps: int = 50) -> Renoised:
+    """Noise x0 (N, C, H, W) to timestep t, x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps with
+    eps the noise of seed + i for row i (as `sample` draws it), then denoise with DDIM (eta = 0)
+    through the sampler's timesteps from t down. t = 0 is no noise: the images come back unchanged.
+    t is moved to the nearest timestep of the `steps`-step DDIM grid (`Renoised.t` says which).
+
+    The same seed gives the same eps under every model, so before and after start from one x_t.
+    """
+    if steps < 1:
+        raise ValueError("need at least one DDIM step")
+    t = nearest_renoise_t(backend, int(t), steps)
+    x0 = x0.to(backend.device, torch.float32)
+    if t == 0:
+        return Renoised(0, backend.decode(x0).float().cpu().clamp(-1, 1), backend.decode(x0).float().cpu().clamp(-1, 1))
+    sched = DDIMScheduler.from_config(backend.scheduler.config)
+    sched.set_timesteps(steps)
+    eps = initial_noise(tuple(x0.shape[1:]), [seed + i for i in range(len(x0))]).to(x0.device)
+    x_t = sched.add_noise(x0, eps, torch.tensor([t]))
+    denoise = backend.sampling_denoiser()
+    was_training = backend.unet.training
+    backend.unet.eval()
+    try:
+        x = x_t
+        for step_t in (s for s in sched.timesteps if int(s) <= t):
+            x = sched.step(denoise(x, step_t.to(x.device).reshape(1)), step_t, x, eta=0.0).prev_sample
+    finally:
+        backend.unet.train(was_training)
+    return Renoised(t, backend.decode(x_t).float().cpu().clamp(-1, 1), backend.decode(x).float().cpu().clamp(-1, 1))
+
+
+def pixel_l2(a: Tensor, b: Tensor) -> Tensor:
+    """Per-image L2 distance with pixels in [0, 1] (the paper's memorisation scale), (N,)."""
+    return ((a.float() - b.float()) / 2).flatten(1).norm(dim=1)
+
+
+def renoise_grid(image: Tensor, rows: Sequence[Sequence[tuple[str, Renoised]]]) -> Image.Image:
+    """One row per timestep: the image, its noised version, then each model's denoised result
+    captioned with its pixel-L2 distance to the image. `image` is (1, C, H, W) in [-1, 1]; each row
+    holds (model name, Renoised of that image) pairs for one t, all from the same noise."""
+    tiles, labels = [], []
+    for row in rows:
+        t = row[0][1].t
+        tiles += [image[:1].cpu(), row[0][1].noised[:1]]
+        labels += ["image", f"noised t={t}"]
+        for name, result in row:
+            tiles.append(result.denoised[:1])
+            labels.append(f"{name[:9]} L2 {float(pixel_l2(result.denoised[:1], image[:1].cpu())[0]):.1f}")
+    return image_grid(torch.cat(tiles), ncol=2 + len(rows[0]), labels=labels)
+
+
 def _font(size: int) -> ImageFont.ImageFont:
     try:
         from matplotlib import font_manager
@@ -136,11 +214,16 @@ def image_grid(
     return grid
 
 
-def save_grid(images: Union[Tensor, np.ndarray], path: Union[str, Path], **kwargs) -> Path:
-    """Write `image_grid(images, **kwargs)` as a PNG (atomically)."""
+def save_png(picture: Image.Image, path: Union[str, Path]) -> Path:
+    """Write a picture as a PNG, atomically (a reader never sees half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    image_grid(images, **kwargs).save(tmp)
+    picture.save(tmp)
     tmp.replace(path)
     return path
+
+
+def save_grid(images: Union[Tensor, np.ndarray], path: Union[str, Path], **kwargs) -> Path:
+    """Write `image_grid(images, **kwargs)` as a PNG (atomically)."""
+    return save_png(image_grid(images, **kwargs), path)

@@ -19,6 +19,9 @@ it can be tested without a browser and reused by other front ends; nothing here 
   `engine.unlearn`, saves and zips the result, samples "after" with the same seeds, scores every
   sample with the CLIP memorisation detector and builds the teaching view. Progress comes out as
   `JobState` snapshots; `Job.cancel()` stops the job between steps.
+- The teaching views (`teaching_images`, `teaching_models`, `renoise_view`, `likelihood_view`):
+  the forget image noised and denoised by the model before and after unlearning (and the
+  oracle, when there is one), and its likelihood in bits/dim beside a few retain images.
 """
 
 from __future__ import annotations
@@ -50,9 +53,10 @@ from .engine import (
     resolve_device, save_model, unlearn,
 )
 from .images import expand_paths, load_images, tensor_to_pil, tensor_to_uint8, uint8_to_tensor
+from .likelihood import LikelihoodRow, NLLSettings, model_likelihoods
 from .neighbours import check_neighbour_count
 from .objectives import METHODS, retrack_targets
-from .sampling import Samples, image_grid, sample
+from .sampling import Samples, image_grid, pixel_l2, renoise, renoise_grid, sample
 
 log = logging.getLogger(__name__)
 
@@ -929,3 +933,81 @@ class MemorisationDetector:
         clean = features[torch.from_numpy(scores < self.threshold)]
         quality = frechet_distance(clean.numpy(), self.reference_features.numpy()) if len(clean) >= 2 else None
         return Evaluation(samples=samples, scores=scores, threshold=self.threshold, quality=quality)
+
+
+# ============================================================================ teaching: noise and denoise, likelihood
+TEACHING_RETAIN_IMAGES = 2  # retain images beside the forget image in the likelihood table
+RENOISE_STEPS = 50  # DDIM grid of the noise-and-denoise view: t moves in steps of T / 50 (20 for T = 1000)
+
+
+@dataclass
+class TeachingImages:
+    """What the teaching views look at: the forget image first, then a few retain images."""
+
+    images: np.ndarray  # uint8 (N, H, W, C)
+    names: list[str]
+    roles: list[str]  # "forget" or "retain"
+
+
+def teaching_images(model: ModelInfo, picks: Sequence[int], uploads: Sequence[str] = (),
+                    n_retain: int = TEACHING_RETAIN_IMAGES, seed: int = 0) -> TeachingImages:
+    """The first image of the forget set (picks and uploads; when none, the training item copied
+    most often: the built-in T-shirt) and `n_retain` retain images drawn with `seed`."""
+    if not picks and not uploads:
+        if model.training_data is None:
+            raise ValueError("pick or upload an image to forget first (section 2)")
+        picks = [gallery_items(model.training_data, limit=1)[0].index]
+    forget = build_forget_set(model, picks, uploads)
+    data = model.training_data
+    chosen = np.sort(np.random.default_rng(seed).choice(forget.retain_index, min(n_retain, len(forget.retain_index)),
+                                                         replace=False))
+    return TeachingImages(images=np.concatenate([forget.images[:1], data.images[chosen]]),
+                          names=[forget.sources[0]] + [f"#{i} {data.names[i]}" for i in chosen],
+                          roles=["forget"] + ["retain"] * len(chosen))
+
+
+def teaching_models(model: ModelInfo, after: str) -> list[tuple[str, Path]]:
+    """The models the teaching views compare: before (the model), after (an unlearned model folder,
+    when given) and the oracle retrained without the forget image, when one lies beside the model's
+    companions (the built-in model's assets/builtin/oracle). Pixel models only."""
+    if model.family != "pixel":
+        raise ValueError("noise-and-denoise and the likelihood are shown for pixel models")
+    models = [("before", model.path)]
+    if after.strip():
+        folder = Path(after.strip()).expanduser()
+        if not (folder / "model_index.json").is_file():
+            raise ValueError(f"{after.strip()}: not a model folder (no model_index.json); run an unlearning job first "
+                             "or type the folder of an unlearned model")
+        models.append(("after", folder))
+    home = companion_folder(model.path)
+    oracle = None if home is None else home / "oracle"
+    if oracle is not None and (oracle / "model_index.json").is_file() and oracle.resolve() != model.path.resolve():
+        models.append(("oracle", oracle))
+    return models
+
+
+def renoise_view(models: Sequence[tuple[str, Path]], image: np.ndarray, t: int, seed: int = 0,
+                 device: str = "auto") -> tuple[Image.Image, str]:
+    """The forget image (uint8 HWC) noised to t and denoised by each model from the same noise:
+    the picture (image, noised, one result per model) and a sentence with the distances."""
+    device = resolve_device(device)
+    x0 = to_tensor(image[None])
+    row = [(name, renoise(load_backend(path, device=device), x0, t, seed=seed, steps=RENOISE_STEPS))
+           for name, path in models]
+    distances = ", ".join(f"{name} {float(pixel_l2(result.denoised, x0)[0]):.1f}" for name, result in row)
+    note = (f"Noised to t = {row[0][1].t} with seed {seed}, then denoised by deterministic DDIM. Pixel-L2 distance "
+            f"of each result to the image (pixels in [0, 1]; near 0: the model brings the image back): {distances}.")
+    return renoise_grid(x0, [row]), note
+
+
+def likelihood_view(models: Sequence[tuple[str, Path]], images: TeachingImages, settings: NLLSettings,
+                    device: str = "auto") -> Iterator[list[LikelihoodRow]]:
+    """Bits/dim of each teaching image under each model; yields the rows so far after each model."""
+    device = resolve_device(device)
+    rows: list[LikelihoodRow] = []
+    pixels = to_tensor(images.images)
+    for name, path in models:
+        results = model_likelihoods(load_backend(path, device=device), pixels, settings)
+        rows += [LikelihoodRow(name, image, role, result)
+                 for image, role, result in zip(images.names, images.roles, results)]
+        yield list(rows)

@@ -8,9 +8,11 @@ The server is `python app.py --quick` in a subprocess, exactly as a user starts 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -39,88 +41,112 @@ def app_url(tmp_path_factory):
         yield url
 
 
-def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
+@contextlib.contextmanager
+def open_page(app_url: str) -> Iterator:
+    """A headless Chromium page showing the app; the browser closes afterwards."""
     from playwright.sync_api import sync_playwright
 
-    full = bool(os.environ.get("RETRACK_BROWSER_FULL"))
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
-
-            # The gallery shows the memorised T-shirt first; clicking it fills the picks box.
-            page.wait_for_selector("#training-gallery img", timeout=120_000)
-            page.locator("#training-gallery button.thumbnail-item", has_text="t-shirt").first.click()
-            picks = page.locator("#forget-picks textarea, #forget-picks input").first
-            page.wait_for_function("el => /#\\d+/.test(el.value)", arg=picks.element_handle(), timeout=30_000)
-            page.wait_for_selector("#forget-preview img", timeout=30_000)
-            assert "1 image(s) to forget" in page.locator("#forget-summary").inner_text()
-
-            steps = int(float(page.locator("#steps input").input_value()))
-            page.click("#run")
-            # The loss plot fills in while the job runs: three curves (total, unlearning, retain).
-            lines = page.locator("#loss-plot [aria-roledescription='line mark']")
-            lines.first.wait_for(timeout=(900_000 if full else 180_000))
-            page.wait_for_selector("#after-grid img", timeout=(900_000 if full else 180_000))
-            page.wait_for_selector("#trajectory img", timeout=60_000)
-            status = page.locator("#status textarea").input_value()
-            assert status.startswith("Done"), status
-
-            # ... and in the end holds one point per training step on each curve.
-            assert lines.count() == 3
-            for line in lines.all():
-                assert line.get_attribute("d").count("L") + 1 == steps
-            assert "memorisation rate" in page.locator("#metrics").inner_text()
-
-            page.set_viewport_size({"width": 1400, "height": 2400})
-            page.wait_for_timeout(500)
-            shot = tmp_path / "app.png"
-            page.screenshot(path=str(shot), full_page=True)
-            assert shot.stat().st_size > 10_000
-            if os.environ.get("RETRACK_SCREENSHOT"):
-                shutil.copy(shot, os.environ["RETRACK_SCREENSHOT"])
+            yield page
         finally:
             browser.close()
+
+
+def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
+    full = bool(os.environ.get("RETRACK_BROWSER_FULL"))
+    with open_page(app_url) as page:
+        # The gallery shows the memorised T-shirt first; clicking it fills the picks box.
+        page.wait_for_selector("#training-gallery img", timeout=120_000)
+        page.locator("#training-gallery button.thumbnail-item", has_text="t-shirt").first.click()
+        picks = page.locator("#forget-picks textarea, #forget-picks input").first
+        page.wait_for_function("el => /#\\d+/.test(el.value)", arg=picks.element_handle(), timeout=30_000)
+        page.wait_for_selector("#forget-preview img", timeout=30_000)
+        assert "1 image(s) to forget" in page.locator("#forget-summary").inner_text()
+
+        steps = int(float(page.locator("#steps input").input_value()))
+        page.click("#run")
+        # The loss plot fills in while the job runs: three curves (total, unlearning, retain).
+        lines = page.locator("#loss-plot [aria-roledescription='line mark']")
+        lines.first.wait_for(timeout=(900_000 if full else 180_000))
+        page.wait_for_selector("#after-grid img", timeout=(900_000 if full else 180_000))
+        page.wait_for_selector("#trajectory img", timeout=60_000)
+        status = page.locator("#status textarea").input_value()
+        assert status.startswith("Done"), status
+
+        # ... and in the end holds one point per training step on each curve.
+        assert lines.count() == 3
+        for line in lines.all():
+            assert line.get_attribute("d").count("L") + 1 == steps
+        assert "memorisation rate" in page.locator("#metrics").inner_text()
+        # The teaching views now compare against the model this run saved.
+        after = page.locator("#teach-after-model textarea, #teach-after-model input").first
+        page.wait_for_function("el => /-retrack$/.test(el.value)", arg=after.element_handle(), timeout=30_000)
+
+        page.set_viewport_size({"width": 1400, "height": 2400})
+        page.wait_for_timeout(500)
+        shot = tmp_path / "app.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert shot.stat().st_size > 10_000
+        if os.environ.get("RETRACK_SCREENSHOT"):
+            shutil.copy(shot, os.environ["RETRACK_SCREENSHOT"])
 
 
 def test_text_to_image_split_shows_two_galleries_and_a_click_moves_an_image(app_url, tmp_path):
     """A Stable Diffusion model (tiny, random) typed into the page: Generate & split fills the two
     galleries, and clicking a kept image moves it to the forget side."""
-    from playwright.sync_api import sync_playwright
-
     from retrack.tiny import build_tiny_clip, build_tiny_sd_pipeline
 
     model = tmp_path / "model"
     build_tiny_sd_pipeline(seed=0, image_size=32, save_to=model)
     build_tiny_clip(tmp_path / "clip")  # the scorer the split embeds with, found beside the model
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(app_url, wait_until="domcontentloaded", timeout=60_000)
-            page.wait_for_selector("#training-gallery img", timeout=120_000)  # the built-in model first
-            page.locator("#model-path textarea, #model-path input").first.fill(str(model))
-            page.click("#load-model")
-            prompt = page.locator("#prompt textarea, #prompt input").first
-            prompt.wait_for(state="visible", timeout=60_000)  # shown for text-to-image models only
-            prompt.fill("a photo of a cat")
-            page.locator("#n-generations input").first.fill("8")
-            page.click("#generate-split")
+    with open_page(app_url) as page:
+        page.wait_for_selector("#training-gallery img", timeout=120_000)  # the built-in model first
+        page.locator("#model-path textarea, #model-path input").first.fill(str(model))
+        page.click("#load-model")
+        prompt = page.locator("#prompt textarea, #prompt input").first
+        prompt.wait_for(state="visible", timeout=60_000)  # shown for text-to-image models only
+        prompt.fill("a photo of a cat")
+        page.locator("#n-generations input").first.fill("8")
+        page.click("#generate-split")
 
-            forget_tiles = page.locator("#split-forget button.thumbnail-item")
-            kept_tiles = page.locator("#split-retain button.thumbnail-item")
-            page.wait_for_function(
-                "() => document.querySelectorAll('#split-forget button.thumbnail-item').length"
-                " + document.querySelectorAll('#split-retain button.thumbnail-item').length == 8", timeout=180_000)
-            before = forget_tiles.count()
-            assert before >= 1 and kept_tiles.count() == 8 - before
-            moved = kept_tiles.first.inner_text().split()[0]  # its caption starts with "#<index>"
-            kept_tiles.first.click()
-            page.wait_for_function(
-                f"() => document.querySelectorAll('#split-forget button.thumbnail-item').length == {before + 1}",
-                timeout=30_000)
-            assert moved in page.locator("#forget-picks textarea, #forget-picks input").first.input_value()
-            assert kept_tiles.count() == 7 - before
-        finally:
-            browser.close()
+        forget_tiles = page.locator("#split-forget button.thumbnail-item")
+        kept_tiles = page.locator("#split-retain button.thumbnail-item")
+        page.wait_for_function(
+            "() => document.querySelectorAll('#split-forget button.thumbnail-item').length"
+            " + document.querySelectorAll('#split-retain button.thumbnail-item').length == 8", timeout=180_000)
+        before = forget_tiles.count()
+        assert before >= 1 and kept_tiles.count() == 8 - before
+        moved = kept_tiles.first.inner_text().split()[0]  # its caption starts with "#<index>"
+        kept_tiles.first.click()
+        page.wait_for_function(
+            f"() => document.querySelectorAll('#split-forget button.thumbnail-item').length == {before + 1}",
+            timeout=30_000)
+        assert moved in page.locator("#forget-picks textarea, #forget-picks input").first.input_value()
+        assert kept_tiles.count() == 7 - before
+
+
+def test_noise_and_denoise_view_shows_before_and_after_for_a_chosen_t(app_url, tmp_path):
+    """The teaching view: an unlearned model typed as "after", t set to 300 on the slider; the
+    picture shows the image, its noised version and the results of before, after and the oracle."""
+    from retrack.cli import main
+
+    after = tmp_path / "after"  # one unlearning step is enough to be a different model
+    assert main(["unlearn", "--model", "builtin", "--steps", "1", "--batch", "4", "--device", "cpu",
+                 "--out", str(after)]) == 0
+    with open_page(app_url) as page:
+        page.wait_for_selector("#training-gallery img", timeout=120_000)
+        page.locator("#teach-after-model textarea, #teach-after-model input").first.fill(str(after))
+        t_box = page.locator("#renoise-t input[type='number']").first
+        t_box.fill("300")
+        t_box.press("Enter")
+        page.click("#renoise-run")
+        page.wait_for_selector("#renoise-grid img", timeout=180_000)
+        note = page.locator("#renoise-note").inner_text()
+        assert "t = 300" in note, note
+        assert all(f"{name} " in note for name in ("before", "after", "oracle")), note
+        width = page.locator("#renoise-grid img").first.evaluate("img => img.naturalWidth")
+        assert width == 5 * (3 * 28 + 2) + 2  # image, noised, before, after, oracle: 28 px tiles x 3
