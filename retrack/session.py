@@ -45,7 +45,6 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from . import paths
 from .backends import load_backend, resolve_model_path
 from .backends.base import Backend
 from .engine import (
