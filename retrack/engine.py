@@ -389,11 +389,14 @@ def unlearn(
                          n_forget=forget.shape[0], n_retain=retain.shape[0], world_size=world)
 
 
-def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, overwrite: bool = False) -> Path:
+def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, overwrite: bool = False,
+               extra_files: Optional[dict[str, bytes]] = None) -> Path:
     """Write the model folder plus retrack.json atomically: the folder appears complete or not at all.
 
     It is written to a hidden `.NAME.<id>.partial` sibling and renamed into place; an interrupted
     save leaves only that hidden folder, never a half-written one under the real name.
+    ``extra_files`` (file name -> bytes) are written into the folder with it, e.g. a training
+    state that must always match the saved weights.
     """
     out = Path(out_dir).absolute()
     if backend.source and Path(backend.source).exists() and out.resolve() == Path(backend.source).resolve():
@@ -405,6 +408,8 @@ def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, over
     try:
         backend.save_pretrained(tmp)
         (tmp / "retrack.json").write_text(json.dumps(metadata, indent=2, default=str))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
         if out.exists():
             old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
             os.replace(out, old)
