@@ -410,7 +410,7 @@ def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, over
 
 
 def write_folder_atomically(out_dir: Union[str, Path], write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Let ``write`` fill a new folder, then put it at ``out_dir`` in one rename.
+    """Let ``write`` create and fill a new folder (the path it gets), then put it at ``out_dir`` in one rename.
 
     It is written to a hidden `.NAME.<id>.partial` sibling and renamed into place; an interrupted
     save leaves only that hidden folder, never a half-written one under the real name.
@@ -421,7 +421,6 @@ def write_folder_atomically(out_dir: Union[str, Path], write: Callable[[Path], N
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
     try:
-        tmp.mkdir()
         write(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"

@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     }
 
     def write(folder: Path) -> None:
+        folder.mkdir()
         classifier.save(folder)
         (folder / "retrack.json").write_text(json.dumps(record, indent=2) + "\n")
         (folder / "README.md").write_text(model_card(record))
