@@ -392,9 +392,16 @@ def train_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, dev
         unet.load_state_dict(state["unet"])
         ema_unet.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
         start_step, earlier = state["step"], state["stages"]
-        log(part, f"resuming {checkpoint_folder} at step {start_step}")
+        if state.get("generator_device", "cpu") == device.type:  # the first v2 checkpoints predate the key
+            generator.set_state(state["generator"])
+            log(part, f"resuming {checkpoint_folder} exactly at step {start_step}")
+        else:
+            # A CPU generator's state does not fit a CUDA generator: same weights and optimiser,
+            # new random draws (seeded by the step), so the run continues but not bit for bit.
+            generator.manual_seed(args.seed + (1 if part == "oracle" else 0) + 1_000_003 * start_step)
+            log(part, f"resuming {checkpoint_folder} at step {start_step} on {device.type} "
+                      f"(checkpoint drawn on {state.get('generator_device', 'cpu')}: new random draws)")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=uses_bf16(args, device))
     n_params = sum(p.numel() for p in params)
     log(part, f"{len(data)} training images, {n_params:,} parameters, batch {args.batch}, device {device_name(device)}")
@@ -444,7 +451,7 @@ def train_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, dev
         state = {"part": part, "setting": args.setting, "unet_config": json.loads(json.dumps(config)),
                  "step": record["start_step"] + record["steps"], "stages": earlier + [_stage_summary(record)],
                  "unet": unet.state_dict(), "ema": ema_unet.state_dict(), "optimizer": optimizer.state_dict(),
-                 "generator": generator.get_state()}
+                 "generator": generator.get_state(), "generator_device": device.type}
         buffer = io.BytesIO()
         torch.save(state, buffer)
         save_model(PixelBackend(copy.deepcopy(ema_unet).cpu(), scheduler), checkpoint_folder, describe(record),
@@ -590,7 +597,7 @@ def evaluate_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: tor
         return None
     scorer = ClipScorer.load(str(folder), device=device)
     held_out = build_digits_tshirt(seed=args.seed + 1000, n_digits=2000, tshirt_fraction=args.tshirt_fraction,
-                                   cache=False) if args.data is None else None
+                                   cache=False) if args.data is None and args.setting == "v1" else None
     # Without the builder (a machine given --data), use a slice of the training digits instead.
     digits = held_out.retain_images if held_out is not None else dataset.retain_images[:2000]
     digit_labels = (held_out.labels[~held_out.is_forget] if held_out is not None
@@ -701,6 +708,9 @@ def _record_evaluation(folder: Path, result: dict) -> None:
 
 def run_evaluation(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> int:
     """Evaluate whatever has been built; exit status 3 if the model does not memorise enough."""
+    if args.setting == "v2":
+        evaluate_clip(args, dataset, device)
+        return evaluate_v2_models(args, dataset, device)
     clip = evaluate_clip(args, dataset, device)
     threshold = clip["memorisation_threshold"] if clip else None
     status = 0
@@ -765,6 +775,27 @@ def evaluate_v2(folder: Path, args: argparse.Namespace, dataset: BuiltinDataset,
         + (f", classifier {result['tshirt_rate_classifier']:.1%}, confident digits {result['confident_digit_rate']:.1%}"
            if "tshirt_rate_classifier" in result else ""))
     return result
+
+
+def evaluate_v2_models(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> int:
+    """Evaluate the v2 model and oracle in --out; exit status 3 unless issue 10's criteria hold:
+    model L2 < 10 T-shirt rate 0.5-5 %, oracle 0 %, >= 90 % of oracle samples confident digits."""
+    failures = []
+    for part in ("model", "oracle"):
+        if not (args.out / part / "model_index.json").is_file():
+            continue
+        result = evaluate_v2(args.out / part, args, dataset, device)
+        rate = result["tshirt_rate_paper_l2"]
+        if part == "model" and not 0.005 <= rate <= 0.05:
+            failures.append(f"model: L2 < 10 T-shirt rate {rate:.1%}, not within 0.5-5 %")
+        if part == "oracle" and rate > 0:
+            failures.append(f"oracle: L2 < 10 T-shirt rate {rate:.1%}, not 0")
+        if part == "oracle" and result.get("confident_digit_rate", 0.0) < 0.9:
+            failures.append(f"oracle: {result.get('confident_digit_rate', 0.0):.1%} confident digits (p >= 0.9), "
+                            "needs 90 % (and the classifier)")
+    for failure in failures:
+        log("eval", f"REQUIREMENT NOT MET: {failure}")
+    return 3 if failures else 0
 
 
 def snapshot_checkpoints(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> None:
@@ -1008,7 +1039,9 @@ def run_all(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.dev
               "--max-seconds", str(args.max_seconds), "--batch", str(args.batch), "--device", str(device),
               "--seed", str(args.seed), "--n-digits", str(args.n_digits), "--tshirt-fraction", str(args.tshirt_fraction),
               "--lr", str(args.lr), "--clip-lr", str(args.clip_lr), "--warmup-steps", str(args.warmup_steps),
-              "--ema-decay", str(args.ema_decay), "--log-seconds", str(args.log_seconds), "--no-eval"]
+              "--ema-decay", str(args.ema_decay), "--log-seconds", str(args.log_seconds), "--no-eval",
+              "--setting", args.setting, "--n-tshirt", str(args.n_tshirt), "--checkpoint-seconds", str(args.checkpoint_seconds)]
+    passed += ["--checkpoint-dir", str(args.checkpoint_dir)] if args.checkpoint_dir else []
     passed += ["--bf16"] if args.bf16 else []
     parts = ["model", "oracle", "clip"]
     threads = args.threads or max(1, (os.cpu_count() or 3) // (len(parts) + (device.type == "cuda")))
