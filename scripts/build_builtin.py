@@ -141,9 +141,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "assets" / "builtin", help="output folder")
-    p.add_argument("--what", choices=["all", "model", "oracle", "clip", "eval", "steptime", "snapshot"], default="all",
+    p.add_argument("--what", choices=["all", "model", "oracle", "clip", "eval", "steptime", "snapshot", "describe"],
+                   default="all",
                    help="snapshot: copy the EMA weights of the checkpoints in --checkpoint-dir to --out/<part>-wip "
-                        "as intermediate models, evaluate them on --eval-samples and write their cards")
+                        "as intermediate models, evaluate them on --eval-samples and write their cards; "
+                        "describe: add --observed (what the sample grid shows, by eye) to the card in --out")
+    p.add_argument("--observed", default=None, help="describe: what the sample grid of --out shows, by eye")
     p.add_argument("--steps", type=int, default=1_000_000, help="training steps at most")
     p.add_argument("--max-seconds", type=float, default=240.0, help="training wall time at most, per part")
     p.add_argument("--batch", type=int, default=256)
@@ -942,7 +945,9 @@ def _ddpm_v2_card(info: dict) -> str:
                       f"{evaluation['confident_digit_rate']:.1%}; on the non-copies, digit Inception Score "
                       f"{_fmt(evaluation['digit_inception_score'])} and Fréchet distance of its features to the "
                       f"5,000 real digits {_fmt(evaluation['frechet_distance_classifier_features'])}."]
-        lines += [f"- ![samples](samples.png) {evaluation['grid']}.", ""]
+        lines += [f"- ![samples](samples.png) {evaluation['grid']}."]
+        lines += [f"- Seen by eye in the grid: {evaluation['observed']}"] if evaluation.get("observed") else []
+        lines += [""]
     return "\n".join(lines) + "\n"
 
 
@@ -1070,6 +1075,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out = args.out.resolve()
     if args.what == "steptime":
         measure_cpu_step_time(args)
+        return 0
+    if args.what == "describe":
+        info = json.loads((args.out / "retrack.json").read_text())
+        _record_evaluation(args.out, {**info["evaluation"], "observed": args.observed})
         return 0
     if args.threads:
         torch.set_num_threads(args.threads)
