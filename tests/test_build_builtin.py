@@ -49,3 +49,20 @@ def test_a_checkpoint_of_another_part_is_refused(build_builtin, tmp_path):
     (tmp_path / "ckpt" / "model").symlink_to(tmp_path / "ckpt" / "oracle")
     with pytest.raises(SystemExit, match="not of model"):
         _train(build_builtin, tmp_path / "out", tmp_path / "ckpt", steps=2, part="model")
+
+
+def test_snapshot_copies_a_checkpoint_as_an_evaluated_intermediate_model(build_builtin, tmp_path):
+    _train(build_builtin, tmp_path / "out", tmp_path / "ckpt", steps=1)
+    assert build_builtin.main(["--setting", "v2", "--what", "snapshot", "--checkpoint-dir", str(tmp_path / "ckpt"),
+                               "--out", str(tmp_path / "wip"), "--eval-samples", "4", "--eval-steps", "2",
+                               "--threads", "1", "--device", "cpu"]) == 0
+    folder = tmp_path / "wip" / "oracle-wip"
+    assert not (folder / build_builtin.TRAINING_STATE).exists() and not (tmp_path / "wip" / "model-wip").exists()
+    evaluation = json.loads((folder / "retrack.json").read_text())["evaluation"]
+    assert evaluation["samples"] == 4 and 0.0 <= evaluation["tshirt_rate_paper_l2"] <= 1.0
+    assert evaluation["retain_distance_to_tshirt_quantiles"]["0.0"] == pytest.approx(10.586, abs=1e-3)
+    assert (folder / "samples.png").is_file()
+    assert "**Intermediate, 1 training steps: not yet the built-in model.**" in (folder / "README.md").read_text()
+
+    assert build_builtin.main(["--what", "describe", "--out", str(folder), "--observed", "grey noise."]) == 0
+    assert "- Seen by eye in the grid: grey noise." in (folder / "README.md").read_text()
