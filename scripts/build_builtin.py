@@ -633,21 +633,28 @@ def evaluate_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: tor
     return result
 
 
-def evaluate_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device,
-                  clip_threshold: float | None) -> dict:
-    """Sample, count T-shirt copies (pixel L2 and CLIP), and score the quality of the digits."""
+def draw_eval_samples(folder: Path, args: argparse.Namespace, device: torch.device):
+    """The evaluation draw of a saved DDPM (DDIM, --eval-steps, seeds --eval-seed..): (samples, seconds)."""
     from retrack.backends.pixel import PixelBackend
-    from retrack.metrics import (ClipScorer, calibrated_l2_threshold, class_histogram, frechet_distance,
-                                 inception_style_score, memorisation_rate, memorisation_scores,
-                                 nearest_l2_distances)
-    from retrack.sampling import sample, save_grid
+    from retrack.sampling import sample
 
-    folder = args.out / part
     backend = PixelBackend.from_pretrained(folder, device=device)
     started = time.perf_counter()
     samples = sample(backend, args.eval_samples, seed=args.eval_seed, steps=args.eval_steps, scheduler="ddim",
                      batch_size=1000 if device.type == "cuda" else 250)
-    sampling_seconds = time.perf_counter() - started
+    return samples, time.perf_counter() - started
+
+
+def evaluate_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device,
+                  clip_threshold: float | None) -> dict:
+    """Sample, count T-shirt copies (pixel L2 and CLIP), and score the quality of the digits."""
+    from retrack.metrics import (ClipScorer, calibrated_l2_threshold, class_histogram, frechet_distance,
+                                 inception_style_score, memorisation_rate, memorisation_scores,
+                                 nearest_l2_distances)
+    from retrack.sampling import save_grid
+
+    folder = args.out / part
+    samples, sampling_seconds = draw_eval_samples(folder, args, device)
     samples01 = ((samples.images[:, 0].numpy() + 1.0) / 2.0).astype(np.float64)
     tshirt01 = dataset.tshirt[None].astype(np.float64) / 255.0
     retain01 = dataset.retain_images.astype(np.float64) / 255.0
@@ -732,18 +739,13 @@ def evaluate_v2(folder: Path, args: argparse.Namespace, dataset: BuiltinDataset,
     then, with the project's classifier, its T-shirt rate (p > 0.5), the share of confident digits
     (p >= 0.9), and on the non-copies the digit Inception Score and the Fréchet distance of its
     features to the real digits."""
-    from retrack.backends.pixel import PixelBackend
     from retrack.classifier import DigitClassifier
     from retrack.metrics import (PAPER_L2_THRESHOLD, classifier_forget_rate, confident_digit_rate,
                                  digit_inception_score, distance_quantiles, frechet_distance, nearest_l2_distances)
     from retrack.paths import BUILTIN_CLASSIFIER
-    from retrack.sampling import sample, save_grid
+    from retrack.sampling import save_grid
 
-    backend = PixelBackend.from_pretrained(folder, device=device)
-    started = time.perf_counter()
-    samples = sample(backend, args.eval_samples, seed=args.eval_seed, steps=args.eval_steps, scheduler="ddim",
-                     batch_size=1000 if device.type == "cuda" else 250)
-    sampling_seconds = time.perf_counter() - started
+    samples, sampling_seconds = draw_eval_samples(folder, args, device)
     tshirt01 = dataset.tshirt[None].astype(np.float64) / 255.0
     distance = nearest_l2_distances((samples.images[:, 0].numpy() + 1.0) / 2.0, tshirt01)
     retain_distance = nearest_l2_distances(dataset.retain_images / 255.0, tshirt01)
