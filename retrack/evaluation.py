@@ -54,6 +54,7 @@ REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that fea
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
 CLASSIFIER_THRESHOLD = 0.5  # probability of the forget class above which a sample is a copy
 MEASURES = ("l2", "clip", "classifier")
+DISPLAY_SIDE = 128  # tiles of shown sample grids: small images are enlarged, larger ones reduced to this
 
 
 # ============================================================================ settings
@@ -111,7 +112,7 @@ class Reference:
 
     forget: Tensor  # (N_u, C, H, W) in [-1, 1]
     retain: Tensor  # (N_r, C, H, W) in [-1, 1]; may be empty when thresholds are given
-    l2_threshold: float
+    l2_threshold: Optional[float]  # None: no pixel-L2 copy criterion (no retain images to calibrate it on)
     l2_rule: str
     scorer: Optional[metrics.ClipScorer] = None
     clip_threshold: Optional[float] = None
@@ -132,13 +133,14 @@ class Reference:
         `reference_subset` of it. Images are (N, C, H, W) in [-1, 1]."""
         if len(forget) == 0:
             raise ValueError("the forget set is empty")
-        if len(retain) == 0 and (l2_threshold is None or (scorer is not None and clip_threshold is None)):
+        if len(retain) == 0 and (scorer is None or clip_threshold is None) and l2_threshold is None:
             raise ValueError("give retain images to calibrate the thresholds from, or the thresholds")
-        forget01 = unit_pixels(forget)
-        if l2_threshold is None:
-            l2_threshold, l2_rule = l2_threshold_for(forget01, unit_pixels(retain))
-        else:
+        if l2_threshold is not None:
             l2_rule = "given"
+        elif len(retain):
+            l2_threshold, l2_rule = l2_threshold_for(unit_pixels(forget), unit_pixels(retain))
+        else:
+            l2_rule = "none: no retain images to calibrate it on"
         subset = retain[torch.from_numpy(reference_subset(len(retain)))] if len(retain) else retain
         forget_features = retain_features = retain_classifier_features = None
         if scorer is not None:
@@ -150,7 +152,8 @@ class Reference:
                     clip_threshold = metrics.calibrate_threshold(forget_features, retain_features)
         if classifier is not None and len(subset):
             retain_classifier_features = classifier.features(subset)
-        return cls(forget=forget, retain=retain, l2_threshold=float(l2_threshold), l2_rule=l2_rule, scorer=scorer,
+        return cls(forget=forget, retain=retain, l2_threshold=None if l2_threshold is None else float(l2_threshold),
+                   l2_rule=l2_rule, scorer=scorer,
                    clip_threshold=None if clip_threshold is None else float(clip_threshold),
                    forget_features=forget_features, retain_features=retain_features, classifier=classifier,
                    forget_class=forget_class, retain_classifier_features=retain_classifier_features,
@@ -232,7 +235,7 @@ class Evaluation:
 
     def copies(self) -> dict[str, np.ndarray]:
         """Boolean (N,) per measure: the sample counts as a copy of a forget image."""
-        out = {"l2": self.l2 < self.reference.l2_threshold}
+        out = {} if self.reference.l2_threshold is None else {"l2": self.l2 < self.reference.l2_threshold}
         if self.clip_similarity is not None:
             out["clip"] = self.clip_similarity >= self.reference.clip_threshold
         if self.forget_probability is not None:
@@ -273,7 +276,7 @@ class Evaluation:
     def rate(self) -> float:
         return float(self.flags.mean())
 
-    def grid(self, ncol: int = 8, side: Optional[int] = None) -> Image.Image:
+    def grid(self, ncol: int = 8, side: Optional[int] = DISPLAY_SIDE) -> Image.Image:
         """The samples, captioned with seed and CLIP score; copies framed in red. Tiles larger than
         `side` pixels are reduced first."""
         labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds, self.scores)]
@@ -313,31 +316,44 @@ def evaluate_samples(samples: Samples, reference: Reference, oracle: Optional[Or
                      prompt: str = "") -> Evaluation:
     """Every measure of already-drawn samples (the app's live curve, Stable Diffusion generations)."""
     images = samples.images
-    l2 = metrics.nearest_l2_distances(unit_pixels(images), unit_pixels(reference.forget))
-    clean = l2 >= reference.l2_threshold  # quality on the non-copies, as the paper measures it
-    quality: dict[str, Optional[float]] = {}
-    similarity = text_score = probability = None
+    result = Evaluation(samples=samples, reference=reference, oracle=oracle,
+                        l2=metrics.nearest_l2_distances(unit_pixels(images), unit_pixels(reference.forget)))
+    features = None
     if reference.scorer is not None:
         features = reference.scorer.image_features(images)
-        similarity = metrics.max_cosine_similarity(features, reference.forget_features)
-        quality["clip_fd"] = (metrics.frechet_distance(features[torch.from_numpy(clean)].numpy(), reference.retain_features)
+        result.clip_similarity = metrics.max_cosine_similarity(features, reference.forget_features)
+        if prompt.strip():
+            result.text_score = float((features @ reference.scorer.text_features([prompt.strip()]).T).mean())
+    probs = None
+    if reference.classifier is not None:
+        probs = reference.classifier.probabilities(images)
+        result.forget_probability = probs[:, reference.forget_class]
+    result.quality_figures = quality_of(result, features, probs)
+    return result
+
+
+def quality_of(result: Evaluation, features: Optional[Tensor], probs: Optional[np.ndarray]) -> dict[str, Optional[float]]:
+    """Quality on the non-copies, as the paper measures it: copies by the pixel-L2 criterion, or by
+    CLIP where there is no pixel criterion (no retain images); figures that need two or more
+    non-copies are None without them."""
+    reference, images = result.reference, result.samples.images
+    copies = result.copies()
+    clean = ~copies.get("l2", copies.get("clip", np.zeros(result.n, bool)))
+    kept = torch.from_numpy(clean)
+    quality: dict[str, Optional[float]] = {}
+    if features is not None:
+        quality["clip_fd"] = (metrics.frechet_distance(features[kept].numpy(), reference.retain_features)
                               if clean.sum() >= 2 and reference.retain_features is not None else None)
         if reference.class_names:
             quality["clip_class_score"] = (metrics.inception_style_score(
-                reference.scorer.zero_shot(images[torch.from_numpy(clean)], list(reference.class_names)))
-                if clean.any() else None)
-        if prompt.strip():
-            text_score = float((features @ reference.scorer.text_features([prompt.strip()]).T).mean())
-    if reference.classifier is not None:
-        probs = reference.classifier.probabilities(images)
-        probability = probs[:, reference.forget_class]
+                reference.scorer.zero_shot(images[kept], list(reference.class_names))) if clean.any() else None)
+    if probs is not None:
         quality["confident_digit_rate"] = metrics.confident_digit_rate(probs)
         quality["digit_inception_score"] = metrics.digit_inception_score(probs[clean]) if clean.any() else None
-        quality["classifier_fd"] = (metrics.frechet_distance(reference.classifier.features(images[torch.from_numpy(clean)]),
+        quality["classifier_fd"] = (metrics.frechet_distance(reference.classifier.features(images[kept]),
                                                              reference.retain_classifier_features)
                                     if clean.sum() >= 2 and reference.retain_classifier_features is not None else None)
-    return Evaluation(samples=samples, l2=l2, reference=reference, clip_similarity=similarity,
-                      forget_probability=probability, quality_figures=quality, text_score=text_score, oracle=oracle)
+    return quality
 
 
 def evaluate(backend, settings: SamplerSettings, reference: Reference, oracle: Optional[OracleLevels] = None,

@@ -96,6 +96,10 @@ def test_clip_rate_counts_exact_copies_when_the_retain_set_is_the_other_samples(
     # Quality: the CLIP Fréchet distance of the non-copies (the five retain images) to the retain set is 0.
     result_plain = evaluate_samples(Samples(others, list(range(5))), reference)
     assert result_plain.quality == pytest.approx(0.0, abs=1e-4)
+    # Without retain images (a prompt's memorised images and a given threshold) there is no pixel criterion,
+    # and quality leaves out the CLIP copies instead.
+    given = Reference.build(forget, forget[:0], scorer=tiny_scorer, clip_threshold=reference.clip_threshold)
+    assert given.l2_threshold is None and set(evaluate_samples(samples, given).rates()) == {"clip"}
     levels = OracleLevels(levels={"clip": 0.5})
     assert result.excess(levels)["clip"] == pytest.approx(float((result.distances()["clip"] < 0.5).mean()) - 0.01)
     assert reduce_to_side(samples.images, 16).shape == (7, 3, 16, 16) and reduce_to_side(samples.images, 64) is samples.images
