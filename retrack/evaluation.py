@@ -128,9 +128,9 @@ class Reference:
     def build(cls, forget: Tensor, retain: Tensor, scorer: Optional[metrics.ClipScorer] = None,
               classifier=None, forget_class: int = 10, class_names: Sequence[str] = (),
               clip_threshold: Optional[float] = None, l2_threshold: Optional[float] = None,
-              note: str = "") -> "Reference":
+              note: str = "", reference_size: int = REFERENCE_SIZE) -> "Reference":
         """Calibrate every threshold (unless given) against `retain`; features are measured on
-        `reference_subset` of it. Images are (N, C, H, W) in [-1, 1]."""
+        `reference_subset(len(retain), reference_size)` of it. Images are (N, C, H, W) in [-1, 1]."""
         if len(forget) == 0:
             raise ValueError("the forget set is empty")
         if len(retain) == 0 and (scorer is None or clip_threshold is None) and l2_threshold is None:
@@ -141,7 +141,7 @@ class Reference:
             l2_threshold, l2_rule = l2_threshold_for(unit_pixels(forget), unit_pixels(retain))
         else:
             l2_rule = "none: no retain images to calibrate it on"
-        subset = retain[torch.from_numpy(reference_subset(len(retain)))] if len(retain) else retain
+        subset = retain[torch.from_numpy(reference_subset(len(retain), reference_size))] if len(retain) else retain
         forget_features = retain_features = retain_classifier_features = None
         if scorer is not None:
             forget_features = scorer.image_features(forget)
@@ -369,7 +369,8 @@ def oracle_levels(backend, settings: SamplerSettings, reference: Reference, sour
 
 
 # ============================================================================ the built-in model
-def builtin_reference(device: str = "cpu", scorer: Optional[metrics.ClipScorer] = None) -> Reference:
+def builtin_reference(device: str = "cpu", scorer: Optional[metrics.ClipScorer] = None,
+                      reference_size: int = REFERENCE_SIZE) -> Reference:
     """The built-in digits + T-shirt reference: the T-shirt, every retain digit, the built-in CLIP
     (or `scorer`), the project's classifier when shipped, and the digit names for the class score."""
     from .builtin import builtin_dataset, builtin_sets
@@ -382,4 +383,4 @@ def builtin_reference(device: str = "cpu", scorer: Optional[metrics.ClipScorer] 
                   if (BUILTIN_CLASSIFIER / "model.safetensors").is_file() else None)
     scorer = scorer or metrics.ClipScorer.load("builtin", device=device)
     return Reference.build(forget, retain, scorer=scorer, classifier=classifier, forget_class=TSHIRT_LABEL,
-                           class_names=builtin_dataset().class_names[:TSHIRT_LABEL])
+                           class_names=builtin_dataset().class_names[:TSHIRT_LABEL], reference_size=reference_size)
