@@ -46,6 +46,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import metrics
+from .backends.base import Backend
 from .sampling import Samples, image_grid, sample
 
 DEFAULT_SAMPLER = "ddim"  # the evaluation sampler; one line to switch (e.g. to a faster solver)
@@ -53,7 +54,6 @@ DEFAULT_SAMPLER_STEPS = 50
 REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
 CLASSIFIER_THRESHOLD = 0.5  # probability of the forget class above which a sample is a copy
-MEASURES = ("l2", "clip", "classifier")
 DISPLAY_SIDE = 128  # tiles of shown sample grids: small images are enlarged, larger ones reduced to this
 
 
@@ -75,7 +75,7 @@ class SamplerSettings:
         return f"{self.sampler.upper()}, {self.steps} steps, seeds {self.seed}..{self.seed + self.n_samples - 1}"
 
 
-def draw(backend, settings: SamplerSettings, on_batch: Optional[Callable[[int, int], None]] = None) -> Samples:
+def draw(backend: Backend, settings: SamplerSettings, on_batch: Optional[Callable[[int, int], None]] = None) -> Samples:
     """The seeded samples of `settings` from a model (a prompt is encoded for text-to-image models)."""
     cond = backend.encode_prompt([settings.prompt.strip()]) if settings.prompt.strip() else None
     return sample(backend, settings.n_samples, seed=settings.seed, steps=settings.steps, scheduler=settings.sampler,
@@ -100,10 +100,10 @@ def reference_subset(n: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.nd
 def l2_threshold_for(forget01: np.ndarray, retain01: np.ndarray) -> tuple[float, str]:
     """The pixel-L2 copy threshold and its rule: the paper's 10 on 28×28 grey images when every
     retain image lies at least that far from the forget set, else the calibrated half-distance."""
-    nearest_retain = float(metrics.nearest_l2_distances(retain01, forget01).min())
-    if forget01.shape[1:] == (1, 28, 28) and nearest_retain >= metrics.PAPER_L2_THRESHOLD:
+    calibrated = metrics.calibrated_l2_threshold(forget01, retain01)  # half the nearest retain image's distance
+    if forget01.shape[1:] == (1, 28, 28) and 2 * calibrated >= metrics.PAPER_L2_THRESHOLD:
         return metrics.PAPER_L2_THRESHOLD, "paper: L2 < 10 (28x28, pixels in [0, 1])"
-    return nearest_retain / 2.0, f"calibrated: half the distance {nearest_retain:.3f} to the nearest retain image"
+    return calibrated, f"calibrated: half the distance {2 * calibrated:.3f} to the nearest retain image"
 
 
 @dataclass
@@ -356,13 +356,13 @@ def quality_of(result: Evaluation, features: Optional[Tensor], probs: Optional[n
     return quality
 
 
-def evaluate(backend, settings: SamplerSettings, reference: Reference, oracle: Optional[OracleLevels] = None,
+def evaluate(backend: Backend, settings: SamplerSettings, reference: Reference, oracle: Optional[OracleLevels] = None,
              on_batch: Optional[Callable[[int, int], None]] = None) -> Evaluation:
     """Draw the seeded samples of `settings` from a model and measure them (`evaluate_samples`)."""
     return evaluate_samples(draw(backend, settings, on_batch), reference, oracle, prompt=settings.prompt)
 
 
-def oracle_levels(backend, settings: SamplerSettings, reference: Reference, source: str = "") -> OracleLevels:
+def oracle_levels(backend: Backend, settings: SamplerSettings, reference: Reference, source: str = "") -> OracleLevels:
     """The oracle's levels from its own samples under the same settings."""
     return OracleLevels.from_evaluation(evaluate(backend, settings, reference),
                                         source=f"{source}, {settings.describe()}" if source else settings.describe())
