@@ -188,6 +188,8 @@ def cmd_nll(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.curves:
+        return cmd_curves(args)
     settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
     overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "samples", "sample_steps", "seed")
                  if getattr(args, name) is not None}
@@ -206,6 +208,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     bench.run(settings, Path(args.out), log=log)
     print(f"wrote {args.out}/results.md, results.json, tradeoff.png")
+    return 0
+
+
+def cmd_curves(args: argparse.Namespace) -> int:
+    """`bench --curves`: every method's memorisation and quality at checkpoints (retrack.curves)."""
+    from .curves import CurveSettings, run_curves
+
+    settings = CurveSettings.quick() if args.quick else CurveSettings()
+    overrides = {name: getattr(args, name) for name in ("batch_size", "samples", "sample_steps", "seed")
+                 if getattr(args, name) is not None}
+    if args.methods:
+        overrides["methods"] = tuple(args.methods.split(","))
+    if args.checkpoints:
+        try:
+            overrides["checkpoints"] = tuple(int(step) for step in args.checkpoints.split(","))
+        except ValueError:
+            raise ValueError(f"--checkpoints must be comma-separated step counts, got {args.checkpoints!r}") from None
+    settings = CurveSettings(**{**settings.__dict__, **overrides, "device": args.device})
+    run_curves(settings, Path(args.out), log=lambda line: print(line, flush=True))
+    print(f"wrote {args.out}/curves.json, curves.md, curves.png")
     return 0
 
 
@@ -265,6 +287,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI); with --nll, the cheap "
                                                            "likelihood setting")
+    p.add_argument("--curves", action="store_true", help="instead: forgetting curves of vanilla, NegGrad, EraseDiff, "
+                                                         "SISS and ReTrack at --checkpoints (curves.json, .md, .png)")
+    p.add_argument("--checkpoints", help="--curves: comma-separated steps to evaluate at (default 0,10,25,50,100,200)")
     p.add_argument("--nll", action="store_true", help="instead: likelihood (bits/dim) of the T-shirt and a few "
                                                       "retain digits per method (nll.json, nll.md)")
     p.add_argument("--nll-retain", type=int, default=3, help="retain digits in the likelihood table (default 3)")

@@ -16,9 +16,10 @@ it can be tested without a browser and reused by other front ends; nothing here 
 - `Job` runs one unlearning job in a worker thread. It waits its turn for the device (one
   training job per device at a time), loads a fresh copy of the model (the copy the page shows
   is never trained), samples "before" grids (cached per model and seeds), trains with
-  `engine.unlearn`, saves and zips the result, samples "after" with the same seeds, scores every
-  sample with the CLIP memorisation detector and builds the teaching view. Progress comes out as
-  `JobState` snapshots; `Job.cancel()` stops the job between steps.
+  `engine.unlearn`, saves and zips the result, samples "after" with the same seeds, measures
+  every sample with `retrack.evaluation` (CLIP memorisation rate, pixel L2, quality) and builds
+  the teaching view. Progress comes out as `JobState` snapshots; `Job.cancel()` stops the job
+  between steps.
 - The teaching views (`teaching_images`, `teaching_models`, `renoise_view`, `likelihood_view`):
   the forget image noised and denoised by the model before and after unlearning (and the
   oracle, when there is one), and its likelihood in bits/dim beside a few retain images.
@@ -34,7 +35,6 @@ import shutil
 import threading
 import time
 import uuid
-import warnings
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -47,6 +47,9 @@ from torch import Tensor
 
 from .backends import load_backend, resolve_model_path
 from .backends.base import Backend
+from .evaluation import (
+    DISPLAY_SIDE, Evaluation, Reference, SamplerSettings, draw, evaluate_samples, reduce_to_side,
+)
 from .engine import (
     Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, check_range, is_out_of_memory, preset_for,
     resolve_device, save_model, unlearn,
@@ -335,17 +338,11 @@ def to_tensor(images: np.ndarray) -> Tensor:
     return uint8_to_tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
 
 
-DISPLAY_SIDE = 128  # tiles of the page's pictures: small images are enlarged, large ones reduced
-
-
 def display_grid(images: Tensor | np.ndarray, **grid_options) -> Image.Image:
     """`sampling.image_grid` with tiles larger than DISPLAY_SIDE reduced first, so a grid of
     512-pixel samples stays a picture that fits on a page."""
-    pixels = to_tensor(images) if isinstance(images, np.ndarray) else images
-    if pixels.shape[-1] > DISPLAY_SIDE:
-        pixels = torch.nn.functional.interpolate(pixels.float(), size=(DISPLAY_SIDE, DISPLAY_SIDE), mode="bilinear",
-                                                 antialias=True, align_corners=False).clamp(-1, 1)
-    return image_grid(pixels, **grid_options)
+    return image_grid(reduce_to_side(to_tensor(images) if isinstance(images, np.ndarray) else images, DISPLAY_SIDE),
+                      **grid_options)
 
 
 # ============================================================================ text-to-image split
@@ -419,7 +416,7 @@ class EvalSettings:
 
     n_samples: int = 16
     seed: int = 0
-    sampling_steps: int = 25  # DDIM steps (deterministic given the seed)
+    sampling_steps: int = 25  # steps of the evaluation sampler (deterministic given the seed)
     trajectory_points: int = 6  # predicted clean images shown in the teaching view
     prompt: str = ""  # text-to-image models: the prompt whose memorised images are forgotten
     guidance: float = 7.5  # text-to-image models: classifier-free guidance scale
@@ -431,34 +428,10 @@ class EvalSettings:
         check_range("the first sample seed", self.seed, 0, 2**32, open_high=True)
         check_range("guidance", self.guidance, 0, 50)
 
-
-@dataclass
-class Evaluation:
-    """One set of seeded samples with their memorisation scores."""
-
-    samples: Samples
-    scores: np.ndarray  # CLIP memorisation score per sample (higher = closer to a forget image)
-    threshold: float  # scores at or above it count as reproducing a forget image
-    quality: Optional[float]  # Fréchet distance to the retain set in CLIP space (lower is better)
-
-    @property
-    def flags(self) -> np.ndarray:
-        return self.scores >= self.threshold  # as metrics.memorisation_rate counts
-
-    @property
-    def rate(self) -> float:
-        """Share of samples flagged as memorised."""
-        return float(self.flags.mean())
-
-    def grid(self, ncol: int = 8) -> Image.Image:
-        """The samples, each captioned with its seed and score; flagged ones framed in red."""
-        labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds, self.scores)]
-        return display_grid(self.samples.images, ncol=ncol, labels=labels, flags=self.flags.tolist())
-
-    def teaching_seed(self) -> tuple[int, bool]:
-        """The seed whose sample is closest to a forget image, and whether it was flagged."""
-        best = int(np.argmax(self.scores))
-        return self.samples.seeds[best], bool(self.flags[best])
+    def sampler_settings(self) -> SamplerSettings:
+        """The evaluation's draw: these seeds, steps and prompt with the default evaluation sampler."""
+        return SamplerSettings(n_samples=self.n_samples, seed=self.seed, steps=self.sampling_steps,
+                               prompt=self.prompt, guidance=self.guidance, batch_size=16)
 
 
 # ============================================================================ the device queue
@@ -757,8 +730,8 @@ class Job:
         settings, config, data = self.evaluation, self.config, self.model.training_data
         self._phase("loading", f"Loading a fresh copy of {self.model.path.name} on {describe_device(self.device)}")
         backend = load_backend(self.model.path, device=self.device)
-        detector = MemorisationDetector.for_model(self.model, self.forget, device=self.device)
-        self._set(scorer_note=detector.note)
+        reference = reference_for(self.model, self.forget, device=self.device)
+        self._set(scorer_note=reference.note)
         # Text-to-image models: the prompt to sample with, and the (maybe modified) one to train on.
         cond = training_cond = None
         if backend.family == "latent":
@@ -767,7 +740,7 @@ class Job:
 
         self._phase("before", f"Sampling {settings.n_samples} images before unlearning")
         sampling_started = time.perf_counter()
-        before = self._evaluate(backend, detector, cond, cached=True)
+        before = self._evaluate(backend, reference, cached=True)
         teaching_seed, teaching_flagged = before.teaching_seed()
         before_path = trajectory_strip(backend, teaching_seed, settings, cond)
         sampling_seconds = time.perf_counter() - sampling_started
@@ -804,7 +777,7 @@ class Job:
         self._set(model_dir=model_dir, archive=archive, progress=_PHASE_SPAN["saving"][1])
 
         self._phase("after", f"Sampling the same {settings.n_samples} seeds after unlearning")
-        after = self._evaluate(backend, detector, cond, cached=False)
+        after = self._evaluate(backend, reference, cached=False)
         after_path = trajectory_strip(backend, teaching_seed, settings, cond)
         after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
         note = (f"Seed {teaching_seed}: its sample {'reproduced' if teaching_flagged else 'came closest to'} a "
@@ -818,19 +791,16 @@ class Job:
                   message=f"Done in {_seconds(result.seconds)}: memorisation rate {before.rate:.0%} → {after.rate:.0%}"
                           f"{quality} · saved to {model_dir}")
 
-    def _evaluate(self, backend: Backend, detector: "MemorisationDetector", cond: Optional[Tensor],
-                  cached: bool) -> Evaluation:
-        settings = self.evaluation
-        key = (self.model.cache_key, self.device, settings.n_samples, settings.seed, settings.sampling_steps,
-               settings.prompt if cond is not None else "", settings.guidance if cond is not None else 0.0)
+    def _evaluate(self, backend: Backend, reference: Reference, cached: bool) -> Evaluation:
+        settings = self.evaluation.sampler_settings()
+        key = (self.model.cache_key, self.device, settings)
         samples = BEFORE_SAMPLES.get(key) if cached else None
         if samples is None:
-            samples = sample(backend, settings.n_samples, seed=settings.seed, steps=settings.sampling_steps,
-                             cond=cond, guidance=settings.guidance, batch_size=16, on_batch=self._check_cancel)
+            samples = draw(backend, settings, on_batch=self._check_cancel)
             if cached:
                 BEFORE_SAMPLES.put(key, samples)
         self._check_cancel()
-        return detector.evaluate(samples)
+        return evaluate_samples(samples, reference)
 
     def _neighbour_grid(self, backend: Backend, forget_x0: Tensor, retain_x0: Tensor, result) -> Image.Image:
         """One row per forget image: the image, then its K nearest retain images captioned with
@@ -852,12 +822,11 @@ class Job:
                           flags=[i % (indices.shape[1] + 1) == 0 for i in range(len(tiles))])
 
 
-# ============================================================================ memorisation detector
+# ============================================================================ memorisation reference
 _SCORERS: dict[tuple[str, str], object] = {}
 _SCORERS_LOCK = threading.Lock()
-REFERENCE_SIZE = 2000  # retain images the threshold and the quality figure are measured against
-_DETECTORS: OrderedDict[tuple, "MemorisationDetector"] = OrderedDict()  # the last few, for repeated jobs
-_DETECTORS_LOCK = threading.Lock()
+_REFERENCES: OrderedDict[tuple, Reference] = OrderedDict()  # the last few, for repeated jobs
+_REFERENCES_LOCK = threading.Lock()
 
 
 def load_scorer(spec: str, device: str) -> tuple[object, str]:
@@ -888,50 +857,22 @@ def load_scorer(spec: str, device: str) -> tuple[object, str]:
         return _SCORERS[(spec, device)]
 
 
-class MemorisationDetector:
-    """Decides which samples reproduce a forget image, and measures quality.
-
-    A sample's score is its highest CLIP cosine similarity to any forget image. The threshold
-    is calibrated on this forget set against retain images (`metrics.calibrate_threshold`:
-    midway between how close copies look and how close legitimate data gets). Quality is the
-    Fréchet distance, in CLIP space, from the samples that are not memorised to retain images.
-    """
-
-    def __init__(self, scorer, forget_images: np.ndarray, reference_images: np.ndarray, note: str = ""):
-        from .metrics import calibrate_threshold
-
-        self.scorer, self.note = scorer, note
-        self.forget_features = scorer.image_features(forget_images)
-        self.reference_features = scorer.image_features(reference_images)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # an overlap is reported by the scores themselves
-            self.threshold = calibrate_threshold(self.forget_features, self.reference_features)
-
-    @classmethod
-    def for_model(cls, model: ModelInfo, forget: ForgetSet, device: str = "cpu") -> "MemorisationDetector":
-        """The detector for a model's forget set, measured against (up to REFERENCE_SIZE) retain
-        images; kept for the next job with the same model, scorer and sets."""
-        rng = np.random.default_rng(0)
-        retain = forget.retain_index
-        reference = retain if len(retain) <= REFERENCE_SIZE else np.sort(rng.choice(retain, REFERENCE_SIZE, replace=False))
-        key = (model.cache_key, model.scorer, device, hashlib.sha256(forget.images.tobytes()).hexdigest(),
-               hashlib.sha256(reference.tobytes()).hexdigest())
-        with _DETECTORS_LOCK:
-            if key not in _DETECTORS:
-                scorer, note = load_scorer(model.scorer, device)
-                _DETECTORS[key] = cls(scorer, forget.images, model.training_data.images[reference], note)
-                while len(_DETECTORS) > 8:
-                    _DETECTORS.popitem(last=False)
-            return _DETECTORS[key]
-
-    def evaluate(self, samples: Samples) -> Evaluation:
-        from .metrics import frechet_distance, max_cosine_similarity
-
-        features = self.scorer.image_features(samples.images)
-        scores = max_cosine_similarity(features, self.forget_features)
-        clean = features[torch.from_numpy(scores < self.threshold)]
-        quality = frechet_distance(clean.numpy(), self.reference_features.numpy()) if len(clean) >= 2 else None
-        return Evaluation(samples=samples, scores=scores, threshold=self.threshold, quality=quality)
+def reference_for(model: ModelInfo, forget: ForgetSet, device: str = "cpu") -> Reference:
+    """The evaluation reference of a model's forget set (`evaluation.Reference.build`: thresholds
+    calibrated against its retain set, CLIP features on a seeded subset of it), scored with the
+    model's CLIP scorer; kept for the next job with the same model, scorer and sets. Its `note`
+    says when a fallback scorer is used."""
+    retain = forget.retain_index
+    key = (model.cache_key, model.scorer, device, hashlib.sha256(forget.images.tobytes()).hexdigest(),
+           hashlib.sha256(retain.tobytes()).hexdigest())
+    with _REFERENCES_LOCK:
+        if key not in _REFERENCES:
+            scorer, note = load_scorer(model.scorer, device)
+            _REFERENCES[key] = Reference.build(to_tensor(forget.images), to_tensor(model.training_data.images[retain]),
+                                               scorer=scorer, note=note)
+            while len(_REFERENCES) > 8:
+                _REFERENCES.popitem(last=False)
+        return _REFERENCES[key]
 
 
 # ============================================================================ teaching: noise and denoise, likelihood
