@@ -82,13 +82,15 @@ class CurveSettings:
 class Point:
     step: int
     seconds: float  # training seconds to reach this step (k-NN included, evaluation excluded)
+    cpu_seconds: float  # the same in CPU time of this process (all threads): steadier than wall time on a shared machine
     rates: dict
     excess: dict
     quality: dict
 
 
-def point(step: int, seconds: float, result: Evaluation) -> Point:
-    return Point(step=step, seconds=round(seconds, 3), rates=result.rates(), excess=result.excess(),
+def point(step: int, seconds: float, cpu_seconds: float, result: Evaluation) -> Point:
+    return Point(step=step, seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3), rates=result.rates(),
+                 excess=result.excess(),
                  quality=dict(result.quality_figures))
 
 
@@ -100,15 +102,18 @@ def method_curve(method: str, settings: CurveSettings, device: str, reference: R
     config = UnlearnConfig.preset("mnist", method=method, steps=max(settings.checkpoints),
                                   batch_size=settings.batch_size, seed=settings.seed, device=device)
     points = [start] if settings.checkpoints[0] == 0 else []
-    evaluating = {"seconds": 0.0}  # evaluation time so far, taken out of the run's clock
+    evaluating = {"seconds": 0.0, "cpu": 0.0}  # evaluation time so far, taken out of the run's clocks
+    cpu_start = time.process_time()
 
     def on_step(event: StepEvent) -> None:
         if event.step not in settings.checkpoints:
             return
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         result = evaluate(backend, settings.sampler_settings(), reference, oracle)
-        points.append(point(event.step, event.seconds - evaluating["seconds"], result))
+        points.append(point(event.step, event.seconds - evaluating["seconds"],
+                            cpu_started - cpu_start - evaluating["cpu"], result))
         evaluating["seconds"] += time.perf_counter() - started
+        evaluating["cpu"] += time.process_time() - cpu_started
         log(f"{method} step {event.step}: {points[-1].seconds:.1f} s training, rates {_short(points[-1].rates)}, "
             f"excess {_short(points[-1].excess)}")
 
@@ -129,7 +134,7 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
     oracle_result = evaluate(load_backend(BUILTIN_ORACLE, device=device), sampler, reference)
     oracle = OracleLevels.from_evaluation(oracle_result, source=f"{BUILTIN_ORACLE.name}, {sampler.describe()}")
     pretrained = evaluate(load_backend(BUILTIN_MODEL, device=device), sampler, reference, oracle)
-    start = point(0, 0.0, pretrained)
+    start = point(0, 0.0, 0.0, pretrained)
     log(f"oracle rates {_short(oracle.rates)}; pretrained rates {_short(start.rates)}, excess {_short(start.excess)}")
     data = {"meta": {"settings": asdict(settings), "sampler": sampler.describe(), "device": machine(device),
                      "thresholds": reference.thresholds(), "load_average_at_start": load_start,
@@ -137,13 +142,30 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
                      "how": "one process; training seconds exclude evaluation; every method from the built-in "
                             "model with the same seed (rows and noise per branch) and the same sample seeds"},
             "oracle": oracle.to_dict(), "pretrained": asdict(start), "methods": {}}
+    done = finished_methods(out / "curves.json", data)
     for method in settings.methods:
+        if method in done:  # measured by an interrupted run with the same settings: keep it
+            data["methods"][method] = done[method]
+            log(f"{method}: kept from {out / 'curves.json'}")
+            continue
         data["methods"][method] = [asdict(p) for p in method_curve(method, settings, device, reference, oracle,
                                                                     start, log)]
         data["meta"].update(total_seconds=round(time.perf_counter() - started, 1), load_average_at_end=_load_average(),
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_curves(data, out)
     return data
+
+
+def finished_methods(path: Path, data: dict) -> dict:
+    """The method curves already in `path` from a run with the same settings and starting
+    measurements (so a stopped run resumes with the next method); {} otherwise."""
+    if not path.exists():
+        return {}
+    old = json.loads(path.read_text())
+    same = (old.get("meta", {}).get("settings") == json.loads(json.dumps(data["meta"]["settings"]))
+            and old.get("oracle") == json.loads(json.dumps(data["oracle"]))
+            and old.get("pretrained") == json.loads(json.dumps(data["pretrained"])))
+    return old.get("methods", {}) if same else {}
 
 
 # ============================================================================ reading the curves
@@ -162,7 +184,7 @@ def time_to_oracle(points: Sequence[dict], oracle: dict, pretrained: dict) -> Op
         forgotten = all(p["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES)
         kept = ceiling is None or (p["quality"].get(figure) is not None and p["quality"][figure] <= ceiling)
         if forgotten and kept:
-            return {"step": p["step"], "seconds": p["seconds"]}
+            return {"step": p["step"], "seconds": p["seconds"], "cpu_seconds": p.get("cpu_seconds")}
     return None
 
 
@@ -189,14 +211,15 @@ def curves_table(data: dict) -> str:
         f"{figure} (lower is better) is no worse than the worse of the oracle's and the pretrained model's. "
         "Seconds are training seconds (k-NN search included, evaluation excluded).",
         "",
-        "| method | steps to the oracle's level | seconds to the oracle's level | T-shirt rate (L2) at the last step | "
-        f"excess (L2) at the last step | {figure} at the last step |",
-        "|---|---|---|---|---|---|",
+        "| method | steps to the oracle's level | seconds to the oracle's level | CPU seconds to it | "
+        f"T-shirt rate (L2) at the last step | excess (L2) at the last step | {figure} at the last step |",
+        "|---|---|---|---|---|---|---|",
     ]
     for method, points in data["methods"].items():
         last, hit = points[-1], reached[method]
         lines.append(f"| {method} | {'never' if hit is None else hit['step']} | "
-                     f"{'never' if hit is None else format(hit['seconds'], '.1f')} | {last['rates']['l2']:.1%} | "
+                     f"{'never' if hit is None else format(hit['seconds'], '.1f')} | "
+                     f"{'never' if hit is None else _number(hit.get('cpu_seconds'))} | {last['rates']['l2']:.1%} | "
                      f"{last['excess'].get('l2', float('nan')):+.1%} | {_number(last['quality'].get(figure))} |")
     lines += ["", f"Oracle: T-shirt rates {_short(oracle['rates'])}, {figure} {_number(oracle['quality'].get(figure))}; "
               f"pretrained: rates {_short(pretrained['rates'])}, {figure} {_number(pretrained['quality'].get(figure))}."]
@@ -204,7 +227,9 @@ def curves_table(data: dict) -> str:
         retrack, siss = reached["retrack"], reached["siss"]
         if retrack and siss and siss["seconds"] > 0:
             lines.append(f"ReTrack reaches the oracle's level in {retrack['seconds']:.1f} s, SISS in {siss['seconds']:.1f} s: "
-                         f"ratio ReTrack / SISS = {retrack['seconds'] / siss['seconds']:.2f}.")
+                         f"ratio ReTrack / SISS = {retrack['seconds'] / siss['seconds']:.2f}"
+                         + (f" (in CPU time {retrack['cpu_seconds'] / siss['cpu_seconds']:.2f})."
+                            if retrack.get("cpu_seconds") and siss.get("cpu_seconds") else "."))
         else:
             lines.append(f"Time-to-forget ratio ReTrack / SISS: not defined (ReTrack "
                          f"{'never' if not retrack else format(retrack['seconds'], '.1f') + ' s'}, SISS "

@@ -26,6 +26,8 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
         assert points[0] == data["pretrained"]  # the same start for every method
         seconds = [p["seconds"] for p in points]
         assert seconds[0] == 0 and 0 < seconds[1] < seconds[2]
+        cpu = [p["cpu_seconds"] for p in points]
+        assert cpu[0] == 0 and 0 < cpu[1] < cpu[2]
         assert set(points[-1]["rates"]) == {"l2", "clip", "classifier"} == set(points[-1]["excess"])
         assert {"clip_fd", "confident_digit_rate", "classifier_fd"} <= set(points[-1]["quality"])
     assert OracleLevels.from_dict(data["oracle"]).n_samples == 8
@@ -47,6 +49,14 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
     assert last["quality"]["classifier_fd"] == pytest.approx(straight.quality_figures["classifier_fd"], rel=1e-6)
     assert last["quality"]["clip_fd"] == pytest.approx(straight.quality_figures["clip_fd"], rel=1e-6)
 
+    # A stopped run resumes: methods already measured with the same settings are kept, not redone.
+    capsys.readouterr()
+    data["methods"]["siss"][-1]["seconds"] = 123.0  # a mark only a kept curve carries
+    (out / "curves.json").write_text(json.dumps(data))
+    assert main(["bench", "--curves", "--quick", "--methods", "siss,retrack", "--device", "cpu", "--out", str(out)]) == 0
+    assert "siss: kept" in capsys.readouterr().out
+    assert json.loads((out / "curves.json").read_text())["methods"]["siss"][-1]["seconds"] == 123.0
+
     assert main(["bench", "--curves", "--quick", "--checkpoints", "2,1", "--out", str(out)]) == 2
     assert "increasing order" in capsys.readouterr().err
     assert main(["bench", "--curves", "--checkpoints", "ten", "--out", str(out)]) == 2
@@ -64,7 +74,7 @@ def test_time_to_oracle_needs_no_excess_and_quality_in_range():
     points = [at(0, 0.0, 0.04, 0.05, 2.0), at(10, 5.0, 0.0, 0.01, 1.5), at(25, 12.0, -0.01, 0.0, 2.5),
               at(50, 30.0, -0.01, -0.01, 1.9)]
     # Step 10: the classifier still sees copies; step 25: quality (2.5) worse than both (max 2.0); step 50 passes.
-    assert time_to_oracle(points, oracle, pretrained) == {"step": 50, "seconds": 30.0}
+    assert time_to_oracle(points, oracle, pretrained) == {"step": 50, "seconds": 30.0, "cpu_seconds": None}
     assert time_to_oracle(points[:3], oracle, pretrained) is None
     data = {"meta": {"settings": {"batch_size": 8, "checkpoints": [0, 10, 25, 50], "samples": 8}, "sampler": "DDIM",
                      "device": "CPU", "total_seconds": 1, "load_average_at_start": 0.5},
