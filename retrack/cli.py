@@ -250,10 +250,12 @@ def add_unlearn_command(sub) -> None:
 
 def add_bench_command(sub) -> None:
     """The `bench` command: all methods side by side on the built-in model."""
+    from .presets import PRESETS
+
     p = sub.add_parser("bench", help="compare all methods on the built-in model (table + plot)")
     p.add_argument("--methods", help="comma-separated subset of pretrained,vanilla,neggrad,erasediff,siss,retrack,oracle")
-    p.add_argument("--steps", type=int, help="unlearning steps (default 50)")
-    p.add_argument("--batch", dest="batch_size", type=int, help="rows per branch (default 128)")
+    p.add_argument("--steps", type=int, help=f"unlearning steps (default {PRESETS['mnist']['steps']})")
+    p.add_argument("--batch", dest="batch_size", type=int, help=f"rows per branch (default {PRESETS['mnist']['batch_size']})")
     p.add_argument("--samples", type=int, help="evaluation samples per model (default 1000)")
     p.add_argument("--sample-steps", type=int, help="DDIM steps per sample (default 50)")
     p.add_argument("--seed", type=int)
