@@ -77,7 +77,7 @@ def app_job_checks(root: Path) -> None:
     from PIL import Image
 
     from retrack.session import EvalSettings, Job, build_forget_set, open_model
-    from retrack.tiny import build_tiny_clip
+    from retrack.testing import build_tiny_clip
 
     pixel_model(8, 1, (8, 16)).save_pretrained(root / "model")
     build_tiny_clip(root / "clip")

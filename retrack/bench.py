@@ -43,6 +43,7 @@ from .evaluation import (
 )
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
+from .presets import DEFAULTS, PRESETS
 from .sampling import save_grid
 
 ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack", "oracle")
@@ -51,11 +52,11 @@ ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack
 @dataclass
 class BenchSettings:
     methods: Sequence[str] = ALL_METHODS
-    steps: int = 50
-    batch_size: int = 128
+    steps: int = PRESETS["mnist"]["steps"]  # the built-in model's published settings
+    batch_size: int = PRESETS["mnist"]["batch_size"]
     samples: int = 1000
     sample_steps: int = 50
-    seed: int = 0
+    seed: int = DEFAULTS["seed"]
     device: str = "auto"
     retain_reference: int = REFERENCE_SIZE  # retain images whose features are the quality reference
 

@@ -21,6 +21,7 @@ from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .atomic import write_file_atomically
 from .backends.base import Backend
 from .images import tensor_to_uint8
 
@@ -216,12 +217,7 @@ def image_grid(
 
 def save_png(picture: Image.Image, path: Union[str, Path]) -> Path:
     """Write a picture as a PNG, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    picture.save(tmp)
-    tmp.replace(path)
-    return path
+    return write_file_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def save_grid(images: Union[Tensor, np.ndarray], path: Union[str, Path], **kwargs) -> Path:

@@ -45,31 +45,25 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from .atomic import write_file_atomically, write_folder_atomically
 from .backends import load_backend, resolve_model_path
 from .backends.base import Backend
 from .evaluation import (
     DISPLAY_SIDE, Evaluation, Reference, SamplerSettings, draw, evaluate_samples, reduce_to_side,
 )
 from .engine import (
-    Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, check_range, is_out_of_memory, preset_for,
-    resolve_device, save_model, unlearn,
+    Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, check_range, check_request, is_out_of_memory,
+    preset_for, resolve_device, save_model, unlearn,
 )
 from .images import expand_paths, load_images, tensor_to_pil, tensor_to_uint8, uint8_to_tensor
 from .likelihood import LikelihoodRow, NLLSettings, model_likelihoods
-from .neighbours import check_neighbour_count
 from .objectives import METHODS, retrack_targets
 from .sampling import Samples, image_grid, pixel_l2, renoise, renoise_grid, sample
 
 log = logging.getLogger(__name__)
 
 # The method names the app offers, ReTrack first; the others are the baselines of METHOD.md.
-METHOD_LABELS: dict[str, str] = {
-    "retrack": "ReTrack (redirect to nearest retain images)",
-    "vanilla": "Vanilla: fine-tune on the retain set only",
-    "neggrad": "NegGrad: gradient ascent on the forget set",
-    "erasediff": "EraseDiff: retain loss + projected push to noise",
-    "siss": "SISS: importance-sampled retain minus rescaled forget loss",
-}
+METHOD_LABELS: dict[str, str] = {name: method.label for name, method in METHODS.items()}  # the method menu
 
 # Memorisation scorer for models that ship without their own (needs network or a filled cache the
 # first time; the app falls back to the built-in tiny CLIP, with a note, when it cannot load it).
@@ -335,7 +329,7 @@ def build_forget_set(model: ModelInfo, picks: Sequence[int], uploads: Sequence[s
 
 def to_tensor(images: np.ndarray) -> Tensor:
     """uint8 (N, H, W, C) -> float (N, C, H, W) in [-1, 1]."""
-    return uint8_to_tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return uint8_to_tensor(images, channels_last=True)
 
 
 def display_grid(images: Tensor | np.ndarray, **grid_options) -> Image.Image:
@@ -395,17 +389,14 @@ def generate_split(model: ModelInfo, prompt: str, output_root: Path, n: int = 16
                                    guidance=guidance, on_batch=on_batch)
     finally:
         queue.release(owner)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
-    (tmp / "images").mkdir(parents=True)
-    for index, (picture, image_seed) in enumerate(zip(tensor_to_pil(split.images), split.seeds)):
-        picture.save(tmp / "images" / f"{index:03d}_seed{image_seed}.png")
-    (tmp / "split.json").write_text(json.dumps({"prompt": prompt.strip(), "seeds": split.seeds,
-                                                 "memorised": split.memorised, "rule": split.rule, "note": note}))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():  # written meanwhile by an identical request
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(folder)
+    def write(tmp: Path) -> None:
+        (tmp / "images").mkdir(parents=True)
+        for index, (picture, image_seed) in enumerate(zip(tensor_to_pil(split.images), split.seeds)):
+            picture.save(tmp / "images" / f"{index:03d}_seed{image_seed}.png")
+        (tmp / "split.json").write_text(json.dumps({"prompt": prompt.strip(), "seeds": split.seeds,
+                                                     "memorised": split.memorised, "rule": split.rule, "note": note}))
+
+    write_folder_atomically(folder, write, if_exists="keep")  # kept: written meanwhile by an identical request
     return GeneratedSplit(folder / "images", split.memorised, split.rule, note)
 
 
@@ -563,13 +554,9 @@ def trajectory_image(before: Samples, after: Samples, before_flagged: bool, afte
 
 def zip_folder(folder: Path, archive: Path) -> Path:
     """Zip `folder` (as one top-level folder inside the archive), written atomically."""
-    tmp = archive.with_name(f".{archive.stem}.{uuid.uuid4().hex[:8]}")
-    try:
-        made = shutil.make_archive(str(tmp), "zip", root_dir=folder.parent, base_dir=folder.name)
-        Path(made).replace(archive)
-    finally:
-        Path(f"{tmp}.zip").unlink(missing_ok=True)
-    return archive
+    # make_archive appends ".zip" to the name it is given: the temporary file's own name, less ".zip".
+    return write_file_atomically(archive, lambda tmp: shutil.make_archive(
+        str(tmp.with_suffix("")), "zip", root_dir=folder.parent, base_dir=folder.name))
 
 
 # ============================================================================ the job
@@ -623,14 +610,12 @@ class Job:
 
     def __init__(self, model: ModelInfo, forget: ForgetSet, config: UnlearnConfig, evaluation: EvalSettings,
                  output_root: Path, training_prompt: str = ""):
-        config.validate()
+        check_request(config, len(forget), len(forget.retain_index))  # the library's one check, before the job queues
         evaluation.validate()
         if model.training_data is None:
             raise ValueError("this model's training data is unknown: name the folder of images it was trained on")
         if model.family == "latent" and not evaluation.prompt.strip():
             raise ValueError("type the prompt whose memorised images should be forgotten")
-        if METHODS[config.method].needs_neighbours:
-            check_neighbour_count(config.k, len(forget.retain_index))  # the engine's rule, before the job queues
         self.model, self.forget, self.config, self.evaluation = model, forget, config, evaluation
         self.training_prompt = (training_prompt or evaluation.prompt).strip()
         self.device = resolve_device(config.device)
@@ -746,7 +731,7 @@ class Job:
         sampling_seconds = time.perf_counter() - sampling_started
         self._set(before=before, progress=_PHASE_SPAN["before"][1])
 
-        self._phase("training", f"Training: {METHOD_LABELS[config.method].split(':')[0]}, {config.steps} steps")
+        self._phase("training", f"Training: {METHODS[config.method].title}, {config.steps} steps")
         forget_x0 = backend.encode(to_tensor(self.forget.images))
         retain_x0 = backend.encode(to_tensor(data.images[self.forget.retain_index]))
 

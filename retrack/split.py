@@ -33,11 +33,9 @@ import torch
 from torch import Tensor
 
 from .backends.latent import LatentBackend
-from .engine import UnlearnConfig, UnlearnResult, unlearn
+from .engine import UnlearnConfig, UnlearnResult, check_request, unlearn
 from .evaluation import Evaluation, OracleLevels, Reference, SamplerSettings, evaluate, evaluate_samples
 from .images import tensor_to_pil
-from .neighbours import check_neighbour_count
-from .objectives import METHODS
 from .sampling import Samples, image_grid, sample
 
 MIN_GENERATIONS = 4  # two clusters need a few members each to say which one is tighter
@@ -254,14 +252,13 @@ def unlearn_prompt(
     """Step 5: encode both image sets to latents and run the shared engine with every row
     conditioned on `prompt` (the original prompt, or a modified one the user chose).
 
-    K follows the engine's one rule (`neighbours.check_neighbour_count`): a K larger than the
-    retain set is refused with the reason, before the images are encoded. `engine_kwargs` go to
-    `engine.unlearn` (on_step, cancel, knn_cache, ...).
+    The request is checked by the engine's one check (`engine.check_request`: settings, set
+    sizes, K) before the images are encoded. `engine_kwargs` go to `engine.unlearn` (on_step,
+    cancel, knn_cache, ...).
     """
     if not prompt or not prompt.strip():
         raise ValueError("the training prompt is empty: give the prompt (or a modified prompt) to fine-tune on")
-    if METHODS[config.method].needs_neighbours:
-        check_neighbour_count(config.k, retain_images.shape[0])
+    check_request(config, forget_images.shape[0], retain_images.shape[0])
     forget, retain = backend.encode(forget_images), backend.encode(retain_images)
     cond = backend.encode_prompt([prompt])  # one row, broadcast by the engine to every batch row
     return unlearn(backend, forget, retain, config, forget_cond=cond, retain_cond=cond, **engine_kwargs)

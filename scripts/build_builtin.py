@@ -44,9 +44,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing retrack
 
+from retrack.atomic import write_file_atomically, write_folder_atomically  # noqa: E402
 from retrack.data import (CLASS_NAMES, DATASET_VERSION, MNIST_TSHIRT_COPIES, MNIST_TSHIRT_VERSION,  # noqa: E402
                           TSHIRT_LABEL, BuiltinDataset, build_digits_tshirt, build_mnist_tshirt,
                           dataset_fingerprint, tshirt_copy_count)
+from retrack.images import uint8_to_tensor  # noqa: E402
 
 # The network of the built-in model and of the oracle. The issue's starting point was
 # (32, 64, 64) channels with attention at the lowest (7x7) level only; one training step of it at
@@ -243,7 +245,7 @@ def dataset_description(args: argparse.Namespace, dataset: BuiltinDataset) -> di
 
 def images_to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (N, 28, 28) -> one float32 (N, 1, 28, 28) tensor in [-1, 1] on the device."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div(127.5).sub(1.0).unsqueeze(1)
+    return uint8_to_tensor(images, device=device)
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -290,11 +292,7 @@ def build_command() -> str:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically; a unique temporary name lets concurrent parts write the same file."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(json.dumps(data, indent=2, default=str) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_file_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def run_training(part: str, args: argparse.Namespace, device: torch.device, optimizer: torch.optim.Optimizer,
@@ -563,28 +561,15 @@ def train_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.
         "tokenizer": "open_clip SimpleTokenizer (CLIP BPE, 49,408 tokens, context 77)",
     }
     folder = args.out / part
-    tmp = Path(tempfile.mkdtemp(prefix=".clip.", dir=args.out))
-    save_open_clip_folder(model.float(), CLIP_CONFIG, tmp, preprocess_cfg=CLIP_PREPROCESS, dtype=torch.float16)
-    write_json(tmp / "retrack.json", info)
-    _replace_folder(tmp, folder)
+
+    def write(tmp: Path) -> None:
+        save_open_clip_folder(model.float(), CLIP_CONFIG, tmp, preprocess_cfg=CLIP_PREPROCESS, dtype=torch.float16)
+        write_json(tmp / "retrack.json", info)
+
+    write_folder_atomically(folder, write, overwrite=True)
     write_card(folder)
     log(part, f"saved {folder} after {info['steps']} steps in {info['wall_seconds']:.0f}s")
     return info
-
-
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Move a finished temporary folder into place, replacing an older one."""
-    import shutil
-
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.chmod(tmp, 0o755)  # mkdtemp made it private
-    for file in tmp.iterdir():
-        os.chmod(file, 0o644)
-    os.replace(tmp, folder)
 
 
 # --------------------------------------------------------------------------------------------
