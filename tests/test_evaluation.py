@@ -73,7 +73,7 @@ def test_reference_subset_is_seeded_and_sorted():
 
 @pytest.fixture(scope="module")
 def tiny_scorer(tmp_path_factory):
-    from retrack.tiny import build_tiny_clip
+    from retrack.testing import build_tiny_clip
 
     return ClipScorer.load(str(build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")), device="cpu")
 
