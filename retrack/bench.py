@@ -34,6 +34,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
+from .atomic import write_file_atomically
 from .backends import load_backend
 from .backends.base import Backend
 from .builtin import builtin_dataset, builtin_sets
@@ -184,7 +185,7 @@ def write_results(rows: list[Row], settings: BenchSettings, out: Path, seconds: 
     meta = dict(settings=asdict(settings), device=where, total_seconds=round(seconds, 1),
                 thresholds=reference.thresholds(), sampler=settings.sampler().describe(),
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
+    write_file_atomically(out / "results.json", json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
     lines = [
         f"Built-in digits + T-shirt model; {settings.steps} steps x batch {settings.batch_size} per branch; "
         f"{settings.samples} samples per model ({settings.sampler().describe()}); "
@@ -206,7 +207,7 @@ def write_results(rows: list[Row], settings: BenchSettings, out: Path, seconds: 
               f"CLIP similarity {reference.clip_threshold:.3f}; classifier: p(T-shirt) > 0.5. 'Excess over oracle': "
               "share of samples closer (pixel L2) to the T-shirt than the oracle's 1 % quantile, minus 1 %. "
               "Quality on the samples that are not pixel-L2 copies."]
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    write_file_atomically(out / "results.md", "\n".join(lines) + "\n")
     plot_tradeoff(rows, out / "tradeoff.png")
 
 
@@ -233,7 +234,7 @@ def plot_tradeoff(rows: list[Row], path: Path) -> None:
     ax.set_title("Memorisation vs quality, same steps and seeds")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    write_file_atomically(path, fig.savefig)
     plt.close(fig)
 
 
@@ -290,7 +291,7 @@ def write_likelihood(rows: list[LikelihoodRow], settings: BenchSettings, nll: NL
     meta = dict(settings=asdict(settings), likelihood=asdict(nll), device=where, total_seconds=round(seconds, 1),
                 load_average_at_start=load_before, load_average_at_end=_load_average(),
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    (out / "nll.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
+    write_file_atomically(out / "nll.json", json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
     methods = list(dict.fromkeys(row.model for row in rows))
     lines = [
         f"Likelihood of the built-in model's forget image and {len({r.image for r in rows}) - 1} retain digits "
@@ -311,4 +312,4 @@ def write_likelihood(rows: list[LikelihoodRow], settings: BenchSettings, nll: NL
         f"evaluations with their vector-Jacobian products); whole run {seconds:.0f} s, on a shared machine "
         f"(load average {load_before} at the start, {meta['load_average_at_end']} at the end).",
     ]
-    (out / "nll.md").write_text("\n".join(lines) + "\n")
+    write_file_atomically(out / "nll.md", "\n".join(lines) + "\n")

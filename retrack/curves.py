@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from .atomic import write_file_atomically
 from .backends import load_backend
 from .bench import _load_average, machine
 from .builtin import builtin_sets
@@ -190,8 +191,8 @@ def time_to_oracle(points: Sequence[dict], oracle: dict, pretrained: dict) -> Op
 
 def write_curves(data: dict, out: Path) -> None:
     """curves.json, curves.md (the time-to-oracle table) and curves.png."""
-    (out / "curves.json").write_text(json.dumps(data, indent=2) + "\n")
-    (out / "curves.md").write_text(curves_table(data))
+    write_file_atomically(out / "curves.json", json.dumps(data, indent=2) + "\n")
+    write_file_atomically(out / "curves.md", curves_table(data))
     plot_curves(data, out / "curves.png")
 
 
@@ -275,7 +276,7 @@ def plot_curves(data: dict, path: Path) -> None:
     axes[1].legend(fontsize=8)
     fig.suptitle(f"{data['meta']['sampler']}; {data['meta']['device']}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path)
+    write_file_atomically(path, fig.savefig)
     plt.close(fig)
 
 

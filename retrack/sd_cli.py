@@ -161,6 +161,7 @@ def _indices(text: str) -> list[int]:
 
 
 def cmd_sd_eval(args: argparse.Namespace) -> int:
+    from .atomic import write_file_atomically
     from .images import expand_paths, load_images
     from .metrics import calibrate_threshold
     from .split import evaluate_prompt
@@ -187,6 +188,6 @@ def cmd_sd_eval(args: argparse.Namespace) -> int:
         print(f"{model}: {int(evaluation.copies.sum())}/{len(evaluation.seeds)} copies (threshold {threshold:.3f}), "
               f"mean similarity {evaluation.similarity.mean():.3f}, text score {evaluation.text_score:.3f}, "
               f"{'success' if evaluation.success else 'still memorised'}")
-    (out / "metrics.json").write_text(json.dumps(records, indent=2))
+    write_file_atomically(out / "metrics.json", json.dumps(records, indent=2))
     print(f"wrote {out}/metrics.json and one grid per model")
     return 0
