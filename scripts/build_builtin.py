@@ -55,6 +55,7 @@ __all__ = ["main", "parse_args", "TRAINING_STATE"]  # TRAINING_STATE: the checkp
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The command line (documented in README.md and assets/builtin*/README.md, cited by the cards)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=REPO / "assets" / "builtin", help="output folder")
@@ -141,6 +142,7 @@ def run_all(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.dev
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run what --what names; the exit status is the evaluation's (3: a requirement not met)."""
     args = parse_args(argv)
     args.out = args.out.resolve()
     if args.what == "steptime":
