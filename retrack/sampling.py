@@ -2,7 +2,9 @@
 
 Sample i always starts from the noise of `torch.Generator().manual_seed(seed + i)`, whatever the
 batch size or device, so "before" and "after" grids of an unlearning run use the same noise and
-can be compared tile by tile. DDIM with eta = 0 is deterministic given that noise.
+can be compared tile by tile. DDIM with eta = 0 and DPM-Solver++ are deterministic given that
+noise; DPM-Solver++ (second order, multistep) reaches DDIM-50's samples in far fewer steps
+(benchmarks/results/eval_sampler.md measures how few on the built-in model).
 
 `renoise` is the paper's check for one memorised image: noise it to timestep t, then denoise it
 with deterministic DDIM from t. A model that memorised the image brings it back; after
@@ -17,7 +19,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
@@ -39,6 +41,41 @@ def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
     return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
 
 
+SAMPLERS = ("ddim", "ddpm", "dpm++")
+
+
+def make_scheduler(name: str, training_config) -> Union[DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler]:
+    """A sampling scheduler built from the model's training scheduler config.
+
+    "dpm++" is DPM-Solver++ (2nd order, multistep) with its steps uniform in log-SNR
+    (`use_lu_lambdas`, as the DPM-Solver papers place them): with the training schedule's
+    "leading" timesteps it is no more accurate than DDIM at equal steps on the closed-form Gaussian
+    case of tests/test_samplers.py, with log-SNR steps it is within 0.01 at 10 steps. DDIM clips its x0 prediction to
+    [-clip_sample_range, clip_sample_range] when the config says clip_sample; DPM-Solver++ has no
+    such option, but its dynamic thresholding with the threshold capped at that range is the same
+    clip, so both samplers see the same x0.
+    """
+    if name == "ddim":
+        return DDIMScheduler.from_config(training_config)
+    if name == "ddpm":
+        return DDPMScheduler.from_config(training_config)
+    if name == "dpm++":
+        clip = bool(training_config.get("clip_sample", False))
+        return DPMSolverMultistepScheduler.from_config(
+            training_config, algorithm_type="dpmsolver++", solver_order=2, use_lu_lambdas=True, thresholding=clip,
+            sample_max_value=float(training_config.get("clip_sample_range", 1.0)))
+    raise ValueError(f"unknown sampler {name!r}; use one of {', '.join(SAMPLERS)}")
+
+
+def _predicted_x0(sched, out, eps: Tensor, x: Tensor, t: Tensor) -> Tensor:
+    """The sampler's prediction of the clean image at step t: DDIM and DDPM return it; for
+    DPM-Solver++ it is x0 = (x_t - sqrt(1 - alpha_bar_t) eps) / sqrt(alpha_bar_t)."""
+    if getattr(out, "pred_original_sample", None) is not None:
+        return out.pred_original_sample
+    alpha_bar = sched.alphas_cumprod[int(t)].to(x.device, x.dtype)
+    return (x - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()
+
+
 @torch.no_grad()
 def sample(
     backend: Backend,
@@ -52,16 +89,11 @@ def sample(
     trajectory_points: int = 0,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> Samples:
-    """Draw n samples with seeds seed, seed+1, ...; optionally record predicted x0 at
-    `trajectory_points` evenly spaced timesteps (for the teaching view)."""
+    """Draw n samples with seeds seed, seed+1, ...; `scheduler` is one of SAMPLERS. Optionally
+    record predicted x0 at `trajectory_points` evenly spaced timesteps (for the teaching view)."""
     if n < 1 or steps < 1:
         raise ValueError("need at least one sample and one step")
-    if scheduler == "ddim":
-        sched = DDIMScheduler.from_config(backend.scheduler.config)
-    elif scheduler == "ddpm":
-        sched = DDPMScheduler.from_config(backend.scheduler.config)
-    else:
-        raise ValueError(f"unknown sampler {scheduler!r}; use 'ddim' or 'ddpm'")
+    sched = make_scheduler(scheduler, backend.scheduler.config)
     sched.set_timesteps(steps)
     timesteps = list(sched.timesteps)
     record = set()
@@ -77,6 +109,7 @@ def sample(
     try:
         for start in range(0, n, batch_size):
             chunk = seeds[start:start + batch_size]
+            sched.set_timesteps(steps)  # DPM-Solver++ keeps earlier steps' outputs: each chunk starts afresh
             x = initial_noise(backend.x0_shape, chunk).to(device) * sched.init_noise_sigma
             # ancestral (DDPM) sampling draws fresh noise each step: seed it from the chunk
             step_gen = torch.Generator(device=device).manual_seed(chunk[0] + 7_919)
@@ -84,10 +117,11 @@ def sample(
                 t_in = t.to(device).reshape(1)
                 eps = denoise(sched.scale_model_input(x, t), t_in)
                 kwargs = {"generator": step_gen} if scheduler == "ddpm" else {}
+                x_in = x
                 out = sched.step(eps, t, x, **kwargs)
                 x = out.prev_sample
                 if int(t) in record:
-                    trajectory[int(t)].append(backend.decode(out.pred_original_sample).float().cpu().clamp(-1, 1))
+                    trajectory[int(t)].append(backend.decode(_predicted_x0(sched, out, eps, x_in, t)).float().cpu().clamp(-1, 1))
             images.append(backend.decode(x).float().cpu().clamp(-1, 1))
             if on_batch is not None:
                 on_batch(min(start + batch_size, n), n)
