@@ -218,6 +218,11 @@ def uint8_to_tensor(arr: np.ndarray) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr)).float().div(127.5).sub(1.0)
 
 
+def nhwc_to_tensor(images: np.ndarray) -> Tensor:
+    """uint8 (N, H, W, C), as the app holds images, -> float32 (N, C, H, W) in [-1, 1]."""
+    return uint8_to_tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+
+
 def tensor_to_uint8(x: Tensor) -> np.ndarray:
     """float (N, C, H, W) in [-1, 1] -> uint8 (N, H, W, C)."""
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
 from .backends.base import Backend
-from .images import tensor_to_uint8
+from .images import nhwc_to_tensor, tensor_to_uint8
 
 
 @dataclass
@@ -212,6 +212,19 @@ def image_grid(
             color = (200, 0, 0) if flags is not None and flags[i] else (40, 40, 40)
             draw.text((x + 2, y + th + 1), str(labels[i]), fill=color, font=font)
     return grid
+
+
+DISPLAY_SIDE = 128  # tiles of the app's pictures: small images are enlarged, large ones reduced
+
+
+def display_grid(images: Union[Tensor, np.ndarray], **grid_options) -> Image.Image:
+    """`image_grid` of tensors or uint8 NHWC arrays, with tiles larger than DISPLAY_SIDE reduced
+    first, so a grid of 512-pixel samples stays a picture that fits on a page."""
+    pixels = nhwc_to_tensor(images) if isinstance(images, np.ndarray) else images
+    if pixels.shape[-1] > DISPLAY_SIDE:
+        pixels = torch.nn.functional.interpolate(pixels.float(), size=(DISPLAY_SIDE, DISPLAY_SIDE), mode="bilinear",
+                                                 antialias=True, align_corners=False).clamp(-1, 1)
+    return image_grid(pixels, **grid_options)
 
 
 def save_png(picture: Image.Image, path: Union[str, Path]) -> Path:
