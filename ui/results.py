@@ -52,7 +52,10 @@ def render(state: JobState, sent: dict[str, object]) -> tuple:
     picture = once("trajectory", state.trajectory, lambda: state.trajectory)
     table = metrics_table(state) or gr.skip()
     losses = loss_frame(state) if state.losses else gr.skip()  # an empty frame would fix the axes as categories
-    return (state.message, losses, before, after, table, nearest, archive, state.teaching_note or gr.skip(), picture)
+    shown = dict(status=state.message, loss_plot=losses, before_grid=before, after_grid=after, metrics=table,
+                 neighbours=nearest, download=archive, teaching_note=state.teaching_note or gr.skip(),
+                 trajectory=picture)
+    return tuple(shown[name] for name in JOB_OUTPUTS)
 
 
 def status_only(message: str) -> tuple:
