@@ -12,7 +12,6 @@ import json
 from functools import lru_cache
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from .data import BuiltinDataset, build_digits_tshirt, build_mnist_tshirt, dataset_fingerprint
