@@ -80,7 +80,7 @@ def app_job_checks(root: Path) -> None:
     from retrack.forget_set import build_forget_set
     from retrack.jobs import Job
     from retrack.models import open_model
-    from retrack.tiny import build_tiny_clip
+    from retrack.testing import build_tiny_clip
 
     pixel_model(8, 1, (8, 16)).save_pretrained(root / "model")
     build_tiny_clip(root / "clip")

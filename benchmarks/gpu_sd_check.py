@@ -6,7 +6,7 @@ precision and LoRA runs, and a gradient comparison of the precisions on one micr
     python benchmarks/gpu_sd_check.py --device cpu             # every check at tiny size on the CPU
 
 Two models, both random (no weights can be downloaded on the test machines):
-- "tiny": retrack.tiny's pipeline (64 px, a 0.2 M-parameter UNet): checks that every precision and
+- "tiny": retrack.testing's pipeline (64 px, a 0.2 M-parameter UNet): checks that every precision and
   mode runs on the device, the losses stay finite, only the UNet (or LoRA) weights move, and the
   VAE and the text encoder stay exactly as they were;
 - "sd-v1" (GPU only, or --sd-size yes): a pipeline with Stable Diffusion v1.4's architecture and sizes
@@ -45,7 +45,7 @@ from retrack.backends.latent import LatentBackend  # noqa: E402
 from retrack.engine import AUTOCAST_DTYPES, PRESETS, UnlearnConfig  # noqa: E402
 from retrack.sampling import sample  # noqa: E402
 from retrack.split import unlearn_prompt  # noqa: E402
-from retrack.tiny import build_tiny_sd_pipeline, clip_tokenizer  # noqa: E402
+from retrack.testing import build_tiny_sd_pipeline, clip_tokenizer  # noqa: E402
 
 PROMPT = "a photograph of an astronaut riding a horse"
 PUBLISHED_STEPS = PRESETS["sd"]["steps"]  # 30

@@ -5,14 +5,13 @@
 
 From the same built-in model, with the same steps, batch and seeds, it runs: the pretrained
 model (no change), vanilla, NegGrad, EraseDiff, SISS and ReTrack, plus the retrained oracle. Each
-model then draws the same seeded samples, which are scored:
-- T-shirt rate by the pixel-L2 criterion (threshold calibrated on this data, see metrics.py), and
-  the share of samples whose nearest training image is the T-shirt (no threshold: it also counts
-  blurred copies, but also any bright texture, such as what NegGrad leaves),
-- CLIP memorisation: per-sample max cosine similarity to the forget image, and the rate above a
-  calibrated threshold,
+model then draws the same seeded samples, measured by `retrack.evaluation` (the one evaluation):
+- T-shirt rates by the pixel-L2 criterion, the project's classifier and CLIP, each also read
+  against the oracle (share of samples closer to the T-shirt than the oracle's 1 % quantile,
+  minus 1 %),
 - quality on the non-T-shirt samples (pixel-L2 criterion): Fréchet distance of CLIP features to
-  the retain set and an Inception-style score from zero-shot CLIP digit classes.
+  the retain set, an Inception-style score from zero-shot CLIP digit classes, and on the
+  classifier the confident-digit rate, the digit Inception Score and its Fréchet distance.
 It writes results.json, results.md (table), tradeoff.png (memorisation vs quality, one point per
 method) and one sample grid per method. All timings come from this one process.
 
@@ -28,22 +27,24 @@ from __future__ import annotations
 import json
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
 
-from . import metrics
 from .backends import load_backend
 from .backends.base import Backend
 from .builtin import builtin_dataset, builtin_sets
 from .engine import UnlearnConfig, resolve_device, unlearn
-from .images import uint8_to_tensor
+from .evaluation import (
+    REFERENCE_SIZE, Evaluation, OracleLevels, Reference, SamplerSettings, builtin_reference, evaluate,
+)
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
-from .sampling import sample, save_grid
+from .presets import DEFAULTS, PRESETS
+from .sampling import save_grid
 
 ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack", "oracle")
 
@@ -51,13 +52,17 @@ ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack
 @dataclass
 class BenchSettings:
     methods: Sequence[str] = ALL_METHODS
-    steps: int = 50
-    batch_size: int = 128
+    steps: int = PRESETS["mnist"]["steps"]  # the built-in model's published settings
+    batch_size: int = PRESETS["mnist"]["batch_size"]
     samples: int = 1000
     sample_steps: int = 50
-    seed: int = 0
+    seed: int = DEFAULTS["seed"]
     device: str = "auto"
-    retain_reference: int = 2000  # retain images whose CLIP features are the quality reference
+    retain_reference: int = REFERENCE_SIZE  # retain images whose features are the quality reference
+
+    def sampler(self) -> SamplerSettings:
+        """The evaluation draw: the benchmark's samples and steps with the default evaluation sampler."""
+        return SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps)
 
     @classmethod
     def quick(cls) -> "BenchSettings":
@@ -67,75 +72,40 @@ class BenchSettings:
 @dataclass
 class Row:
     method: str
-    tshirt_rate: float  # share of samples within the calibrated pixel-L2 threshold of the T-shirt
-    nearest_tshirt_rate: float  # share of samples whose nearest training image (pixel L2) is the T-shirt
-    clip_rate: float  # share of samples above the calibrated CLIP memorisation threshold
+    rates: dict  # share of T-shirt copies per measure: l2 (pixel), clip, classifier (retrack.evaluation)
+    excess: dict  # the same measures read against the oracle: share below its 1 % quantile, minus 1 %
+    quality: dict  # clip_fd, clip_class_score, confident_digit_rate, digit_inception_score, classifier_fd
     clip_score_mean: float  # mean per-sample CLIP memorisation score
     clip_score_max: float
-    fd: float  # Fréchet distance of CLIP features, non-T-shirt samples vs retain images (lower is better)
-    class_score: float  # Inception-style score from zero-shot CLIP digit classes (higher is better)
     unlearn_seconds: Optional[float] = None  # k-NN + all steps
     knn_seconds: Optional[float] = None
     seconds_per_step: Optional[float] = None
     sampling_seconds: float = 0.0
     final_loss: Optional[float] = None
 
+    @property
+    def tshirt_rate(self) -> float:
+        """The pixel-L2 T-shirt rate."""
+        return self.rates["l2"]
 
-@dataclass
-class Reference:
-    """What every evaluation compares against, computed once."""
-
-    scorer: metrics.ClipScorer
-    forget01: np.ndarray  # (N_u, H, W) in [0, 1]
-    retain01: np.ndarray  # (N_r, H, W) in [0, 1]: every retain image (the nearest-image criterion)
-    forget_features: torch.Tensor
-    l2_threshold: float
-    clip_threshold: float
-    retain_features: np.ndarray
-    digit_names: list[str] = field(default_factory=list)
+    @property
+    def fd(self) -> float:
+        """Fréchet distance of CLIP features of the non-copies to the retain reference (nan without)."""
+        value = self.quality.get("clip_fd")
+        return float("nan") if value is None else value
 
 
-def build_reference(settings: BenchSettings, device: str) -> Reference:
-    dataset = builtin_dataset()
-    forget = np.unique(dataset.forget_images, axis=0)
-    rng = np.random.default_rng(settings.seed)
-    pick = rng.choice(len(dataset.retain_images), min(settings.retain_reference, len(dataset.retain_images)), replace=False)
-    retain = dataset.retain_images[np.sort(pick)]
-    scorer = metrics.ClipScorer.load("builtin", device=device)
-    forget_features = scorer.image_features(uint8_to_tensor(forget))
-    retain_features = scorer.image_features(uint8_to_tensor(retain))
-    return Reference(
-        scorer=scorer,
-        forget01=forget / 255.0,
-        retain01=dataset.retain_images / 255.0,
-        forget_features=forget_features,
-        l2_threshold=metrics.calibrated_l2_threshold(forget / 255.0, dataset.retain_images / 255.0),
-        clip_threshold=metrics.calibrate_threshold(forget_features, retain_features),
-        retain_features=retain_features.cpu().numpy(),
-        digit_names=dataset.class_names[:10],
-    )
-
-
-def evaluate(images: torch.Tensor, ref: Reference) -> dict:
-    """Memorisation and quality of samples (N, 1, 28, 28) in [-1, 1]."""
-    images01 = ((images[:, 0].clamp(-1, 1) + 1) / 2).numpy()
-    tshirt = metrics.l2_memorised(images01, ref.forget01, ref.l2_threshold)
-    nearest_tshirt = metrics.nearer_forget_than_retain(images01, ref.forget01, ref.retain01)
-    features = ref.scorer.image_features(images)
-    scores = metrics.max_cosine_similarity(features, ref.forget_features)
-    # Quality is measured on the non-T-shirt samples, as in the paper, T-shirts by the L2 threshold.
-    # (Not by the nearest-image criterion: it also flags the textures NegGrad and EraseDiff make,
-    # which would then drop out of the quality measurement.)
-    keep = ~tshirt
-    fd = class_score = float("nan")
-    if keep.sum() >= 2:
-        fd = metrics.frechet_distance(features[torch.from_numpy(keep)].cpu().numpy(), ref.retain_features)
-        probs = ref.scorer.zero_shot(images[torch.from_numpy(keep)], ref.digit_names)
-        class_score = metrics.inception_style_score(probs)
-    return dict(tshirt_rate=float(tshirt.mean()), nearest_tshirt_rate=float(nearest_tshirt.mean()),
-                clip_rate=metrics.memorisation_rate(scores, ref.clip_threshold),
-                clip_score_mean=float(scores.mean()), clip_score_max=float(scores.max()), fd=float(fd),
-                class_score=float(class_score))
+def reference_and_oracle(settings: BenchSettings, device: str,
+                         log: Callable[[str], None]) -> tuple[Reference, Evaluation, float]:
+    """The built-in reference (`evaluation.builtin_reference`), the oracle's evaluation under the
+    benchmark's sampler (its `oracle` field holds the levels every other model is read against)
+    and the seconds that evaluation took."""
+    reference = builtin_reference(device, reference_size=settings.retain_reference)
+    log(f"thresholds: {reference.thresholds()}")
+    started = time.perf_counter()
+    oracle = evaluate(load_backend(BUILTIN_ORACLE, device=device), settings.sampler(), reference)
+    oracle.oracle = OracleLevels.from_evaluation(oracle, source=f"{BUILTIN_ORACLE.name}, {settings.sampler().describe()}")
+    return reference, oracle, time.perf_counter() - started
 
 
 def check_methods(settings: BenchSettings) -> None:
@@ -166,53 +136,76 @@ def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) 
     device = resolve_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    ref = build_reference(settings, device)
-    log(f"thresholds: pixel L2 {ref.l2_threshold:.3f}, CLIP similarity {ref.clip_threshold:.3f}")
+    reference, oracle, oracle_seconds = reference_and_oracle(settings, device, log)
     forget, retain = builtin_sets()
     rows = []
     for method in settings.methods:
-        backend, extra = method_model(method, settings, device, forget, retain, log)
-        t0 = time.perf_counter()
-        samples = sample(backend, settings.samples, seed=settings.seed, steps=settings.sample_steps, batch_size=250)
-        sampling_seconds = time.perf_counter() - t0
-        row = Row(method=method, **evaluate(samples.images, ref), sampling_seconds=sampling_seconds, **extra)
+        if method == "oracle":
+            result, sampling_seconds, extra = oracle, oracle_seconds, {}
+        else:
+            backend, extra = method_model(method, settings, device, forget, retain, log)
+            t0 = time.perf_counter()
+            result = evaluate(backend, settings.sampler(), reference, oracle=oracle.oracle)
+            sampling_seconds = time.perf_counter() - t0
+        summary = result.summary()
+        row = Row(method=method, rates=summary["rates"], excess=result.excess(oracle.oracle), quality=summary["quality"],
+                  clip_score_mean=summary["clip_similarity_mean"], clip_score_max=summary["clip_similarity_max"],
+                  sampling_seconds=sampling_seconds, **extra)
         rows.append(row)
-        save_grid(samples.images[:64], out / f"samples-{method}.png", ncol=16)
-        log(f"{method}: T-shirt rate {row.tshirt_rate:.1%} (nearest image a T-shirt {row.nearest_tshirt_rate:.1%}), "
-            f"CLIP rate {row.clip_rate:.1%}, FD {row.fd:.3f}, class score {row.class_score:.2f} "
-            f"({sampling_seconds:.1f} s sampling)")
-    write_results(rows, settings, out, time.perf_counter() - started, device, ref)
+        save_grid(result.samples.images[:64], out / f"samples-{method}.png", ncol=16)
+        log(f"{method}: T-shirt rates {_percentages(row.rates)}, excess over the oracle {_percentages(row.excess)}, "
+            f"quality {_figures(row.quality)} ({sampling_seconds:.1f} s sampling)")
+    write_results(rows, settings, out, time.perf_counter() - started, device, reference)
     return rows
+
+
+def _percentages(values: dict) -> str:
+    return ", ".join(f"{name} {value:.1%}" for name, value in values.items())
+
+
+def _figures(values: dict) -> str:
+    return ", ".join(f"{name} {_fmt(value, '.3g')}" for name, value in values.items())
 
 
 def _fmt(value: Optional[float], spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
 
-def write_results(rows: list[Row], settings: BenchSettings, out: Path, seconds: float, device: str, ref: Reference) -> None:
+def machine(device: str) -> str:
+    """The device in words, for records: a GPU's name, or the CPU and its thread count."""
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else \
+        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def write_results(rows: list[Row], settings: BenchSettings, out: Path, seconds: float, device: str,
+                  reference: Reference) -> None:
     """results.json, results.md and tradeoff.png."""
-    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    where = machine(device)
     meta = dict(settings=asdict(settings), device=where, total_seconds=round(seconds, 1),
-                l2_threshold=ref.l2_threshold, clip_threshold=ref.clip_threshold,
+                thresholds=reference.thresholds(), sampler=settings.sampler().describe(),
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     (out / "results.json").write_text(json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
     lines = [
         f"Built-in digits + T-shirt model; {settings.steps} steps x batch {settings.batch_size} per branch; "
-        f"{settings.samples} samples x {settings.sample_steps} DDIM steps per model, seed {settings.seed}; "
+        f"{settings.samples} samples per model ({settings.sampler().describe()}); "
         f"device: {where}; whole benchmark {seconds:.0f} s.",
         "",
-        "| method | T-shirt rate (pixel L2) | nearest image a T-shirt | CLIP memorisation rate | mean CLIP score | "
-        "FD to retain (CLIP) ↓ | class score ↑ | unlearning time (s) | s/step |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| method | T-shirt rate (pixel L2) | excess over oracle (L2) | T-shirt rate (classifier) | "
+        "CLIP memorisation rate | mean CLIP score | FD to retain (CLIP) ↓ | class score ↑ | confident digits ↑ | "
+        "digit FD (classifier) ↓ | unlearning time (s) | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.method} | {r.tshirt_rate:.1%} | {r.nearest_tshirt_rate:.1%} | {r.clip_rate:.1%} | "
-                     f"{r.clip_score_mean:.3f} | {_fmt(r.fd, '.3f')} | "
-                     f"{_fmt(r.class_score, '.2f')} | {_fmt(r.unlearn_seconds, '.1f')} | {_fmt(r.seconds_per_step, '.3f')} |")
-    lines += ["", f"Pixel-L2 threshold {ref.l2_threshold:.3f} (images in [0, 1]); CLIP threshold {ref.clip_threshold:.3f}. "
-              "'Nearest image a T-shirt': the sample is nearer (pixel L2) to the T-shirt than to every retain "
-              "image; it also counts blurred copies outside the threshold, and any bright texture (NegGrad's, "
-              "EraseDiff's noise) that is no digit either."]
+        lines.append(f"| {r.method} | {r.tshirt_rate:.1%} | {_fmt(r.excess.get('l2'), '+.1%')} | "
+                     f"{_fmt(r.rates.get('classifier'), '.1%')} | {_fmt(r.rates.get('clip'), '.1%')} | "
+                     f"{r.clip_score_mean:.3f} | {_fmt(r.quality.get('clip_fd'), '.3f')} | "
+                     f"{_fmt(r.quality.get('clip_class_score'), '.2f')} | {_fmt(r.quality.get('confident_digit_rate'), '.1%')} | "
+                     f"{_fmt(r.quality.get('classifier_fd'), '.3g')} | {_fmt(r.unlearn_seconds, '.1f')} | "
+                     f"{_fmt(r.seconds_per_step, '.3f')} |")
+    lines += ["", f"Thresholds (retrack.evaluation): pixel L2 {reference.l2_threshold:.3f} ({reference.l2_rule}); "
+              f"CLIP similarity {reference.clip_threshold:.3f}; classifier: p(T-shirt) > 0.5. 'Excess over oracle': "
+              "share of samples closer (pixel L2) to the T-shirt than the oracle's 1 % quantile, minus 1 %. "
+              "Quality on the samples that are not pixel-L2 copies."]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     plot_tradeoff(rows, out / "tradeoff.png")
 
@@ -292,8 +285,7 @@ def _load_average() -> Optional[float]:
 def write_likelihood(rows: list[LikelihoodRow], settings: BenchSettings, nll: NLLSettings, out: Path, seconds: float,
                      device: str, load_before: Optional[float]) -> None:
     """nll.json (every repeat, evaluations and seconds per image) and nll.md (the table)."""
-    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    where = machine(device)
     per_image = [row.result.seconds for row in rows]
     meta = dict(settings=asdict(settings), likelihood=asdict(nll), device=where, total_seconds=round(seconds, 1),
                 load_average_at_start=load_before, load_average_at_end=_load_average(),

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import paths
-from .metrics import _images_to_unit_nchw
+from .images import to_unit_nchw
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -82,7 +82,7 @@ class DigitClassifier:
         (folder / CONFIG_NAME).write_text(json.dumps({**self.config, **(extra_config or {})}, indent=2) + "\n")
 
     def _batches(self, images, batch_size: int):
-        unit = _images_to_unit_nchw(images)
+        unit = to_unit_nchw(images)
         if unit.shape[1] != 1 or tuple(unit.shape[2:]) != (28, 28):
             raise ValueError(f"the classifier takes 28x28 grey images, got shape {tuple(unit.shape)}")
         with torch.no_grad():

@@ -62,6 +62,12 @@ def load_sets(args: argparse.Namespace, backend) -> tuple:
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
+    """Fine-tune a model to forget images. Under `accelerate launch --num_processes N` it runs
+    data parallel with no other change: every process loads the model and the images and draws
+    its own rows, the engine averages gradients across processes before each update (so all
+    copies stay identical, and retrack.json records each process's weight digest), and the main
+    process alone reports progress and saves. --batch is the total over all processes."""
+    from accelerate import PartialState
     from tqdm import tqdm
 
     from .backends import load_backend
@@ -82,24 +88,25 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                                   mixed_precision=args.mixed_precision, **overrides)
     config.validate()
     forget, retain, notes = load_sets(args, backend)
-    for note in notes:
+    main_process = PartialState().is_main_process  # (training_device started accelerate's state)
+    for note in notes if main_process else []:
         print(f"note: {note}", file=sys.stderr)
-    print(f"{config.method}: {forget.shape[0]} forget / {retain.shape[0]} retain items, preset {preset}, "
-          f"{config.steps} steps x batch {config.batch_size} x accum {config.grad_accum}", file=sys.stderr)
-    with tqdm(total=config.steps, desc=config.method, unit="step") as bar:
+    if main_process:
+        print(f"{config.method}: {forget.shape[0]} forget / {retain.shape[0]} retain items, preset {preset}, "
+              f"{config.steps} steps x batch {config.batch_size} x accum {config.grad_accum}", file=sys.stderr)
+    with tqdm(total=config.steps, desc=config.method, unit="step", disable=not main_process) as bar:
         def on_step(event):
             bar.set_postfix(loss=f"{event.loss:.4g}", unlearn=f"{event.unlearn:.4g}", retain=f"{event.retain:.4g}",
                             grad=f"{event.grad_norm:.3g}")
             bar.update(1)
 
         result = unlearn(backend, forget, retain, config, on_step=on_step, **sd_conditioning(args, backend))
-    from accelerate import PartialState
-
-    if not PartialState().is_main_process:
+    if not main_process:
         return 0  # under `accelerate launch` every process holds the same weights; one writes them
-    saved = save_model(backend, out, result.metadata(), overwrite=args.overwrite)
-    print(f"saved {saved} ({result.seconds:.1f} s, k-NN {result.knn_seconds:.1f} s, "
-          f"{result.seconds_per_step:.3f} s/step)")
+    prompts = {name: getattr(args, name) for name in ("prompt", "train_prompt") if getattr(args, name)}
+    saved = save_model(backend, out, result.metadata(**prompts), overwrite=args.overwrite)
+    print(f"saved {saved}: {result.world_size} process(es), mixed precision {result.config.mixed_precision}, "
+          f"{result.seconds:.1f} s, k-NN {result.knn_seconds:.1f} s, {result.seconds_per_step:.3f} s/step")
     return 0
 
 
@@ -188,6 +195,8 @@ def cmd_nll(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
+    if args.curves:
+        return cmd_curves(args)
     settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
     overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "samples", "sample_steps", "seed")
                  if getattr(args, name) is not None}
@@ -209,13 +218,31 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .objectives import METHODS
-    from .sd_cli import add_sd_arguments, add_sd_commands
+def cmd_curves(args: argparse.Namespace) -> int:
+    """`bench --curves`: every method's memorisation and quality at checkpoints (retrack.curves)."""
+    from .curves import CurveSettings, run_curves
 
-    parser = argparse.ArgumentParser(prog="retrack", description="Make a diffusion model forget specific training images.")
-    parser.add_argument("--version", action="version", version=f"retrack {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    settings = CurveSettings.quick() if args.quick else CurveSettings()
+    overrides = {name: getattr(args, name) for name in ("batch_size", "samples", "sample_steps", "seed")
+                 if getattr(args, name) is not None}
+    if args.methods:
+        overrides["methods"] = tuple(args.methods.split(","))
+    if args.checkpoints:
+        try:
+            overrides["checkpoints"] = tuple(int(step) for step in args.checkpoints.split(","))
+        except ValueError:
+            raise ValueError(f"--checkpoints must be comma-separated step counts, got {args.checkpoints!r}") from None
+    settings = CurveSettings(**{**settings.__dict__, **overrides, "device": args.device})
+    run_curves(settings, Path(args.out), log=lambda line: print(line, flush=True))
+    print(f"wrote {args.out}/curves.json, curves.md, curves.png")
+    return 0
+
+
+def add_unlearn_command(sub) -> None:
+    """The `unlearn` command and its options (defaults: the presets')."""
+    from .objectives import METHODS
+    from .presets import DEFAULTS, PRESETS
+    from .sd_cli import add_sd_arguments
 
     p = sub.add_parser("unlearn", help="fine-tune a model to forget images", description=cmd_unlearn.__doc__)
     p.add_argument("--model", default="builtin",
@@ -223,10 +250,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--forget", nargs="+", help="images or folders to forget (default for builtin: the T-shirt)")
     p.add_argument("--retain", help="folder of images to keep (the training data without the forget images)")
     p.add_argument("--method", default="retrack", choices=sorted(METHODS))
-    p.add_argument("--preset", choices=["mnist", "cifar", "celeba", "sd"],
+    p.add_argument("--preset", choices=list(PRESETS),
                    help="published settings (default: sd for Stable Diffusion; for pixel models by image size: "
                         "mnist for 1 channel up to 32 px, cifar up to 64 px, celeba above)")
-    p.add_argument("--k", type=int, help="neighbours per forget item (ReTrack; default 10)")
+    p.add_argument("--k", type=int, help=f"neighbours per forget item (ReTrack; default {DEFAULTS['k']})")
     p.add_argument("--lam", type=float, help="weight of the unlearning term, in [0, 1]")
     p.add_argument("--lr", type=float, help="AdamW learning rate")
     p.add_argument("--steps", type=int, help="optimiser steps")
@@ -242,6 +269,42 @@ def build_parser() -> argparse.ArgumentParser:
     add_sd_arguments(p)  # --prompt, --train-prompt, --lora-rank, ... (Stable Diffusion models)
     p.set_defaults(run=cmd_unlearn)
 
+
+def add_bench_command(sub) -> None:
+    """The `bench` command: all methods side by side on the built-in model."""
+    from .presets import PRESETS
+
+    p = sub.add_parser("bench", help="compare all methods on the built-in model (table + plot)")
+    p.add_argument("--methods", help="comma-separated subset of pretrained,vanilla,neggrad,erasediff,siss,retrack,oracle")
+    p.add_argument("--steps", type=int, help=f"unlearning steps (default {PRESETS['mnist']['steps']})")
+    p.add_argument("--batch", dest="batch_size", type=int, help=f"rows per branch (default {PRESETS['mnist']['batch_size']})")
+    p.add_argument("--samples", type=int, help="evaluation samples per model (default 1000)")
+    p.add_argument("--sample-steps", type=int, help="DDIM steps per sample (default 50)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI); with --nll, the cheap "
+                                                           "likelihood setting")
+    p.add_argument("--curves", action="store_true", help="instead: forgetting curves of vanilla, NegGrad, EraseDiff, "
+                                                         "SISS and ReTrack at --checkpoints (curves.json, .md, .png)")
+    p.add_argument("--checkpoints", help="--curves: comma-separated steps to evaluate at (default 0,10,25,50,100,200)")
+    p.add_argument("--nll", action="store_true", help="instead: likelihood (bits/dim) of the T-shirt and a few "
+                                                      "retain digits per method (nll.json, nll.md)")
+    p.add_argument("--nll-retain", type=int, default=3, help="retain digits in the likelihood table (default 3)")
+    p.add_argument("--nll-tol", type=float, help="ODE rtol = atol for --nll (default 1e-5, Song et al.'s)")
+    p.add_argument("--nll-repeats", type=int, help="dequantisation + probe draws per image for --nll (default 4)")
+    p.add_argument("--out", default="benchmarks/results/builtin", help="folder for the table, JSON and plots")
+    p.set_defaults(run=cmd_bench)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .sd_cli import add_sd_commands
+
+    parser = argparse.ArgumentParser(prog="retrack", description="Make a diffusion model forget specific training images.")
+    parser.add_argument("--version", action="version", version=f"retrack {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    add_unlearn_command(sub)
+
     p = sub.add_parser("sample", help="draw a seeded grid of samples")
     p.add_argument("--model", default="builtin")
     p.add_argument("--n", type=int, default=64)
@@ -255,23 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG file to write")
     p.set_defaults(run=cmd_sample)
 
-    p = sub.add_parser("bench", help="compare all methods on the built-in model (table + plot)")
-    p.add_argument("--methods", help="comma-separated subset of pretrained,vanilla,neggrad,erasediff,siss,retrack,oracle")
-    p.add_argument("--steps", type=int, help="unlearning steps (default 50)")
-    p.add_argument("--batch", dest="batch_size", type=int, help="rows per branch (default 128)")
-    p.add_argument("--samples", type=int, help="evaluation samples per model (default 1000)")
-    p.add_argument("--sample-steps", type=int, help="DDIM steps per sample (default 50)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI); with --nll, the cheap "
-                                                           "likelihood setting")
-    p.add_argument("--nll", action="store_true", help="instead: likelihood (bits/dim) of the T-shirt and a few "
-                                                      "retain digits per method (nll.json, nll.md)")
-    p.add_argument("--nll-retain", type=int, default=3, help="retain digits in the likelihood table (default 3)")
-    p.add_argument("--nll-tol", type=float, help="ODE rtol = atol for --nll (default 1e-5, Song et al.'s)")
-    p.add_argument("--nll-repeats", type=int, help="dequantisation + probe draws per image for --nll (default 4)")
-    p.add_argument("--out", default="benchmarks/results/builtin", help="folder for the table, JSON and plots")
-    p.set_defaults(run=cmd_bench)
+    add_bench_command(sub)
 
     p = sub.add_parser("renoise", help="noise an image to timestep t and denoise it with each model (same noise)")
     p.add_argument("--model", nargs="+", default=["builtin"], help="model folders to compare, e.g. before and after")

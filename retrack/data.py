@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import os
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -39,6 +37,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from . import paths
+from .atomic import write_file_atomically
 
 # Bump when anything below changes the generated pixels, so stale caches are not reused.
 DATASET_VERSION = 2
@@ -354,16 +353,11 @@ def _generate_digits_tshirt(seed: int, n_digits: int, tshirt_fraction: float) ->
 
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     """Write an npz next to its destination, then rename: readers never see a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
             np.savez_compressed(handle, **arrays)
-        os.chmod(tmp_name, 0o644)  # mkstemp makes it private; a cache may be shared
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+
+    write_file_atomically(path, write)
 
 
 def build_digits_tshirt(seed: int = 0, n_digits: int = 20000, tshirt_fraction: float = 0.02,

@@ -21,14 +21,12 @@ Results are saved by `save_model`, atomically, to a new folder.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-import os
-import shutil
 import threading
 import time
 import traceback
-import uuid
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,21 +34,14 @@ from typing import Callable, Iterator, Optional, Union
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import parse_choice_from_env, reduce
+from accelerate.utils import gather_object, parse_choice_from_env, reduce
 from torch import Tensor
 
+from .atomic import write_folder_atomically
 from .backends.base import Backend
 from .neighbours import DEFAULT_CACHE, check_neighbour_count, nearest_neighbours
 from .objectives import METHODS, Batch, Params
-
-# Published settings (METHOD.md). K = 10 everywhere; they are starting points, not constants.
-PRESETS: dict[str, dict] = {
-    "mnist": dict(lam=0.005, lr=5e-5, betas=(0.95, 0.999), weight_decay=1e-6, batch_size=128, grad_accum=1, steps=50, eta=1e-3, siss_c=5.0),
-    "cifar": dict(lam=0.02, lr=2e-5, betas=(0.95, 0.999), weight_decay=1e-6, batch_size=128, grad_accum=1, steps=60, eta=1e-3, siss_c=5.0),
-    "celeba": dict(lam=0.005, lr=5e-6, betas=(0.95, 0.999), weight_decay=1e-6, batch_size=4, grad_accum=16, steps=40, eta=1e-3, siss_c=500.0),
-    "sd": dict(lam=0.5, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, batch_size=1, grad_accum=16, steps=30, eta=1e-2, siss_c=750.0),
-}
-
+from .presets import DEFAULTS, PRESETS
 
 # Mixed precision: the autocast dtype of each mode ("no" = fp32 throughout, the published setting).
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,20 +86,23 @@ def check_range(label: str, value: float, low: float, high: float, *, open_low: 
 
 @dataclass
 class UnlearnConfig:
+    """Every setting of one run. Defaults: `presets.DEFAULTS` (the MNIST preset); other families
+    start from `UnlearnConfig.preset(name)`."""
+
     method: str = "retrack"
-    k: int = 10
-    lam: float = 0.005
-    lr: float = 5e-5
-    betas: tuple[float, float] = (0.95, 0.999)
-    weight_decay: float = 1e-6
-    batch_size: int = 128  # rows per branch per optimiser step (split across processes)
-    grad_accum: int = 1
-    steps: int = 50
-    clip_norm: float = 1.0
-    seed: int = 0
-    eta: float = 1e-3
-    siss_lambda: float = 0.5
-    siss_c: float = 5.0
+    k: int = DEFAULTS["k"]
+    lam: float = DEFAULTS["lam"]
+    lr: float = DEFAULTS["lr"]
+    betas: tuple[float, float] = DEFAULTS["betas"]
+    weight_decay: float = DEFAULTS["weight_decay"]
+    batch_size: int = DEFAULTS["batch_size"]  # rows per branch per optimiser step (split across processes)
+    grad_accum: int = DEFAULTS["grad_accum"]
+    steps: int = DEFAULTS["steps"]
+    clip_norm: float = DEFAULTS["clip_norm"]
+    seed: int = DEFAULTS["seed"]
+    eta: float = DEFAULTS["eta"]
+    siss_lambda: float = DEFAULTS["siss_lambda"]
+    siss_c: float = DEFAULTS["siss_c"]
     # "no" (fp32), "bf16" or "fp16" (autocast; fp16 with gradient scaling); None: what `accelerate
     # launch --mixed_precision` / `accelerate config` chose, else "no" (see resolve_precision).
     mixed_precision: Optional[str] = None
@@ -122,7 +116,8 @@ class UnlearnConfig:
         return cls(**{**PRESETS[name], **overrides})
 
     def validate(self) -> None:
-        """Refuse settings that cannot work, before any work starts."""
+        """Refuse settings that cannot work, before any work starts. (K against the retain set's
+        size, and the set sizes, are `check_request`'s: they need the sets.)"""
         def finite(name: str, value: float) -> None:
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value!r}")
@@ -143,8 +138,6 @@ class UnlearnConfig:
         check_range("weight decay", self.weight_decay, 0, 1)
         check_range("the seed", self.seed, 0, 2**32, open_high=True)
         check_range("SISS mixture weight", self.siss_lambda, 0, 1, open_low=True, open_high=True)
-        if self.k < 1:
-            raise ValueError(f"K must be at least 1, got {self.k}")
         if self.clip_norm <= 0:
             raise ValueError(f"clip norm must be positive, got {self.clip_norm}")
         if self.eta < 0:
@@ -187,6 +180,9 @@ class UnlearnResult:
     n_retain: int
     world_size: int = 1
     overflow_skips: int = 0  # fp16: attempts skipped (and redone) because their gradients overflowed
+    # Several processes: each one's `weights_digest` of the trained network, in process order.
+    # Gradients are averaged before every update, so they must all be equal.
+    process_digests: Optional[list[str]] = None
 
     @property
     def seconds_per_step(self) -> float:
@@ -209,6 +205,7 @@ class UnlearnResult:
             "processes": self.world_size,
             "mixed_precision": self.config.mixed_precision,
             "fp16_overflow_skips": self.overflow_skips,
+            **({"weights_sha256_per_process": self.process_digests} if self.process_digests else {}),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **extra,
         }
@@ -299,12 +296,24 @@ def _rows(x: Optional[Tensor], idx: Tensor) -> Optional[Tensor]:
     return x.expand(len(idx), *x.shape[1:]) if x.shape[0] == 1 else x[idx]
 
 
-def check_sets(forget: Tensor, retain: Tensor) -> None:
-    """Refuse sets the method cannot use (empty, mismatched, non-finite, overlapping)."""
-    if forget.shape[0] == 0:
+def check_request(config: UnlearnConfig, n_forget: int, n_retain: int, *, neighbours_given: bool = False) -> None:
+    """The one check of an unlearning request, before any work: the settings
+    (`UnlearnConfig.validate`), the set sizes, and K against the retain set
+    (`neighbours.check_neighbour_count`; for methods that use neighbours, unless they are given).
+    The library (`unlearn`, `split.unlearn_prompt`), the CLI and the app all call it, so a bad
+    request gets the same message wherever it comes from. Raises ValueError."""
+    config.validate()
+    if n_forget == 0:
         raise ValueError("the forget set is empty: choose at least one image to forget")
-    if retain.shape[0] == 0:
+    if n_retain == 0:
         raise ValueError("the retain set is empty")
+    uses_retain_neighbours = METHODS[config.method].needs_neighbours and not neighbours_given
+    check_neighbour_count(config.k, n_retain if uses_retain_neighbours else None)
+
+
+def check_sets(forget: Tensor, retain: Tensor) -> None:
+    """Refuse set contents the method cannot use (mismatched, non-finite, overlapping); their
+    sizes are `check_request`'s."""
     if forget.shape[1:] != retain.shape[1:]:
         raise ValueError(f"forget items {tuple(forget.shape[1:])} and retain items {tuple(retain.shape[1:])} differ in shape")
     if not (torch.isfinite(forget).all() and torch.isfinite(retain).all()):
@@ -345,12 +354,10 @@ def unlearn(
     every method exact on any number of processes; FSDP and DeepSpeed configs are not used.
     """
     config = replace(config, mixed_precision=resolve_precision(config.mixed_precision))  # results record what ran
-    config.validate()
+    check_request(config, forget.shape[0], retain.shape[0], neighbours_given=neighbours is not None)
     forget, retain = forget.detach().float().cpu(), retain.detach().float().cpu()
     check_sets(forget, retain)
     method = METHODS[config.method]
-    if method.needs_neighbours and neighbours is None:
-        check_neighbour_count(config.k, retain.shape[0])
     device = training_device(config.device)
     state = PartialState(cpu=device == "cpu")
     world, rank = state.num_processes, state.process_index
@@ -366,100 +373,151 @@ def unlearn(
 
         unet = backend.unet.to(device)
         unet.train()
-        parameters = backend.trainable_parameters()
-        optimiser = torch.optim.AdamW(parameters, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
         # Each process draws its own rows and noise; all are reproducible from the seed.
         generator = torch.Generator().manual_seed(config.seed * 1_000_003 + rank)
-        schedule, params = backend.schedule, config.params()
-        rows = config.batch_size // world
-        device_type = torch.device(device).type
-        dtype = AUTOCAST_DTYPES[config.mixed_precision]
-        autocast = nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
-        # fp16 only (bf16 has fp32's range): losses are multiplied by a power-of-two scale before
-        # backward so small gradients survive in fp16, gradients are divided by it again before
-        # clipping, and a step whose gradients overflowed is skipped while the scale is halved.
-        # Disabled, the scaler passes everything through (scale 1, a plain optimiser step).
-        scaler = torch.amp.GradScaler(device_type, enabled=config.mixed_precision == "fp16")
-
-        def draw() -> Batch:
-            fi = torch.randint(forget.shape[0], (rows,), generator=generator)
-            ri = torch.randint(retain.shape[0], (rows,), generator=generator)
-            nbrs = retain[neighbours[fi]] if neighbours is not None else forget[fi].unsqueeze(1)
-            to = lambda x: None if x is None else x.to(device, non_blocking=True)  # noqa: E731
-            return Batch(forget=to(forget[fi]), neighbours=to(nbrs), retain=to(retain[ri]),
-                         forget_cond=to(_rows(forget_cond, fi)), retain_cond=to(_rows(retain_cond, ri)))
-
-        def accumulate(step: int) -> Tensor:
-            """Run one step's micro-batches and leave the step's gradient (averaged over
-            micro-batches and processes, in the scaler's units) in each parameter's .grad.
-            Returns the mean losses (total, unlearn, retain)."""
-            sums = torch.zeros(3, dtype=torch.float64)
-            acc_retain = acc_unlearn = None
-            for _ in range(config.grad_accum):
-                with autocast:
-                    terms = method.objective(backend.denoise, draw(), schedule, generator, params)
-                values = torch.stack([terms.total, terms.unlearn, terms.retain]).detach().double().cpu()
-                if not torch.isfinite(values).all() and not scaler.is_enabled():
-                    bad = [n for n, v in zip(("total", "unlearn", "retain"), values) if not math.isfinite(v)]
-                    raise Diverged(f"the {'/'.join(bad)} loss became {values[0].item()} at step {step}; "
-                                   f"try a lower learning rate or lambda")
-                # (fp16: a non-finite loss gives non-finite gradients, and the scaler skips the step.)
-                sums += values / config.grad_accum
-                if method.combine is None:
-                    scaler.scale(terms.loss / config.grad_accum).backward()
-                    continue
-                g_r, g_u = (_gradient(scaler.scale(term) / config.grad_accum, parameters, keep_graph=keep)
-                            for term, keep in ((terms.retain, True), (terms.unlearn, False)))
-                acc_retain = g_r if acc_retain is None else [a + g for a, g in zip(acc_retain, g_r)]
-                acc_unlearn = g_u if acc_unlearn is None else [a + g for a, g in zip(acc_unlearn, g_u)]
-            if method.combine is not None:
-                # Combine only after accumulating and averaging: the combination is nonlinear.
-                if world > 1:
-                    acc_retain, acc_unlearn = reduce(acc_retain, "mean"), reduce(acc_unlearn, "mean")
-                combined = combine_in_scaler_units(method.combine, acc_retain, acc_unlearn, params, scaler.get_scale())
-                for p, g in zip(parameters, combined):
-                    p.grad = g
-            elif world > 1:
-                grads = reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters], "mean")
-                for p, g in zip(parameters, grads):
-                    p.grad = g
-            return sums
-
-        events: list[StepEvent] = []
-        overflows = overflows_in_a_row = 0
+        sampler = _BatchSampler(forget, retain, neighbours, forget_cond, retain_cond, config.batch_size // world,
+                                generator, device)
+        steps = _Steps(backend, config, sampler, generator, device, world)
         try:
-            while len(events) < config.steps:
-                step = len(events) + 1
-                if cancel is not None and cancel.is_set():
-                    raise Cancelled(f"cancelled after {step - 1} of {config.steps} steps")
-                t0 = time.perf_counter()
-                sums = accumulate(step)
-                scaler.unscale_(optimiser)  # true gradients from here on (a no-op unless fp16)
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(parameters, config.clip_norm))
-                if not math.isfinite(grad_norm) and not scaler.is_enabled():
-                    raise Diverged(f"the gradient norm became {grad_norm} at step {step}; try a lower learning rate")
-                scaler.step(optimiser)  # fp16: no update when the gradients overflowed
-                scaler.update()
-                optimiser.zero_grad(set_to_none=True)
-                if not math.isfinite(grad_norm):  # fp16 overflow: the step is redone with the lowered scale
-                    overflows, overflows_in_a_row = overflows + 1, overflows_in_a_row + 1
-                    if overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
-                        raise Diverged(f"the fp16 gradients overflowed in {overflows_in_a_row} attempts in a row at "
-                                       f"step {step}; try bf16, fp32 (mixed precision 'no') or a lower learning rate")
-                    continue
-                overflows_in_a_row = 0
-                now = time.perf_counter()
-                event = StepEvent(step, config.steps, *map(float, sums), grad_norm, now - start, now - t0)
-                events.append(event)
-                if on_step is not None:
-                    on_step(event)
+            events = steps.run(start, on_step, cancel)
         finally:
-            optimiser.zero_grad(set_to_none=True)
+            steps.optimiser.zero_grad(set_to_none=True)
             unet.eval()
 
     return UnlearnResult(config=config, events=events, seconds=time.perf_counter() - start, knn_seconds=knn_seconds,
                          neighbours=neighbours, neighbour_distances=distances, source=backend.source,
-                         n_forget=forget.shape[0], n_retain=retain.shape[0], world_size=world, overflow_skips=overflows)
+                         n_forget=forget.shape[0], n_retain=retain.shape[0], world_size=world,
+                         overflow_skips=steps.overflows,
+                         process_digests=gather_object([weights_digest(unet)]) if world > 1 else None)
+
+
+@dataclass
+class _BatchSampler:
+    """Draws one micro-batch: forget rows with each row's K nearest retain neighbours (or, for
+    methods without neighbours, the row itself) and an independent retain batch, moved to the
+    training device."""
+
+    forget: Tensor
+    retain: Tensor
+    neighbours: Optional[Tensor]  # (N_u, K) indices into retain
+    forget_cond: Optional[Tensor]
+    retain_cond: Optional[Tensor]
+    rows: int  # per branch, on this process
+    generator: torch.Generator
+    device: str
+
+    def draw(self) -> Batch:
+        fi = torch.randint(self.forget.shape[0], (self.rows,), generator=self.generator)
+        ri = torch.randint(self.retain.shape[0], (self.rows,), generator=self.generator)
+        nbrs = self.retain[self.neighbours[fi]] if self.neighbours is not None else self.forget[fi].unsqueeze(1)
+        to = lambda x: None if x is None else x.to(self.device, non_blocking=True)  # noqa: E731
+        return Batch(forget=to(self.forget[fi]), neighbours=to(nbrs), retain=to(self.retain[ri]),
+                     forget_cond=to(_rows(self.forget_cond, fi)), retain_cond=to(_rows(self.retain_cond, ri)))
+
+
+class _Steps:
+    """The optimiser steps of one run: AdamW on the backend's trainable parameters, autocast in
+    the run's precision, and (fp16 only) torch's gradient scaler.
+
+    fp16 only (bf16 has fp32's range): losses are multiplied by a power-of-two scale before
+    backward so small gradients survive in fp16, gradients are divided by it again before
+    clipping, and a step whose gradients overflowed is skipped while the scale is halved.
+    Disabled, the scaler passes everything through (scale 1, a plain optimiser step).
+    """
+
+    def __init__(self, backend: Backend, config: UnlearnConfig, sampler: _BatchSampler, generator: torch.Generator,
+                 device: str, world: int):
+        self.backend, self.config, self.sampler, self.generator, self.world = backend, config, sampler, generator, world
+        self.method, self.params = METHODS[config.method], config.params()
+        self.parameters = backend.trainable_parameters()
+        self.optimiser = torch.optim.AdamW(self.parameters, lr=config.lr, betas=tuple(config.betas),
+                                           weight_decay=config.weight_decay)
+        device_type = torch.device(device).type
+        dtype = AUTOCAST_DTYPES[config.mixed_precision]
+        self.autocast = nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+        self.scaler = torch.amp.GradScaler(device_type, enabled=config.mixed_precision == "fp16")
+        self.overflows = 0  # fp16: attempts skipped (and redone) because their gradients overflowed
+
+    def run(self, start: float, on_step: Optional[Callable[[StepEvent], None]],
+            cancel: Optional[threading.Event]) -> list[StepEvent]:
+        """Take `config.steps` optimiser steps (an fp16 attempt whose gradients overflowed is
+        redone); report each one. `start`: when the run started (k-NN included)."""
+        config, scaler = self.config, self.scaler
+        events: list[StepEvent] = []
+        overflows_in_a_row = 0
+        while len(events) < config.steps:
+            step = len(events) + 1
+            if cancel is not None and cancel.is_set():
+                raise Cancelled(f"cancelled after {step - 1} of {config.steps} steps")
+            t0 = time.perf_counter()
+            sums = self.accumulate(step)
+            scaler.unscale_(self.optimiser)  # true gradients from here on (a no-op unless fp16)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, config.clip_norm))
+            if not math.isfinite(grad_norm) and not scaler.is_enabled():
+                raise Diverged(f"the gradient norm became {grad_norm} at step {step}; try a lower learning rate")
+            scaler.step(self.optimiser)  # fp16: no update when the gradients overflowed
+            scaler.update()
+            self.optimiser.zero_grad(set_to_none=True)
+            if not math.isfinite(grad_norm):  # fp16 overflow: the step is redone with the lowered scale
+                self.overflows, overflows_in_a_row = self.overflows + 1, overflows_in_a_row + 1
+                if overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+                    raise Diverged(f"the fp16 gradients overflowed in {overflows_in_a_row} attempts in a row at "
+                                   f"step {step}; try bf16, fp32 (mixed precision 'no') or a lower learning rate")
+                continue
+            overflows_in_a_row = 0
+            now = time.perf_counter()
+            event = StepEvent(step, config.steps, *map(float, sums), grad_norm, now - start, now - t0)
+            events.append(event)
+            if on_step is not None:
+                on_step(event)
+        return events
+
+    def accumulate(self, step: int) -> Tensor:
+        """Run one step's micro-batches and leave the step's gradient (averaged over
+        micro-batches and processes, in the scaler's units) in each parameter's .grad.
+        Returns the mean losses (total, unlearn, retain)."""
+        config, method, scaler, parameters = self.config, self.method, self.scaler, self.parameters
+        sums = torch.zeros(3, dtype=torch.float64)
+        acc_retain = acc_unlearn = None
+        for _ in range(config.grad_accum):
+            with self.autocast:
+                terms = method.objective(self.backend.denoise, self.sampler.draw(), self.backend.schedule,
+                                         self.generator, self.params)
+            values = torch.stack([terms.total, terms.unlearn, terms.retain]).detach().double().cpu()
+            if not torch.isfinite(values).all() and not scaler.is_enabled():
+                bad = [n for n, v in zip(("total", "unlearn", "retain"), values) if not math.isfinite(v)]
+                raise Diverged(f"the {'/'.join(bad)} loss became {values[0].item()} at step {step}; "
+                               f"try a lower learning rate or lambda")
+            # (fp16: a non-finite loss gives non-finite gradients, and the scaler skips the step.)
+            sums += values / config.grad_accum
+            if method.combine is None:
+                scaler.scale(terms.loss / config.grad_accum).backward()
+                continue
+            g_r, g_u = (_gradient(scaler.scale(term) / config.grad_accum, parameters, keep_graph=keep)
+                        for term, keep in ((terms.retain, True), (terms.unlearn, False)))
+            acc_retain = g_r if acc_retain is None else [a + g for a, g in zip(acc_retain, g_r)]
+            acc_unlearn = g_u if acc_unlearn is None else [a + g for a, g in zip(acc_unlearn, g_u)]
+        if method.combine is not None:
+            # Combine only after accumulating and averaging: the combination is nonlinear.
+            if self.world > 1:
+                acc_retain, acc_unlearn = reduce(acc_retain, "mean"), reduce(acc_unlearn, "mean")
+            combined = combine_in_scaler_units(method.combine, acc_retain, acc_unlearn, self.params, scaler.get_scale())
+            for p, g in zip(parameters, combined):
+                p.grad = g
+        elif self.world > 1:
+            grads = reduce([p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters], "mean")
+            for p, g in zip(parameters, grads):
+                p.grad = g
+        return sums
+
+
+def weights_digest(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer of `module`, in name order: equal digests, equal weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # any dtype, bf16 too
+    return digest.hexdigest()
 
 
 def _gradient(loss: Tensor, parameters: list[torch.nn.Parameter], keep_graph: bool) -> list[Tensor]:
@@ -506,29 +564,3 @@ def save_model(backend: Backend, out_dir: Union[str, Path], metadata: dict, over
             (tmp / name).write_bytes(content)
 
     return write_folder_atomically(out, write, overwrite)
-
-
-def write_folder_atomically(out_dir: Union[str, Path], write: Callable[[Path], None], overwrite: bool = False) -> Path:
-    """Let ``write`` create and fill a new folder (the path it gets), then put it at ``out_dir`` in one rename.
-
-    It is written to a hidden `.NAME.<id>.partial` sibling and renamed into place; an interrupted
-    save leaves only that hidden folder, never a half-written one under the real name.
-    """
-    out = Path(out_dir).absolute()
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose a new folder (or pass overwrite)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.partial"
-    try:
-        write(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.{uuid.uuid4().hex[:8]}.old"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out

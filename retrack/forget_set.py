@@ -17,9 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 import threading
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -27,6 +25,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .app_evaluation import load_scorer
+from .atomic import write_folder_atomically
 from .backends import load_backend
 from .devices import device_queue
 from .engine import resolve_device
@@ -213,16 +212,13 @@ def generate_split(model: ModelInfo, prompt: str, output_root: Path, n: int = 16
                                    guidance=guidance, on_batch=on_batch)
     finally:
         queue.release(owner)
-    tmp = folder.with_name(f".{folder.name}.{uuid.uuid4().hex[:8]}")
-    (tmp / "images").mkdir(parents=True)
-    for index, (picture, image_seed) in enumerate(zip(tensor_to_pil(split.images), split.seeds)):
-        picture.save(tmp / "images" / f"{index:03d}_seed{image_seed}.png")
-    (tmp / "split.json").write_text(json.dumps({"prompt": prompt.strip(), "seeds": split.seeds,
-                                                 "memorised": split.memorised, "rule": split.rule, "note": note}))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    if folder.exists():  # written meanwhile by an identical request
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        tmp.replace(folder)
+    def write(tmp: Path) -> None:
+        (tmp / "images").mkdir(parents=True)
+        for index, (picture, image_seed) in enumerate(zip(tensor_to_pil(split.images), split.seeds)):
+            picture.save(tmp / "images" / f"{index:03d}_seed{image_seed}.png")
+        (tmp / "split.json").write_text(json.dumps({"prompt": prompt.strip(), "seeds": split.seeds,
+                                                     "memorised": split.memorised, "rule": split.rule, "note": note}))
+
+    write_folder_atomically(folder, write, if_exists="keep")  # kept: written meanwhile by an identical request
     return GeneratedSplit(folder / "images", split.memorised, split.rule, note)
 

@@ -1,7 +1,7 @@
 """The pixel DDPMs of the paper's CIFAR-10 and CelebA-HQ benchmarks, as configurations.
 
 ReTrack's published CIFAR-10 and CelebA-HQ settings (presets "cifar" and "celeba" in
-`engine.PRESETS`) were run on Ho et al.'s DDPMs, which diffusers publishes on the Hugging Face Hub
+`presets.PRESETS`) were run on Ho et al.'s DDPMs, which diffusers publishes on the Hugging Face Hub
 as `google/ddpm-cifar10-32` and `google/ddpm-ema-celebahq-256`. Their weights cannot be downloaded
 on every machine (not on this project's), so their configurations are written out here: the
 UNet2DModel `config.json` and DDPMScheduler `scheduler_config.json` of each repository.
@@ -14,7 +14,7 @@ everything else: the block types, the layers per block, where the attention bloc
 resolution, the time embedding and the scheduler. A 256-pixel model at 1/16 width trains a few steps
 on a CPU in under a minute; the full one (113.7 M parameters) does not.
 
-This module is separate from `retrack.tiny` (toy models built for tests) because these are real
+This module is separate from `retrack.testing` (toy models built for tests) because these are real
 published configurations, not toys.
 """
 
@@ -46,7 +46,7 @@ class HubPixelModel:
     """One published pixel DDPM: where it lives, its configs, the paper's settings for it."""
 
     hub_id: str
-    preset: str  # key of engine.PRESETS: the paper's settings for this benchmark
+    preset: str  # key of presets.PRESETS: the paper's settings for this benchmark
     unet: dict  # UNet2DModel config
     scheduler: dict  # DDPMScheduler config
     parameters: int  # UNet parameter count of the published model

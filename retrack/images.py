@@ -1,7 +1,8 @@
 """Images in and out of the library, converted in one place.
 
 Images enter as files, PIL images or uint8 arrays and leave as NCHW float32 tensors in [-1, 1]
-at the model's resolution and channel count; tensors go back to uint8 HWC arrays for display.
+at the model's resolution and channel count; tensors go back to uint8 HWC arrays for display,
+to 8-bit levels for the likelihood, and to [0, 1] for CLIP and the classifier.
 Every refusal is an `ImageError` whose message says which input and why.
 """
 
@@ -211,16 +212,15 @@ def expand_paths(paths: Iterable[Union[str, os.PathLike]]) -> list[Path]:
     return out
 
 
-def uint8_to_tensor(arr: np.ndarray) -> Tensor:
-    """uint8 (N, C, H, W) or (N, H, W) -> float32 (N, C, H, W) in [-1, 1]."""
+def uint8_to_tensor(arr: np.ndarray, *, channels_last: bool = False,
+                    device: Union[str, torch.device, None] = None) -> Tensor:
+    """uint8 (N, C, H, W), (N, H, W, C) with `channels_last`, or (N, H, W) -> float32 (N, C, H, W)
+    in [-1, 1], on `device` (moved there as uint8, a quarter of the bytes, then converted)."""
     if arr.ndim == 3:
         arr = arr[:, None]
-    return torch.from_numpy(np.ascontiguousarray(arr)).float().div(127.5).sub(1.0)
-
-
-def nhwc_to_tensor(images: np.ndarray) -> Tensor:
-    """uint8 (N, H, W, C), as the app holds images, -> float32 (N, C, H, W) in [-1, 1]."""
-    return uint8_to_tensor(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    elif channels_last:
+        arr = arr.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(device).float().div(127.5).sub(1.0)
 
 
 def tensor_to_uint8(x: Tensor) -> np.ndarray:
@@ -232,3 +232,37 @@ def tensor_to_uint8(x: Tensor) -> np.ndarray:
 def tensor_to_pil(x: Tensor) -> list[Image.Image]:
     """float (N, C, H, W) in [-1, 1] -> PIL images (grayscale for one channel)."""
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in tensor_to_uint8(x)]
+
+
+def tensor_to_levels(x: Tensor) -> Tensor:
+    """float (N, C, H, W) in [-1, 1] -> its 8-bit values 0..255 as int64 (N, C, H, W), computed in
+    float64 (the likelihood's dequantisation starts from them)."""
+    return ((x.detach().double().clamp(-1, 1) + 1) * 127.5).round().to(torch.int64)
+
+
+def to_unit_nchw(images) -> Tensor:
+    """Any accepted image form -> float32 NCHW in [0, 1] on the CPU (what CLIP and the classifier
+    read): PIL images (as RGB), uint8 arrays (HW, NHW, NCHW or NHWC), uint8 tensors, or float
+    NCHW tensors/arrays in [-1, 1]."""
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
+        images = np.stack([np.asarray(image.convert("RGB")) for image in images])
+    if isinstance(images, np.ndarray):
+        if images.dtype == np.uint8:
+            array = images.astype(np.float32) / 255.0
+            if array.ndim == 2:
+                array = array[None, None]
+            elif array.ndim == 3:
+                array = array[:, None]
+            elif array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
+                array = array.transpose(0, 3, 1, 2)
+            return torch.from_numpy(np.ascontiguousarray(array))
+        images = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"unsupported image type {type(images).__name__}")
+    if images.dtype == torch.uint8:
+        return to_unit_nchw(images.numpy())
+    if images.ndim != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"float images must be NCHW with 1 or 3 channels, got shape {tuple(images.shape)}")
+    return ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)

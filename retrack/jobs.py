@@ -23,37 +23,27 @@ from typing import TYPE_CHECKING, Iterator, Optional
 
 import torch
 from PIL import Image
-from torch import Tensor
 
-from .app_evaluation import EvalSettings, Evaluation, MemorisationDetector
+from .atomic import write_file_atomically
+from .app_evaluation import EvalSettings, reference_for
 from .backends import load_backend
 from .backends.base import Backend
 from .devices import describe_device, device_queue
 from .engine import (
-    Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, UnlearnResult, is_out_of_memory, resolve_device,
-    save_model, unlearn,
+    Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, UnlearnResult, check_request, is_out_of_memory,
+    resolve_device, save_model, unlearn,
 )
-from .images import nhwc_to_tensor
+from .evaluation import Evaluation, Reference, draw, evaluate_samples
+from .images import uint8_to_tensor
 from .models import ModelInfo
-from .neighbours import check_neighbour_count
 from .objectives import METHODS
-from .sampling import Samples, sample
+from .sampling import Samples
 from .teaching import neighbour_grid, trajectory_image, trajectory_strip
 
 if TYPE_CHECKING:
     from .forget_set import ForgetSet
 
 log = logging.getLogger(__name__)
-
-# The method names the app offers, ReTrack first; the others are the baselines of METHOD.md.
-METHOD_LABELS: dict[str, str] = {
-    "retrack": "ReTrack (redirect to nearest retain images)",
-    "vanilla": "Vanilla: fine-tune on the retain set only",
-    "neggrad": "NegGrad: gradient ascent on the forget set",
-    "erasediff": "EraseDiff: retain loss + projected push to noise",
-    "siss": "SISS: importance-sampled retain minus rescaled forget loss",
-}
-
 
 # ============================================================================ helpers of a job
 class _SampleCache:
@@ -85,13 +75,9 @@ BEFORE_SAMPLES = _SampleCache()
 
 def zip_folder(folder: Path, archive: Path) -> Path:
     """Zip `folder` (as one top-level folder inside the archive), written atomically."""
-    tmp = archive.with_name(f".{archive.stem}.{uuid.uuid4().hex[:8]}")
-    try:
-        made = shutil.make_archive(str(tmp), "zip", root_dir=folder.parent, base_dir=folder.name)
-        Path(made).replace(archive)
-    finally:
-        Path(f"{tmp}.zip").unlink(missing_ok=True)
-    return archive
+    # make_archive appends ".zip" to the name it is given: the temporary file's own name, less ".zip".
+    return write_file_atomically(archive, lambda tmp: shutil.make_archive(
+        str(tmp.with_suffix("")), "zip", root_dir=folder.parent, base_dir=folder.name))
 
 
 # ============================================================================ the job
@@ -145,14 +131,12 @@ class Job:
 
     def __init__(self, model: ModelInfo, forget: ForgetSet, config: UnlearnConfig, evaluation: EvalSettings,
                  output_root: Path, training_prompt: str = ""):
-        config.validate()
+        check_request(config, len(forget), len(forget.retain_index))  # the library's one check, before the job queues
         evaluation.validate()
         if model.training_data is None:
             raise ValueError("this model's training data is unknown: name the folder of images it was trained on")
         if model.family == "latent" and not evaluation.prompt.strip():
             raise ValueError("type the prompt whose memorised images should be forgotten")
-        if METHODS[config.method].needs_neighbours:
-            check_neighbour_count(config.k, len(forget.retain_index))  # the engine's rule, before the job queues
         self.model, self.forget, self.config, self.evaluation = model, forget, config, evaluation
         self.training_prompt = (training_prompt or evaluation.prompt).strip()
         self.device = resolve_device(config.device)
@@ -253,8 +237,8 @@ class Job:
         settings, config, data = self.evaluation, self.config, self.model.training_data
         self._phase("loading", f"Loading a fresh copy of {self.model.path.name} on {describe_device(self.device)}")
         backend = load_backend(self.model.path, device=self.device)
-        detector = MemorisationDetector.for_model(self.model, self.forget, device=self.device)
-        self._set(scorer_note=detector.note)
+        reference = reference_for(self.model, self.forget, device=self.device)
+        self._set(scorer_note=reference.note)
         # Text-to-image models: the prompt to sample with, and the (maybe modified) one to train on.
         cond = training_cond = None
         if backend.family == "latent":
@@ -263,15 +247,15 @@ class Job:
 
         self._phase("before", f"Sampling {settings.n_samples} images before unlearning")
         sampling_started = time.perf_counter()
-        before = self._evaluate(backend, detector, cond, cached=True)
+        before = self._evaluate(backend, reference, cached=True)
         teaching_seed, teaching_flagged = before.teaching_seed()
         before_path = trajectory_strip(backend, teaching_seed, settings, cond)
         sampling_seconds = time.perf_counter() - sampling_started
         self._set(before=before, progress=_PHASE_SPAN["before"][1])
 
-        self._phase("training", f"Training: {METHOD_LABELS[config.method].split(':')[0]}, {config.steps} steps")
-        forget_x0 = backend.encode(nhwc_to_tensor(self.forget.images))
-        retain_x0 = backend.encode(nhwc_to_tensor(data.images[self.forget.retain_index]))
+        self._phase("training", f"Training: {METHODS[config.method].title}, {config.steps} steps")
+        forget_x0 = backend.encode(uint8_to_tensor(self.forget.images, channels_last=True))
+        retain_x0 = backend.encode(uint8_to_tensor(data.images[self.forget.retain_index], channels_last=True))
         result = unlearn(backend, forget_x0, retain_x0, config, forget_cond=training_cond, retain_cond=training_cond,
                          on_step=lambda event: self._on_step(event, sampling_seconds), cancel=self._cancel)
         if result.neighbours is not None:
@@ -288,7 +272,7 @@ class Job:
         self._set(model_dir=model_dir, archive=archive, progress=_PHASE_SPAN["saving"][1])
 
         self._phase("after", f"Sampling the same {settings.n_samples} seeds after unlearning")
-        after = self._evaluate(backend, detector, cond, cached=False)
+        after = self._evaluate(backend, reference, cached=False)
         after_path = trajectory_strip(backend, teaching_seed, settings, cond)
         after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
         self._set(after=after, trajectory=trajectory_image(before_path, after_path, teaching_flagged, after_flagged),
@@ -308,19 +292,16 @@ class Job:
                           f"(unlearn {event.unlearn:.4g}, retain {event.retain:.4g}) · "
                           f"{event.step_seconds:.2f} s/step · about {_seconds(left)} left")
 
-    def _evaluate(self, backend: Backend, detector: "MemorisationDetector", cond: Optional[Tensor],
-                  cached: bool) -> Evaluation:
-        settings = self.evaluation
-        key = (self.model.cache_key, self.device, settings.n_samples, settings.seed, settings.sampling_steps,
-               settings.prompt if cond is not None else "", settings.guidance if cond is not None else 0.0)
+    def _evaluate(self, backend: Backend, reference: Reference, cached: bool) -> Evaluation:
+        settings = self.evaluation.sampler_settings()
+        key = (self.model.cache_key, self.device, settings)
         samples = BEFORE_SAMPLES.get(key) if cached else None
         if samples is None:
-            samples = sample(backend, settings.n_samples, seed=settings.seed, steps=settings.sampling_steps,
-                             cond=cond, guidance=settings.guidance, batch_size=16, on_batch=self._check_cancel)
+            samples = draw(backend, settings, on_batch=self._check_cancel)
             if cached:
                 BEFORE_SAMPLES.put(key, samples)
         self._check_cancel()
-        return detector.evaluate(samples)
+        return evaluate_samples(samples, reference)
 
 
 def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .backends.base import Backend
+from .images import tensor_to_levels
 
 EpsFn = Callable[[Tensor, Tensor], Tensor]  # eps_theta(x, timestep labels (B,)) -> predicted noise
 PROBES = ("rademacher", "gaussian")
@@ -205,11 +206,6 @@ def bits_per_dim(log_p: Tensor, dims: int) -> Tensor:
     return -log_p / (dims * math.log(2)) + BITS_OFFSET_8BIT
 
 
-def to_levels(images: Tensor) -> Tensor:
-    """Images in [-1, 1] (as `images.load_images` gives them) -> their 8-bit values 0..255."""
-    return ((images.detach().double().clamp(-1, 1) + 1) * 127.5).round().to(torch.int64)
-
-
 def image_likelihood(eps_fn: EpsFn, schedule: VPSchedule, image: Tensor, settings: NLLSettings = NLLSettings(),
                      seed: Optional[int] = None) -> Likelihood:
     """Bits/dim of one image (C, H, W) in [-1, 1] with its estimator noise.
@@ -220,7 +216,7 @@ def image_likelihood(eps_fn: EpsFn, schedule: VPSchedule, image: Tensor, setting
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(settings.seed if seed is None else seed)
     dtype = image.dtype if image.dtype in (torch.float32, torch.float64) else torch.float32
-    x = dequantise(to_levels(image), settings.repeats, generator, dtype)
+    x = dequantise(tensor_to_levels(image), settings.repeats, generator, dtype)
     probes = draw_probes(tuple(x.shape), settings.probe, generator, dtype)
     device = image.device
     flow = flow_log_likelihood(eps_fn, x.to(device), schedule, settings, probes.to(device))

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from . import paths
+from .images import to_unit_nchw
 
 LOCAL_DIR_PREFIX = "local-dir:"
 DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -98,7 +99,7 @@ class ClipScorer:
         convention); uint8 arrays (H, W), (N, H, W), (N, H, W, C) or (N, C, H, W) with C in
         {1, 3}; a PIL image or a list of them.
         """
-        pixels01 = _images_to_unit_nchw(images)
+        pixels01 = to_unit_nchw(images)
         if pixels01.shape[1] == 1:
             pixels01 = pixels01.expand(-1, 3, -1, -1)
         if pixels01.shape[-2:] != (self.image_size, self.image_size):
@@ -162,34 +163,6 @@ def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, folder: str |
              for name, tensor in model.state_dict().items()}
     save_file(state, str(folder / "open_clip_model.safetensors"))
     return folder
-
-
-def _images_to_unit_nchw(images) -> torch.Tensor:
-    """Convert the accepted image forms to float32 NCHW in [0, 1] on the CPU."""
-    from PIL import Image
-
-    if isinstance(images, Image.Image):
-        images = [images]
-    if isinstance(images, (list, tuple)) and images and isinstance(images[0], Image.Image):
-        images = np.stack([np.asarray(image.convert("RGB")) for image in images])
-    if isinstance(images, np.ndarray):
-        if images.dtype == np.uint8:
-            array = images.astype(np.float32) / 255.0
-            if array.ndim == 2:
-                array = array[None, None]
-            elif array.ndim == 3:
-                array = array[:, None]
-            elif array.ndim == 4 and array.shape[-1] in (1, 3) and array.shape[1] not in (1, 3):
-                array = array.transpose(0, 3, 1, 2)
-            return torch.from_numpy(np.ascontiguousarray(array))
-        images = torch.from_numpy(np.asarray(images, dtype=np.float32))
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"unsupported image type {type(images).__name__}")
-    if images.dtype == torch.uint8:
-        return _images_to_unit_nchw(images.numpy())
-    if images.ndim != 4 or images.shape[1] not in (1, 3):
-        raise ValueError(f"float images must be NCHW with 1 or 3 channels, got shape {tuple(images.shape)}")
-    return ((images.detach().float().cpu() + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 # --------------------------------------------------------------------------------------------

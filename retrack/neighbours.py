@@ -10,24 +10,27 @@ become one matrix). Results are cached on disk, keyed by the content of both set
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor
 
+from .atomic import write_file_atomically
 from .paths import CACHE
 
 DEFAULT_CACHE = CACHE / "knn"
 
 
-def check_neighbour_count(k: int, n_retain: int) -> None:
-    """The one rule for K, used by the library, the CLI and the app: ReTrack's neighbours are
-    retain items, so 1 <= K <= the retain set's size; any other K is refused (ValueError), never
-    changed behind the user's back, so a run's recorded K is always the K that was asked for."""
-    if not 1 <= k <= n_retain:
+def check_neighbour_count(k: int, n_retain: Optional[int]) -> None:
+    """The one rule for K, used by the library, the CLI and the app (through
+    `engine.check_request`): K >= 1 always, and since ReTrack's neighbours are retain items,
+    K <= the retain set's size (`n_retain`; None for a method that uses no neighbours). Any
+    other K is refused (ValueError), never changed behind the user's back, so a run's recorded K
+    is always the K that was asked for."""
+    if k < 1:
+        raise ValueError(f"K must be at least 1, got {k}")
+    if n_retain is not None and k > n_retain:
         raise ValueError(f"K = {k} neighbours asked for, but the retain set has only {n_retain} item(s); K counts "
                          f"retain images, so choose 1 <= K <= {n_retain}, or add retain images (for a Stable "
                          f"Diffusion split: generate more images)")
@@ -86,9 +89,5 @@ def nearest_neighbours(forget: Tensor, retain: Tensor, k: int, cache_dir: Option
     distances, indices = knn(forget, retain, k)
     distances, indices = distances.cpu(), indices.cpu()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        torch.save({"distances": distances, "indices": indices}, tmp)
-        os.replace(tmp, path)
+        write_file_atomically(path, lambda tmp: torch.save({"distances": distances, "indices": indices}, tmp))
     return distances, indices

@@ -28,6 +28,8 @@ from typing import Callable, Optional, Protocol
 import torch
 from torch import Tensor
 
+from .presets import DEFAULTS
+
 Denoiser = Callable[[Tensor, Tensor, Optional[Tensor]], Tensor]
 
 
@@ -72,10 +74,10 @@ class Batch:
 class Params:
     """Method hyper-parameters that enter the loss (optimiser settings live in the engine)."""
 
-    lam: float = 0.005  # ReTrack: weight of the unlearning term
-    eta: float = 1e-3  # EraseDiff: projection margin
-    siss_lambda: float = 0.5  # SISS: mixture probability of the forget row
-    siss_c: float = 5.0  # SISS: fixed norm of the rescaled NegGrad term
+    lam: float = DEFAULTS["lam"]  # ReTrack: weight of the unlearning term
+    eta: float = DEFAULTS["eta"]  # EraseDiff: projection margin
+    siss_lambda: float = DEFAULTS["siss_lambda"]  # SISS: mixture probability of the forget row
+    siss_c: float = DEFAULTS["siss_c"]  # SISS: fixed norm of the rescaled NegGrad term
 
 
 @dataclass
@@ -261,16 +263,22 @@ class Method:
     objective: Objective
     combine: Optional[Callable[[list[Tensor], list[Tensor], Params], list[Tensor]]] = None
     needs_neighbours: bool = False
-    summary: str = ""
+    title: str = ""  # how people write its name
+    summary: str = ""  # what it does, in a few words
+
+    @property
+    def label(self) -> str:
+        """Name and summary, as the app's method menu shows them."""
+        return f"{self.title}: {self.summary}"
 
 
 METHODS: dict[str, Method] = {
     "retrack": Method("retrack", retrack, needs_neighbours=True,
-                      summary="redirect forget trajectories to the K nearest retain images"),
-    "vanilla": Method("vanilla", vanilla, summary="fine-tune on the retain set only"),
-    "neggrad": Method("neggrad", neggrad, summary="gradient ascent on the forget set"),
+                      title="ReTrack", summary="redirect to nearest retain images"),
+    "vanilla": Method("vanilla", vanilla, title="Vanilla", summary="fine-tune on the retain set only"),
+    "neggrad": Method("neggrad", neggrad, title="NegGrad", summary="gradient ascent on the forget set"),
     "erasediff": Method("erasediff", erasediff, combine=lambda gr, gu, p: erasediff_combine(gr, gu, p.eta),
-                        summary="retain loss with a projected push of forget samples to noise"),
+                        title="EraseDiff", summary="retain loss + projected push to noise"),
     "siss": Method("siss", siss, combine=lambda gr, gu, p: siss_combine(gr, gu, p.siss_c),
-                   summary="importance-sampled retain loss minus a rescaled forget loss"),
+                   title="SISS", summary="importance-sampled retain minus rescaled forget loss"),
 }

@@ -17,12 +17,14 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from .atomic import write_file_atomically
 from .backends.base import Backend
-from .images import nhwc_to_tensor, tensor_to_uint8
+from .images import tensor_to_uint8, uint8_to_tensor
 
 
 @dataclass
@@ -214,27 +216,27 @@ def image_grid(
     return grid
 
 
-DISPLAY_SIDE = 128  # tiles of the app's pictures: small images are enlarged, large ones reduced
+DISPLAY_SIDE = 128  # tiles of shown pictures: small images are enlarged, larger ones reduced to this
+
+
+def reduce_to_side(images: Tensor, side: Optional[int]) -> Tensor:
+    """Images (N, C, H, W) in [-1, 1] reduced (antialiased) to side × side when larger."""
+    if side is None or images.shape[-1] <= side:
+        return images
+    return F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True,
+                         align_corners=False).clamp(-1, 1)
 
 
 def display_grid(images: Union[Tensor, np.ndarray], **grid_options) -> Image.Image:
     """`image_grid` of tensors or uint8 NHWC arrays, with tiles larger than DISPLAY_SIDE reduced
     first, so a grid of 512-pixel samples stays a picture that fits on a page."""
-    pixels = nhwc_to_tensor(images) if isinstance(images, np.ndarray) else images
-    if pixels.shape[-1] > DISPLAY_SIDE:
-        pixels = torch.nn.functional.interpolate(pixels.float(), size=(DISPLAY_SIDE, DISPLAY_SIDE), mode="bilinear",
-                                                 antialias=True, align_corners=False).clamp(-1, 1)
-    return image_grid(pixels, **grid_options)
+    pixels = uint8_to_tensor(images, channels_last=True) if isinstance(images, np.ndarray) else images
+    return image_grid(reduce_to_side(pixels, DISPLAY_SIDE), **grid_options)
 
 
 def save_png(picture: Image.Image, path: Union[str, Path]) -> Path:
     """Write a picture as a PNG, atomically (a reader never sees half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    picture.save(tmp)
-    tmp.replace(path)
-    return path
+    return write_file_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
 
 
 def save_grid(images: Union[Tensor, np.ndarray], path: Union[str, Path], **kwargs) -> Path:

@@ -98,7 +98,8 @@ def add_sd_commands(subparsers) -> None:
     p.add_argument("--n", type=int, default=16, help="samples per model (default 16, as the paper evaluates)")
     p.add_argument("--seed", type=int, default=1000, help="seed of the first sample (default: not the split's)")
     p.add_argument("--forget", nargs="+", required=True, help="the memorised images (files or folders)")
-    p.add_argument("--retain", help="folder of non-memorised images, to calibrate the threshold")
+    p.add_argument("--retain", help="folder of non-memorised images (the split's retain set): calibrates the "
+                                    "threshold and, as the oracle, gives each model's excess over it")
     p.add_argument("--threshold", type=float, help="similarity at or above which a sample is a copy")
     p.add_argument("--out", required=True, help="folder for a grid per model (<number>_<name>.png) and metrics.json")
     p.set_defaults(run=cmd_sd_eval)
@@ -172,13 +173,14 @@ def cmd_sd_eval(args: argparse.Namespace) -> int:
     for number, model in enumerate(args.model):
         backend = _load(model, args.device)
         forget = load_images(expand_paths(args.forget), backend.image_size, 3).tensor
+        retain = load_images(expand_paths([args.retain]), backend.image_size, 3).tensor if args.retain else None
         if threshold is None:
-            if not args.retain:
+            if retain is None:
                 raise ValueError("give --threshold, or --retain images to calibrate it from")
-            retain = load_images(expand_paths([args.retain]), backend.image_size, 3).tensor
             threshold = calibrate_threshold(scorer.image_features(forget), scorer.image_features(retain))
         evaluation = evaluate_prompt(backend, args.prompt, scorer, forget, threshold, n=args.n, seed=args.seed,
-                                     steps=args.steps, guidance=args.guidance, on_batch=_progress(Path(model).name))
+                                     retained_images=retain, steps=args.steps, guidance=args.guidance,
+                                     on_batch=_progress(Path(model).name))
         grid = out / f"{number}_{Path(model).name or 'model'}.png"
         evaluation.grid().save(grid)
         records.append({"model": str(model), "grid": str(grid), **evaluation.summary()})

@@ -33,10 +33,9 @@ import torch
 from torch import Tensor
 
 from .backends.latent import LatentBackend
-from .engine import UnlearnConfig, UnlearnResult, unlearn
+from .engine import UnlearnConfig, UnlearnResult, check_request, unlearn
+from .evaluation import Evaluation, OracleLevels, Reference, SamplerSettings, evaluate, evaluate_samples
 from .images import tensor_to_pil
-from .neighbours import check_neighbour_count
-from .objectives import METHODS
 from .sampling import Samples, image_grid, sample
 
 MIN_GENERATIONS = 4  # two clusters need a few members each to say which one is tighter
@@ -253,14 +252,13 @@ def unlearn_prompt(
     """Step 5: encode both image sets to latents and run the shared engine with every row
     conditioned on `prompt` (the original prompt, or a modified one the user chose).
 
-    K follows the engine's one rule (`neighbours.check_neighbour_count`): a K larger than the
-    retain set is refused with the reason, before the images are encoded. `engine_kwargs` go to
-    `engine.unlearn` (on_step, cancel, knn_cache, ...).
+    The request is checked by the engine's one check (`engine.check_request`: settings, set
+    sizes, K) before the images are encoded. `engine_kwargs` go to `engine.unlearn` (on_step,
+    cancel, knn_cache, ...).
     """
     if not prompt or not prompt.strip():
         raise ValueError("the training prompt is empty: give the prompt (or a modified prompt) to fine-tune on")
-    if METHODS[config.method].needs_neighbours:
-        check_neighbour_count(config.k, retain_images.shape[0])
+    check_request(config, forget_images.shape[0], retain_images.shape[0])
     forget, retain = backend.encode(forget_images), backend.encode(retain_images)
     cond = backend.encode_prompt([prompt])  # one row, broadcast by the engine to every batch row
     return unlearn(backend, forget, retain, config, forget_cond=cond, retain_cond=cond, **engine_kwargs)
@@ -269,27 +267,46 @@ def unlearn_prompt(
 # ----------------------------------------------------------------------------- evaluation
 @dataclass
 class PromptEvaluation:
-    """How much a model still reproduces the memorised images for one prompt.
+    """How much a model still reproduces the memorised images for one prompt: a view of
+    `retrack.evaluation.Evaluation` under the names the Stable Diffusion tools use.
 
     similarity[i] is sample i's highest CLIP cosine similarity to any memorised image; a sample
     at or above `threshold` counts as a copy. The prompt is "unlearned" (success) when no sample
     is a copy. text_score is the mean CLIP cosine between the samples and the prompt (fidelity).
+    With the split's retained generations as the oracle, `excess_over_oracle` says how many more
+    near-copies the model makes than those generations hold by chance.
     """
 
     prompt: str
-    seeds: list[int]
-    samples: Tensor  # (N, 3, H, W) in [-1, 1]
-    similarity: np.ndarray  # (N,)
-    threshold: float
-    text_score: float
+    evaluation: Evaluation
+
+    @property
+    def seeds(self) -> list[int]:
+        return self.evaluation.samples.seeds
+
+    @property
+    def samples(self) -> Tensor:  # (N, 3, H, W) in [-1, 1]
+        return self.evaluation.samples.images
+
+    @property
+    def similarity(self) -> np.ndarray:  # (N,)
+        return self.evaluation.clip_similarity
+
+    @property
+    def threshold(self) -> float:
+        return self.evaluation.threshold
+
+    @property
+    def text_score(self) -> float:
+        return self.evaluation.text_score
 
     @property
     def copies(self) -> np.ndarray:
-        return self.similarity >= self.threshold
+        return self.evaluation.flags
 
     @property
     def memorisation_rate(self) -> float:
-        return float(self.copies.mean())
+        return self.evaluation.rate
 
     @property
     def success(self) -> bool:
@@ -299,12 +316,26 @@ class PromptEvaluation:
         return {"prompt": self.prompt, "seeds": self.seeds, "similarity": [round(float(s), 4) for s in self.similarity],
                 "mean_similarity": float(self.similarity.mean()), "max_similarity": float(self.similarity.max()),
                 "threshold": self.threshold, "memorisation_rate": self.memorisation_rate, "success": self.success,
-                "text_score": self.text_score}
+                "text_score": self.text_score, "excess_over_oracle": self.evaluation.excess()}
 
     def grid(self, **kwargs):
         """The samples captioned with their similarity; copies framed in red (before/after grids
         from the same seeds compare tile by tile)."""
         return image_grid(self.samples, labels=[f"{s:.2f}" for s in self.similarity], flags=list(self.copies), **kwargs)
+
+
+def prompt_reference(scorer, memorised_images: Tensor, threshold: float,
+                     retained_images: Optional[Tensor] = None) -> tuple[Reference, Optional[OracleLevels]]:
+    """The evaluation reference of a prompt (its memorised images, the CLIP `threshold` kept for
+    before and after) and, when the split's retained generations are given, the oracle levels they
+    set: for Stable Diffusion they play the part of a model that never saw the memorised image."""
+    retained = retained_images if retained_images is not None else memorised_images[:0]
+    reference = Reference.build(memorised_images, retained, scorer=scorer, clip_threshold=threshold)
+    if retained_images is None or len(retained_images) == 0:
+        return reference, None
+    generations = Samples(retained_images, list(range(len(retained_images))))
+    return reference, OracleLevels.from_evaluation(evaluate_samples(generations, reference),
+                                                   source="the split's retained generations")
 
 
 def evaluate_prompt(
@@ -314,17 +345,22 @@ def evaluate_prompt(
     memorised_images: Tensor,
     threshold: float,
     seed: int = 1000,
-    **generation,
+    retained_images: Optional[Tensor] = None,
+    n: int = 16,
+    steps: int = 50,
+    guidance: float = 7.5,
+    batch_size: int = 8,
+    on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> PromptEvaluation:
-    """Generate samples of `prompt` with `generate(backend, prompt, seed=seed, **generation)` (n=16
-    by default; seeds from 1000, i.e. other seeds than the split's, so the check is on fresh
-    generations) and score them against the memorised images with `scorer` (a
-    metrics.ClipScorer). Choose `threshold` once per prompt, e.g. with `metrics.calibrate_threshold`
-    on the split's forget and retain images, and keep it for the before and after evaluations."""
-    from .metrics import memorisation_scores
-
-    samples = generate(backend, prompt, seed=seed, **generation)
-    similarity = memorisation_scores(scorer, samples.images, memorised_images)
-    text_score = float((scorer.image_features(samples.images) @ scorer.text_features([prompt]).T).mean())
-    return PromptEvaluation(prompt=prompt, seeds=samples.seeds, samples=samples.images, similarity=np.asarray(similarity),
-                            threshold=float(threshold), text_score=text_score)
+    """Generate n samples of `prompt` (seeds from 1000, i.e. other seeds than the split's, so the
+    check is on fresh generations) and measure them with `retrack.evaluation` against the
+    memorised images, scored by `scorer` (a metrics.ClipScorer). Choose `threshold` once per
+    prompt, e.g. with `metrics.calibrate_threshold` on the split's forget and retain images, and
+    keep it for the before and after evaluations; `retained_images` (the split's retain set) add
+    the pixel criterion and the excess over them as the oracle."""
+    if not prompt or not prompt.strip():
+        raise ValueError("the prompt is empty: give the prompt whose generations should be evaluated")
+    reference, oracle = prompt_reference(scorer, memorised_images, threshold, retained_images)
+    settings = SamplerSettings(n_samples=n, seed=seed, steps=steps, prompt=prompt, guidance=guidance,
+                               batch_size=batch_size)
+    return PromptEvaluation(prompt=prompt, evaluation=evaluate(backend, settings, reference, oracle, on_batch))

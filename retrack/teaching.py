@@ -26,7 +26,7 @@ from .backends import load_backend
 from .backends.base import Backend
 from .engine import resolve_device
 from .forget_set import ForgetSet, build_forget_set, gallery_items
-from .images import nhwc_to_tensor
+from .images import uint8_to_tensor
 from .likelihood import LikelihoodRow, NLLSettings, model_likelihoods
 from .models import ModelInfo, TrainingData, companion_folder
 from .objectives import retrack_targets
@@ -88,7 +88,7 @@ def renoise_view(models: Sequence[tuple[str, Path]], image: np.ndarray, t: int, 
     """The forget image (uint8 HWC) noised to t and denoised by each model from the same noise:
     the picture (image, noised, one result per model) and a sentence with the distances."""
     device = resolve_device(device)
-    x0 = nhwc_to_tensor(image[None])
+    x0 = uint8_to_tensor(image[None], channels_last=True)
     row = [(name, renoise(load_backend(path, device=device), x0, t, seed=seed, steps=RENOISE_STEPS))
            for name, path in models]
     distances = ", ".join(f"{name} {float(pixel_l2(result.denoised, x0)[0]):.1f}" for name, result in row)
@@ -102,7 +102,7 @@ def likelihood_view(models: Sequence[tuple[str, Path]], images: TeachingImages, 
     """Bits/dim of each teaching image under each model; yields the rows so far after each model."""
     device = resolve_device(device)
     rows: list[LikelihoodRow] = []
-    pixels = nhwc_to_tensor(images.images)
+    pixels = uint8_to_tensor(images.images, channels_last=True)
     for name, path in models:
         results = model_likelihoods(load_backend(path, device=device), pixels, settings)
         rows += [LikelihoodRow(name, image, role, result)

@@ -44,9 +44,11 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing retrack
 
+from retrack.atomic import write_file_atomically, write_folder_atomically  # noqa: E402
 from retrack.data import (CLASS_NAMES, DATASET_VERSION, MNIST_TSHIRT_COPIES, MNIST_TSHIRT_VERSION,  # noqa: E402
                           TSHIRT_LABEL, BuiltinDataset, build_digits_tshirt, build_mnist_tshirt,
                           dataset_fingerprint, tshirt_copy_count)
+from retrack.images import uint8_to_tensor  # noqa: E402
 
 # The network of the built-in model and of the oracle. The issue's starting point was
 # (32, 64, 64) channels with attention at the lowest (7x7) level only; one training step of it at
@@ -243,7 +245,7 @@ def dataset_description(args: argparse.Namespace, dataset: BuiltinDataset) -> di
 
 def images_to_device(images: np.ndarray, device: torch.device) -> torch.Tensor:
     """uint8 (N, 28, 28) -> one float32 (N, 1, 28, 28) tensor in [-1, 1] on the device."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).float().div(127.5).sub(1.0).unsqueeze(1)
+    return uint8_to_tensor(images, device=device)
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -290,11 +292,7 @@ def build_command() -> str:
 
 def write_json(path: Path, data: dict) -> None:
     """Write JSON atomically; a unique temporary name lets concurrent parts write the same file."""
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        stream.write(json.dumps(data, indent=2, default=str) + "\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_file_atomically(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def run_training(part: str, args: argparse.Namespace, device: torch.device, optimizer: torch.optim.Optimizer,
@@ -563,28 +561,15 @@ def train_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.
         "tokenizer": "open_clip SimpleTokenizer (CLIP BPE, 49,408 tokens, context 77)",
     }
     folder = args.out / part
-    tmp = Path(tempfile.mkdtemp(prefix=".clip.", dir=args.out))
-    save_open_clip_folder(model.float(), CLIP_CONFIG, tmp, preprocess_cfg=CLIP_PREPROCESS, dtype=torch.float16)
-    write_json(tmp / "retrack.json", info)
-    _replace_folder(tmp, folder)
+
+    def write(tmp: Path) -> None:
+        save_open_clip_folder(model.float(), CLIP_CONFIG, tmp, preprocess_cfg=CLIP_PREPROCESS, dtype=torch.float16)
+        write_json(tmp / "retrack.json", info)
+
+    write_folder_atomically(folder, write, overwrite=True)
     write_card(folder)
     log(part, f"saved {folder} after {info['steps']} steps in {info['wall_seconds']:.0f}s")
     return info
-
-
-def _replace_folder(tmp: Path, folder: Path) -> None:
-    """Move a finished temporary folder into place, replacing an older one."""
-    import shutil
-
-    if folder.exists():
-        old = folder.with_name(f".{folder.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(folder, old)
-        shutil.rmtree(old, ignore_errors=True)
-    os.chmod(tmp, 0o755)  # mkdtemp made it private
-    for file in tmp.iterdir():
-        os.chmod(file, 0o644)
-    os.replace(tmp, folder)
 
 
 # --------------------------------------------------------------------------------------------
@@ -633,78 +618,76 @@ def evaluate_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: tor
     return result
 
 
-def draw_eval_samples(folder: Path, args: argparse.Namespace, device: torch.device):
-    """The evaluation draw of a saved DDPM (DDIM, --eval-steps, seeds --eval-seed..): (samples, seconds)."""
+def evaluate_model(folder: Path, args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> dict:
+    """Sample a saved DDPM (--eval-samples seeds from --eval-seed, --eval-steps of the evaluation
+    sampler) and measure it with retrack.evaluation, the one evaluation the app, CLI and benchmark
+    use: T-shirt rates by pixel L2 (the paper's L2 < 10 where it separates the T-shirt from the
+    digits, as on real MNIST; else calibrated), by the CLIP scorer built beside the model and by
+    the project's classifier when shipped; quality on the non-copies. The record keeps the keys
+    both settings' model cards read; a grid of the first 100 samples frames copies in red."""
     from retrack.backends.pixel import PixelBackend
-    from retrack.sampling import sample
-
-    backend = PixelBackend.from_pretrained(folder, device=device)
-    started = time.perf_counter()
-    samples = sample(backend, args.eval_samples, seed=args.eval_seed, steps=args.eval_steps, scheduler="ddim",
-                     batch_size=1000 if device.type == "cuda" else 250)
-    return samples, time.perf_counter() - started
-
-
-def evaluate_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device,
-                  clip_threshold: float | None) -> dict:
-    """Sample, count T-shirt copies (pixel L2 and CLIP), and score the quality of the digits."""
-    from retrack.metrics import (ClipScorer, calibrated_l2_threshold, class_histogram, frechet_distance,
-                                 inception_style_score, memorisation_rate, memorisation_scores,
-                                 nearest_l2_distances)
+    from retrack.classifier import DigitClassifier
+    from retrack.evaluation import Reference, SamplerSettings, draw, evaluate_samples
+    from retrack.images import uint8_to_tensor
+    from retrack.metrics import PAPER_L2_THRESHOLD, ClipScorer, distance_quantiles, nearest_l2_distances
+    from retrack.paths import BUILTIN_CLASSIFIER
     from retrack.sampling import save_grid
 
-    folder = args.out / part
-    samples, sampling_seconds = draw_eval_samples(folder, args, device)
-    samples01 = ((samples.images[:, 0].numpy() + 1.0) / 2.0).astype(np.float64)
-    tshirt01 = dataset.tshirt[None].astype(np.float64) / 255.0
-    retain01 = dataset.retain_images.astype(np.float64) / 255.0
-
-    l2_threshold = calibrated_l2_threshold(tshirt01, retain01)
-    distance = nearest_l2_distances(samples01, tshirt01)
-    is_copy = distance < l2_threshold
+    clip_folder = args.out / "clip"
+    scorer = ClipScorer.load(str(clip_folder), device=device) if (clip_folder / "open_clip_config.json").is_file() else None
+    classifier = (DigitClassifier.load(BUILTIN_CLASSIFIER, device=device)
+                  if (BUILTIN_CLASSIFIER / "model.safetensors").is_file() else None)
+    # (copies: the dataset's arrays may be read-only, which torch.from_numpy warns about)
+    reference = Reference.build(uint8_to_tensor(dataset.tshirt[None].copy()), uint8_to_tensor(dataset.retain_images.copy()),
+                                scorer=scorer, classifier=classifier, forget_class=TSHIRT_LABEL, class_names=DIGIT_WORDS)
+    settings = SamplerSettings(n_samples=args.eval_samples, seed=args.eval_seed, steps=args.eval_steps,
+                               batch_size=1000 if device.type == "cuda" else 250)
+    started = time.perf_counter()
+    samples = draw(PixelBackend.from_pretrained(folder, device=device), settings)
+    sampling_seconds = time.perf_counter() - started
+    measured = evaluate_samples(samples, reference)
+    rates, quality, copies = measured.rates(), measured.quality_figures, measured.copies()
     result = {
         "samples": args.eval_samples,
-        "sampler": f"DDIM, {args.eval_steps} steps, eta 0, seeds {args.eval_seed}..{args.eval_seed + args.eval_samples - 1}",
+        "sampler": f"{settings.describe()}, eta 0",
         "sampling_seconds": round(sampling_seconds, 1),
-        "tshirt_rate_l2": float(is_copy.mean()),
-        "l2_threshold": l2_threshold,
-        "l2_threshold_rule": "retrack.metrics.calibrated_l2_threshold: half the pixel-L2 distance "
-                             "(images in [0, 1]) from the T-shirt to its nearest retain image",
-        "tshirt_rate_paper_l2_below_10": float((distance < 10.0).mean()),
-        "nearest_distance_to_tshirt_quantiles": {q: float(np.quantile(distance, float(q)))
-                                                 for q in ("0.0", "0.01", "0.05", "0.5")},
+        "measured_by": "retrack.evaluation (Reference.build thresholds; quality on the pixel-L2 non-copies)",
+        "tshirt_rate_l2": rates["l2"],
+        "l2_threshold": reference.l2_threshold,
+        "l2_threshold_rule": reference.l2_rule,
+        "tshirt_rate_paper_l2": float((measured.l2 < PAPER_L2_THRESHOLD).mean()),
+        "tshirt_rate_paper_l2_below_10": float((measured.l2 < PAPER_L2_THRESHOLD).mean()),
+        "nearest_distance_to_tshirt_quantiles": distance_quantiles(measured.l2),
+        "sample_distance_to_tshirt_quantiles": distance_quantiles(measured.l2),
+        "retain_distance_to_tshirt_quantiles": distance_quantiles(
+            nearest_l2_distances(dataset.retain_images / 255.0, dataset.tshirt[None] / 255.0)),
     }
-
-    clip_folder = args.out / "clip"
-    if clip_threshold is not None and (clip_folder / "open_clip_config.json").is_file():
-        scorer = ClipScorer.load(str(clip_folder), device=device)
-        scores = memorisation_scores(scorer, samples.images, dataset.tshirt[None])
-        kept = samples.images[torch.from_numpy(~is_copy)]  # quality is measured on the non-copies, as in the paper
-        probs = scorer.zero_shot(kept, list(DIGIT_WORDS)) if len(kept) else np.zeros((0, 10))
-        rng = np.random.default_rng(args.eval_seed)
-        n_reference = min(2000, len(dataset.retain_images))
-        reference = dataset.retain_images[rng.choice(len(dataset.retain_images), n_reference, replace=False)]
+    if scorer is not None:
         result.update({
-            "tshirt_rate_clip": memorisation_rate(scores, clip_threshold),
-            "clip_threshold": clip_threshold,
-            "agreement_l2_clip": float(((scores >= clip_threshold) == is_copy).mean()),
+            "tshirt_rate_clip": rates["clip"],
+            "clip_threshold": reference.clip_threshold,
+            "agreement_l2_clip": float((copies["clip"] == copies["l2"]).mean()),
             "quality_on_non_copies": {
-                "count": int(len(kept)),
-                "inception_style_score_clip_zero_shot": inception_style_score(probs) if len(kept) else None,
-                "class_histogram": dict(zip(DIGIT_WORDS, np.round(class_histogram(probs), 3).tolist()))
-                if len(kept) else None,
-                "frechet_distance_clip_features_vs_2000_retain": frechet_distance(
-                    scorer.image_features(kept).numpy(), scorer.image_features(reference).numpy())
-                if len(kept) > 1 else None,
+                "count": int((~copies["l2"]).sum()),
+                "inception_style_score_clip_zero_shot": quality.get("clip_class_score"),
+                "frechet_distance_clip_features_vs_2000_retain": quality.get("clip_fd"),
             },
         })
-
-    save_grid(samples.images[:100], folder / "samples.png", ncol=10, flags=is_copy[:100].tolist())
-    result["grid"] = "samples.png: the first 100 samples, T-shirt copies (L2 criterion) framed in red"
+    if classifier is not None:
+        result.update({
+            "tshirt_rate_classifier": rates["classifier"],
+            "confident_digit_rate": quality["confident_digit_rate"],
+            "digit_inception_score": quality["digit_inception_score"],
+            "frechet_distance_classifier_features": quality["classifier_fd"],
+        })
+    flags = copies["l2"] | copies.get("classifier", False)
+    save_grid(samples.images[:100], folder / "samples.png", ncol=10, flags=flags[:100].tolist())
+    result["grid"] = ("samples.png: the first 100 samples; framed in red: pixel-L2 T-shirt copies"
+                      + (" or classified as the T-shirt (p > 0.5)" if classifier is not None else ""))
     _record_evaluation(folder, result)
-    log("eval", f"{part}: T-shirt copies {result['tshirt_rate_l2']:.1%} (L2 < {l2_threshold:.2f}), "
-                f"paper criterion (L2 < 10) {result['tshirt_rate_paper_l2_below_10']:.1%}"
-        + (f", CLIP {result['tshirt_rate_clip']:.1%}" if "tshirt_rate_clip" in result else ""))
+    log("eval", f"{folder.name}: T-shirt rates {', '.join(f'{k} {v:.1%}' for k, v in rates.items())} "
+                f"(L2 < {reference.l2_threshold:.2f}: {reference.l2_rule})"
+        + (f", confident digits {result['confident_digit_rate']:.1%}" if classifier is not None else ""))
     return result
 
 
@@ -721,65 +704,16 @@ def run_evaluation(args: argparse.Namespace, dataset: BuiltinDataset, device: to
     if args.setting == "v2":
         evaluate_clip(args, dataset, device)
         return evaluate_v2_models(args, dataset, device)
-    clip = evaluate_clip(args, dataset, device)
-    threshold = clip["memorisation_threshold"] if clip else None
+    evaluate_clip(args, dataset, device)
     status = 0
     for part in ("model", "oracle"):
         if (args.out / part / "model_index.json").is_file():
-            result = evaluate_ddpm(part, args, dataset, device, threshold)
+            result = evaluate_model(args.out / part, args, dataset, device)
             if part == "model" and result["tshirt_rate_l2"] < 0.02:
                 log("eval", f"REQUIREMENT NOT MET: the built-in model makes T-shirts in "
                             f"{result['tshirt_rate_l2']:.1%} of samples (needs at least 2%)")
                 status = 3
     return status
-
-
-def evaluate_v2(folder: Path, args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> dict:
-    """Setting v2's measures: the paper's L2 < 10 T-shirt rate and the distance distributions,
-    then, with the project's classifier, its T-shirt rate (p > 0.5), the share of confident digits
-    (p >= 0.9), and on the non-copies the digit Inception Score and the Fréchet distance of its
-    features to the real digits."""
-    from retrack.classifier import DigitClassifier
-    from retrack.metrics import (PAPER_L2_THRESHOLD, classifier_forget_rate, confident_digit_rate,
-                                 digit_inception_score, distance_quantiles, frechet_distance, nearest_l2_distances)
-    from retrack.paths import BUILTIN_CLASSIFIER
-    from retrack.sampling import save_grid
-
-    samples, sampling_seconds = draw_eval_samples(folder, args, device)
-    tshirt01 = dataset.tshirt[None].astype(np.float64) / 255.0
-    distance = nearest_l2_distances((samples.images[:, 0].numpy() + 1.0) / 2.0, tshirt01)
-    retain_distance = nearest_l2_distances(dataset.retain_images / 255.0, tshirt01)
-    is_copy = distance < PAPER_L2_THRESHOLD
-    result = {
-        "samples": args.eval_samples,
-        "sampler": f"DDIM, {args.eval_steps} steps, eta 0, seeds {args.eval_seed}..{args.eval_seed + args.eval_samples - 1}",
-        "sampling_seconds": round(sampling_seconds, 1),
-        "tshirt_rate_paper_l2": float(is_copy.mean()),
-        "sample_distance_to_tshirt_quantiles": distance_quantiles(distance),
-        "retain_distance_to_tshirt_quantiles": distance_quantiles(retain_distance),
-    }
-    flags = is_copy
-    if (BUILTIN_CLASSIFIER / "model.safetensors").is_file():
-        classifier = DigitClassifier.load(BUILTIN_CLASSIFIER, device=device)
-        probs = classifier.probabilities(samples.images)
-        kept = ~is_copy  # quality on the non-copies, as the paper computes it
-        result.update({
-            "tshirt_rate_classifier": classifier_forget_rate(probs, TSHIRT_LABEL),
-            "confident_digit_rate": confident_digit_rate(probs),
-            "digit_inception_score": digit_inception_score(probs[kept]) if kept.any() else None,
-            "frechet_distance_classifier_features": frechet_distance(
-                classifier.features(samples.images[torch.from_numpy(kept)]),
-                classifier.features(dataset.retain_images)) if kept.sum() > 1 else None,
-        })
-        flags = is_copy | (probs[:, TSHIRT_LABEL] > 0.5)
-    save_grid(samples.images[:100], folder / "samples.png", ncol=10, flags=flags[:100].tolist())
-    result["grid"] = ("samples.png: the first 100 samples; framed in red: L2 < 10 to the T-shirt"
-                      + (" or classified as the T-shirt (p > 0.5)" if "tshirt_rate_classifier" in result else ""))
-    _record_evaluation(folder, result)
-    log("eval", f"{folder.name}: L2 < 10 T-shirt rate {result['tshirt_rate_paper_l2']:.1%}"
-        + (f", classifier {result['tshirt_rate_classifier']:.1%}, confident digits {result['confident_digit_rate']:.1%}"
-           if "tshirt_rate_classifier" in result else ""))
-    return result
 
 
 def evaluate_v2_models(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.device) -> int:
@@ -789,7 +723,7 @@ def evaluate_v2_models(args: argparse.Namespace, dataset: BuiltinDataset, device
     for part in ("model", "oracle"):
         if not (args.out / part / "model_index.json").is_file():
             continue
-        result = evaluate_v2(args.out / part, args, dataset, device)
+        result = evaluate_model(args.out / part, args, dataset, device)
         rate = result["tshirt_rate_paper_l2"]
         if part == "model" and not 0.005 <= rate <= 0.05:
             failures.append(f"model: L2 < 10 T-shirt rate {rate:.1%}, not within 0.5-5 %")
@@ -821,7 +755,7 @@ def snapshot_checkpoints(args: argparse.Namespace, dataset: BuiltinDataset, devi
         write_card(folder)
         log("snapshot", f"{source} ({info['total_steps']} steps) -> {folder}")
         if not args.no_eval:
-            evaluate_v2(folder, args, dataset, device)
+            evaluate_model(folder, args, dataset, device)
 
 
 # --------------------------------------------------------------------------------------------
@@ -903,8 +837,9 @@ def _ddpm_card(info: dict, out: Path) -> str:
                       f"{evaluation['agreement_l2_clip']:.1%}.",
                       f"- Quality on the {quality['count']} non-copies: Inception-style score (CLIP zero-shot over "
                       f"the ten digits) {_fmt(quality['inception_style_score_clip_zero_shot'])}, Fréchet distance of "
-                      f"CLIP features to 2,000 retain digits {_fmt(quality['frechet_distance_clip_features_vs_2000_retain'])}, "
-                      f"class shares `{json.dumps(quality['class_histogram'])}`."]
+                      f"CLIP features to 2,000 retain digits {_fmt(quality['frechet_distance_clip_features_vs_2000_retain'])}"
+                      + (f", class shares `{json.dumps(quality['class_histogram'])}`." if "class_histogram" in quality
+                         else ".")]
         lines += [f"- ![samples](samples.png) {evaluation['grid']}.", ""]
     return "\n".join(lines) + "\n"
 
@@ -946,7 +881,8 @@ def _ddpm_v2_card(info: dict) -> str:
                       f"{evaluation['tshirt_rate_classifier']:.1%}; classified as a digit with p ≥ 0.9: "
                       f"{evaluation['confident_digit_rate']:.1%}; on the non-copies, digit Inception Score "
                       f"{_fmt(evaluation['digit_inception_score'])} and Fréchet distance of its features to the "
-                      f"5,000 real digits {_fmt(evaluation['frechet_distance_classifier_features'])}."]
+                      f"{'retain reference (2,000 of the real digits)' if 'measured_by' in evaluation else '5,000 real digits'} "
+                      f"{_fmt(evaluation['frechet_distance_classifier_features'])}."]
         lines += [f"- ![samples](samples.png) {evaluation['grid']}."]
         lines += [f"- Seen by eye in the grid: {evaluation['observed']}"] if evaluation.get("observed") else []
         lines += [""]

@@ -35,10 +35,11 @@ from torchvision.transforms.v2.functional import gaussian_blur
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from a checkout without installing retrack
 
+from retrack.atomic import write_folder_atomically  # noqa: E402
 from retrack.classifier import DEFAULT_CONFIG, DigitClassifier, DigitTshirtNet  # noqa: E402
 from retrack.data import (CLASS_NAMES, CLASSIFIER_HELD_OUT_PER_CLASS, TSHIRT_LABEL, classifier_held_out,  # noqa: E402
                           draw_tshirt, mnist_digits)
-from retrack.engine import write_folder_atomically  # noqa: E402
+from retrack.images import to_unit_nchw  # noqa: E402
 
 DIGITS_PER_BATCH, TSHIRTS_PER_BATCH = 128, 16
 # Blur strengths are drawn from a few fixed values so each batch needs only a few blur calls.
@@ -142,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     generator = torch.Generator().manual_seed(args.seed)
     images, labels = mnist_digits()
     held_out = classifier_held_out(labels)
-    digits = torch.from_numpy(images[~held_out].astype(np.float32) / 255.0).unsqueeze(1)
+    digits = to_unit_nchw(images[~held_out])
     digit_labels = torch.from_numpy(labels[~held_out])
-    tshirt = torch.from_numpy(draw_tshirt().astype(np.float32) / 255.0)[None, None]
+    tshirt = to_unit_nchw(draw_tshirt())
 
     net = DigitTshirtNet(**DEFAULT_CONFIG)
     optimizer = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)

@@ -52,7 +52,7 @@ def tiny_app_model(tmp_path_factory, tiny_pixel_model):
     import numpy as np
     from PIL import Image
 
-    from retrack.tiny import build_tiny_clip
+    from retrack.testing import build_tiny_clip
 
     root = tmp_path_factory.mktemp("app-model")
     shutil.copytree(tiny_pixel_model, root / "model")

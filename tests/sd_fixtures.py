@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from retrack.tiny import build_tiny_clip, build_tiny_sd_pipeline
+from retrack.testing import build_tiny_clip, build_tiny_sd_pipeline
 
 TINY_IMAGE_SIZE = 32  # latents 4 x 4 x 4: each UNet call is a few milliseconds on a CPU
 

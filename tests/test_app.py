@@ -245,7 +245,7 @@ def tiny_text_to_image(tmp_path_factory) -> tuple[Path, Path]:
     from PIL import Image
 
     from retrack.metrics import save_open_clip_folder
-    from retrack.tiny import build_tiny_sd_pipeline
+    from retrack.testing import build_tiny_sd_pipeline
 
     root = tmp_path_factory.mktemp("tiny-sd")
     build_tiny_sd_pipeline(seed=0, image_size=32, save_to=root / "model")

@@ -98,7 +98,7 @@ def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
 def test_text_to_image_split_shows_two_galleries_and_a_click_moves_an_image(app_url, tmp_path):
     """A Stable Diffusion model (tiny, random) typed into the page: Generate & split fills the two
     galleries, and clicking a kept image moves it to the forget side."""
-    from retrack.tiny import build_tiny_clip, build_tiny_sd_pipeline
+    from retrack.testing import build_tiny_clip, build_tiny_sd_pipeline
 
     model = tmp_path / "model"
     build_tiny_sd_pipeline(seed=0, image_size=32, save_to=model)

@@ -16,7 +16,7 @@ from retrack.backends.latent import LORA_REFERENCE_FILE, LORA_WEIGHTS_FILE, Late
 from retrack.engine import UnlearnConfig, save_model
 from retrack.sampling import initial_noise, sample
 from retrack.split import unlearn_prompt
-from retrack.tiny import build_tiny_sd_pipeline
+from retrack.testing import build_tiny_sd_pipeline
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -1,15 +1,16 @@
-"""Data-parallel Stable Diffusion unlearning through `accelerate launch`, on two CPU processes.
+"""Data-parallel Stable Diffusion unlearning through `accelerate launch -m retrack unlearn`, on two
+CPU processes.
 
-The same job script runs on N GPUs with `accelerate launch --num_processes N`; here two CPU
+The same command runs on N GPUs with `accelerate launch --num_processes N`; here two CPU
 processes talk over gloo, started by either of accelerate's launchers:
 - `--cpu --num_processes 2`: accelerate's multi-CPU mode. It starts the processes through MPI's
   `mpirun` and needs a host file (`--mpirun_hostfile`); without one, accelerate 1.x quietly starts
   a single process. scripts/setup-tests.sh installs Open MPI; without `mpirun` this case is skipped.
-- `--multi_gpu --num_processes 2` with the script's `--device cpu`: torchrun's launcher, no MPI; it
-  also passes `--mixed_precision bf16`, which the job (no precision of its own) must follow.
+- `--multi_gpu --num_processes 2` with the CLI's `--device cpu`: torchrun's launcher, no MPI; it
+  also passes `--mixed_precision bf16`, which the run (no precision of its own) must follow.
 """
 
-import importlib.util
+import json
 import os
 import shutil
 import socket
@@ -21,17 +22,10 @@ import pytest
 from diffusers import UNet2DConditionModel
 from sd_fixtures import random_images, tiny_sd_model  # noqa: F401  (fixture)
 
+from retrack.engine import weights_digest
 from retrack.images import tensor_to_pil
 
 REPO = Path(__file__).resolve().parent.parent
-JOB = REPO / "scripts" / "sd_unlearn_job.py"
-
-
-def load_job_module():
-    spec = importlib.util.spec_from_file_location("sd_unlearn_job", JOB)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port() -> int:
@@ -67,22 +61,22 @@ def test_two_processes_end_with_the_same_weights(tiny_sd_model, tmp_path, launch
     forget, retain = write_images(tmp_path / "forget", 2, seed=1), write_images(tmp_path / "retain", 6, seed=2)
     out = tmp_path / "unlearned"
     launch_args, launch_env = launcher_arguments(launcher, tmp_path)
-    # The job sets no precision of its own: it runs in what accelerate launch says.
+    # The run sets no precision of its own: it runs in what accelerate launch says.
     precision = "bf16" if launcher == "torchrun" else "no"
+    # PYTHONPATH: `-m retrack` from this checkout (the processes start in tmp_path).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RETRACK_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
-           **launch_env}
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])), **launch_env}
     command = [sys.executable, "-m", "accelerate.commands.launch", *launch_args, "--num_processes", "2",
                "--num_machines", "1", "--mixed_precision", precision, "--dynamo_backend", "no",
-               str(JOB), "--model", str(tiny_sd_model), "--forget", str(forget), "--retain", str(retain),
+               "-m", "retrack", "unlearn", "--model", str(tiny_sd_model), "--forget", str(forget), "--retain", str(retain),
                "--prompt", "a lighthouse", "--out", str(out), "--steps", "2", "--batch", "2", "--accum", "2",
                "--lr", "1e-3", "--k", "3", "--device", "cpu"]
     run = subprocess.run(command, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert f"2 process(es), mixed precision {precision}," in run.stdout
 
-    digests = [(Path(f"{out}.digests") / f"rank{r}.txt").read_text().strip() for r in (0, 1)]
-    assert digests[0] == digests[1]  # gradients were averaged: both copies took the same updates
-    job = load_job_module()
+    digests = json.loads((out / "retrack.json").read_text())["weights_sha256_per_process"]
+    assert len(digests) == 2 and digests[0] == digests[1]  # gradients were averaged: both copies took the same updates
     saved = UNet2DConditionModel.from_pretrained(out, subfolder="unet", local_files_only=True)
     original = UNet2DConditionModel.from_pretrained(tiny_sd_model, subfolder="unet", local_files_only=True)
-    assert job.weights_digest(saved) == digests[0] != job.weights_digest(original)
+    assert weights_digest(saved) == digests[0] != weights_digest(original)

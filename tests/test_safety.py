@@ -70,7 +70,7 @@ def test_damaged_weights_give_a_reason_not_a_traceback(tiny_pixel_model, tmp_pat
 
 
 def test_clip_folder_without_safetensors_is_refused(tmp_path):
-    from retrack.tiny import build_tiny_clip
+    from retrack.testing import build_tiny_clip
 
     folder, marker = build_tiny_clip(tmp_path / "clip"), tmp_path / "the-pickle-ran"
     (folder / "open_clip_model.safetensors").unlink()

@@ -4,6 +4,7 @@ user's override, the saved folders, and the whole path generate -> split -> unle
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
@@ -135,6 +136,11 @@ def test_the_whole_path_generate_split_unlearn_sample(tiny_sd_model, tiny_clip, 
     summary = after.summary()
     assert summary["success"] == (summary["memorisation_rate"] == 0.0) and summary["threshold"] == threshold
     assert before.grid().size == after.grid().size
+    # The split's retained generations play the oracle: each rate is also read as the excess over them.
+    read = evaluate_prompt(backend, PROMPT, scorer, split.forget_images(), threshold, n=4, seed=100, steps=3,
+                           retained_images=split.retain_images())
+    assert set(read.summary()["excess_over_oracle"]) == {"l2", "clip"} and before.summary()["excess_over_oracle"] == {}
+    np.testing.assert_array_equal(read.similarity, after.similarity)
 
     out = save_model(backend, tmp_path / "unlearned", result.metadata(prompt=PROMPT))
     reloaded = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)

@@ -16,7 +16,8 @@ import gradio as gr
 from retrack.app_evaluation import EvalSettings
 from retrack.engine import UnlearnConfig
 from retrack.forget_set import build_forget_set, parse_picks
-from retrack.jobs import METHOD_LABELS, Job
+from retrack.jobs import Job
+from retrack.objectives import METHODS
 
 from .common import USER_ERRORS, Page, log, number, whole
 from .results import render, status_only
@@ -73,7 +74,7 @@ def method_settings(first: dict, limits: Optional[SpaceLimits]) -> dict[str, gr.
     controls: dict[str, gr.components.Component] = {}
     gr.Markdown("## 3 · Method")
     with gr.Row():
-        controls["method"] = gr.Dropdown([(label, name) for name, label in METHOD_LABELS.items()], value="retrack",
+        controls["method"] = gr.Dropdown([(method.label, name) for name, method in METHODS.items()], value="retrack",
                                          label="Method", elem_id="method",
                                          info="ReTrack, or a baseline for comparison (same data, steps and optimiser).")
         controls["k"] = gr.Number(first["k"], label="K neighbours", elem_id="k", precision=0, minimum=1,

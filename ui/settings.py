@@ -20,7 +20,7 @@ except ImportError:
     spaces = None
 
 from retrack import paths  # noqa: E402
-from retrack.engine import PRESETS, UnlearnConfig, check_range, resolve_device  # noqa: E402
+from retrack.engine import UnlearnConfig, check_range, resolve_device  # noqa: E402
 from retrack.split import default_generations  # noqa: E402
 
 
@@ -118,13 +118,13 @@ class AppSettings:
         """Training and evaluation defaults for a model family: the published training settings;
         fewer eval samples and DDIM steps than a paper would use, so a CPU run stays short.
         Text-to-image splits start from the paper's 128 generations on a GPU, 16 on a CPU."""
-        training = dict(PRESETS[preset])
+        training = UnlearnConfig.preset(preset)  # the one source of training defaults
         device = resolve_device("auto")
         on_gpu = device != "cpu"
-        defaults = dict(k=10, lam=training["lam"], lr=training["lr"], steps=training["steps"],
-                        batch_size=training["batch_size"], grad_accum=training["grad_accum"],
-                        weight_decay=training["weight_decay"], beta1=training["betas"][0], beta2=training["betas"][1],
-                        eta=training["eta"], siss_c=training["siss_c"], seed=0,
+        defaults = dict(k=training.k, lam=training.lam, lr=training.lr, steps=training.steps,
+                        batch_size=training.batch_size, grad_accum=training.grad_accum,
+                        weight_decay=training.weight_decay, beta1=training.betas[0], beta2=training.betas[1],
+                        eta=training.eta, siss_c=training.siss_c, seed=training.seed,
                         n_samples=32 if on_gpu else 16, sampling_steps=25, trajectory_points=6,
                         n_generations=default_generations(device),
                         # text-to-image: before/after use other seeds than the split's generations (0, 1, ...)

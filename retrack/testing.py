@@ -1,11 +1,14 @@
-"""A tiny, randomly initialised Stable Diffusion pipeline, built offline from configs.
+"""Toy models for tests and hardware checks: a tiny random Stable Diffusion pipeline and a tiny
+random CLIP, built offline from configs. Nothing in the library, the CLI or the app uses them;
+they live in the package (not under tests/) because the GPU checks in benchmarks/ build them at
+run time on machines that have no test folder on their path.
 
 Real Stable Diffusion weights cannot be downloaded on the machines this project is developed and
 tested on, so the latent backend is exercised on a pipeline with the same architecture and file
 layout (UNet2DConditionModel, AutoencoderKL with 8x downsampling, CLIPTextModel, the real CLIP
 tokenizer, SD's PNDM scheduler) but a few hundred thousand random weights. It is used by the
-tests, the GPU check (benchmarks/gpu_sd_check.py) and demos; it generates noise-like images, not
-pictures.
+tests and the GPU checks (benchmarks/gpu_sd_check.py, gpu_oom_check.py); it generates noise-like
+images, not pictures.
 
     pipe = build_tiny_sd_pipeline(seed=0)
     pipe.save_pretrained("tiny-sd")          # loads back with StableDiffusionPipeline.from_pretrained

@@ -1,0 +1,377 @@
+"""The one evaluation of memorisation and quality that the app, CLI, benchmark and model cards call.
+
+    reference = Reference.build(forget, retain, scorer=scorer, classifier=classifier)
+    result = evaluate(backend, SamplerSettings(n_samples=256, seed=0), reference, oracle=levels)
+    result.rates()        # {"l2": 0.03, "clip": 0.02, "classifier": 0.04}
+    result.excess()       # the same, read against the oracle (see below)
+    result.quality        # {"clip_fd": ..., "confident_digit_rate": ..., ...}
+
+What it measures, per sample (each a "distance to the forget set": lower = closer to a copy):
+
+* ``l2``: pixel-L2 distance (pixels in [0, 1]) to the nearest forget image. A sample is a copy
+  below ``Reference.l2_threshold``: the paper's L2 < 10 on 28×28 grey images when that separates
+  the forget images from the retain set (real MNIST digits), else half the distance from the forget
+  set to its nearest retain image (``metrics.calibrated_l2_threshold``).
+* ``clip`` (with a CLIP scorer): 1 − the highest cosine similarity to a forget image; a copy
+  at or above the threshold of ``metrics.calibrate_threshold`` in similarity.
+* ``classifier`` (when the model family has a classifier, the built-in digits + T-shirt one):
+  1 − the probability of the forget class; a copy when that probability exceeds 0.5.
+
+Quality is measured on the samples that are not pixel-L2 copies, as the paper does: the Fréchet
+distance of CLIP features to the retain reference, a zero-shot CLIP class score when class names
+are given, and with the classifier the confident-digit rate (all samples), the digit Inception
+Score and the Fréchet distance of its features.
+
+Read against an oracle (a model that never saw the forget images: the built-in
+``assets/builtin/oracle``, or for Stable Diffusion the split's retained generations): the oracle's
+samples (same seeds, same sampler) give each measure's 1 % quantile (``OracleLevels``, computed
+once and saved as a small dict); a model's *excess over the oracle* is the share of its samples
+closer to the forget set than that quantile, minus 1 %. Near 0 means "no more near-copies than a
+model that never saw it".
+
+All thresholds are chosen here, in ``Reference.build``; the sampler is two plain fields of
+``SamplerSettings`` with one default (``DEFAULT_SAMPLER``, ``DEFAULT_SAMPLER_STEPS``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from . import metrics
+from .backends.base import Backend
+from .sampling import DISPLAY_SIDE, Samples, image_grid, reduce_to_side, sample
+
+DEFAULT_SAMPLER = "ddim"  # the evaluation sampler; one line to switch (e.g. to a faster solver)
+DEFAULT_SAMPLER_STEPS = 50
+REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
+ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
+CLASSIFIER_THRESHOLD = 0.5  # probability of the forget class above which a sample is a copy
+
+
+# ============================================================================ settings
+@dataclass(frozen=True)
+class SamplerSettings:
+    """Which samples are drawn: the same settings give the same samples under every model."""
+
+    n_samples: int = 256
+    seed: int = 0  # sample i uses seed + i
+    sampler: str = DEFAULT_SAMPLER
+    steps: int = DEFAULT_SAMPLER_STEPS
+    prompt: str = ""  # text-to-image models only
+    guidance: float = 7.5  # text-to-image models only: classifier-free guidance scale
+    batch_size: int = 250
+
+    def describe(self) -> str:
+        """'DDIM, 50 steps, seeds 0..255' (for cards and tables)."""
+        return f"{self.sampler.upper()}, {self.steps} steps, seeds {self.seed}..{self.seed + self.n_samples - 1}"
+
+
+def draw(backend: Backend, settings: SamplerSettings, on_batch: Optional[Callable[[int, int], None]] = None) -> Samples:
+    """The seeded samples of `settings` from a model (a prompt is encoded for text-to-image models)."""
+    cond = backend.encode_prompt([settings.prompt.strip()]) if settings.prompt.strip() else None
+    return sample(backend, settings.n_samples, seed=settings.seed, steps=settings.steps, scheduler=settings.sampler,
+                  cond=cond, guidance=settings.guidance if cond is not None else 1.0,
+                  batch_size=settings.batch_size, on_batch=on_batch)
+
+
+# ============================================================================ the reference
+def unit_pixels(images: Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> float64 (N, C, H, W) in [0, 1], the pixel-L2 scale."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).numpy().astype(np.float64)
+
+
+def reference_subset(n: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
+    """Indices of the retain images features are measured on: all of them up to `size`, else a
+    seeded sorted choice of `size` (one rule for the app, the benchmark and the model cards)."""
+    if n <= size:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size, replace=False))
+
+
+def l2_threshold_for(forget01: np.ndarray, retain01: np.ndarray) -> tuple[float, str]:
+    """The pixel-L2 copy threshold and its rule: the paper's 10 on 28×28 grey images when every
+    retain image lies at least that far from the forget set, else the calibrated half-distance."""
+    calibrated = metrics.calibrated_l2_threshold(forget01, retain01)  # half the nearest retain image's distance
+    if forget01.shape[1:] == (1, 28, 28) and 2 * calibrated >= metrics.PAPER_L2_THRESHOLD:
+        return metrics.PAPER_L2_THRESHOLD, "paper: L2 < 10 (28x28, pixels in [0, 1])"
+    return calibrated, f"calibrated: half the distance {2 * calibrated:.3f} to the nearest retain image"
+
+
+@dataclass
+class Reference:
+    """What every evaluation compares against, computed once per forget set (`Reference.build`)."""
+
+    forget: Tensor  # (N_u, C, H, W) in [-1, 1]
+    retain: Tensor  # (N_r, C, H, W) in [-1, 1]; may be empty when thresholds are given
+    l2_threshold: Optional[float]  # None: no pixel-L2 copy criterion (no retain images to calibrate it on)
+    l2_rule: str
+    scorer: Optional[metrics.ClipScorer] = None
+    clip_threshold: Optional[float] = None
+    forget_features: Optional[Tensor] = None  # CLIP features of the forget images
+    retain_features: Optional[np.ndarray] = None  # CLIP features of the retain reference subset
+    classifier: Optional[object] = None  # retrack.classifier.DigitClassifier
+    forget_class: int = 10  # the classifier's class of the forget image (the T-shirt)
+    retain_classifier_features: Optional[np.ndarray] = None
+    class_names: Sequence[str] = ()  # zero-shot CLIP class score over these names, when given
+    note: str = ""  # e.g. that a fallback CLIP scorer is used
+
+    @classmethod
+    def build(cls, forget: Tensor, retain: Tensor, scorer: Optional[metrics.ClipScorer] = None,
+              classifier=None, forget_class: int = 10, class_names: Sequence[str] = (),
+              clip_threshold: Optional[float] = None, l2_threshold: Optional[float] = None,
+              note: str = "", reference_size: int = REFERENCE_SIZE) -> "Reference":
+        """Calibrate every threshold (unless given) against `retain`; features are measured on
+        `reference_subset(len(retain), reference_size)` of it. Images are (N, C, H, W) in [-1, 1]."""
+        if len(forget) == 0:
+            raise ValueError("the forget set is empty")
+        if len(retain) == 0 and (scorer is None or clip_threshold is None) and l2_threshold is None:
+            raise ValueError("give retain images to calibrate the thresholds from, or the thresholds")
+        if l2_threshold is not None:
+            l2_rule = "given"
+        elif len(retain):
+            l2_threshold, l2_rule = l2_threshold_for(unit_pixels(forget), unit_pixels(retain))
+        else:
+            l2_rule = "none: no retain images to calibrate it on"
+        subset = retain[torch.from_numpy(reference_subset(len(retain), reference_size))] if len(retain) else retain
+        forget_features = retain_features = retain_classifier_features = None
+        if scorer is not None:
+            forget_features = scorer.image_features(forget)
+            retain_features = scorer.image_features(subset).numpy() if len(subset) else None
+            if clip_threshold is None:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # an overlap shows in the scores themselves
+                    clip_threshold = metrics.calibrate_threshold(forget_features, retain_features)
+        if classifier is not None and len(subset):
+            retain_classifier_features = classifier.features(subset)
+        return cls(forget=forget, retain=retain, l2_threshold=None if l2_threshold is None else float(l2_threshold),
+                   l2_rule=l2_rule, scorer=scorer,
+                   clip_threshold=None if clip_threshold is None else float(clip_threshold),
+                   forget_features=forget_features, retain_features=retain_features, classifier=classifier,
+                   forget_class=forget_class, retain_classifier_features=retain_classifier_features,
+                   class_names=tuple(class_names), note=note)
+
+    def thresholds(self) -> dict:
+        """Each measure's copy threshold, in its own units (for records)."""
+        out = {"l2": self.l2_threshold, "l2_rule": self.l2_rule}
+        if self.clip_threshold is not None:
+            out["clip_similarity"] = self.clip_threshold
+        if self.classifier is not None:
+            out["classifier_probability"] = CLASSIFIER_THRESHOLD
+        return out
+
+
+# ============================================================================ oracle levels
+@dataclass
+class OracleLevels:
+    """Each measure's `quantile` quantile of the distance to the forget set over an oracle's
+    samples (or, for Stable Diffusion, the retained generations): the level a model that never
+    saw the forget images reaches by chance. Computed once; `to_dict`/`from_dict` keep it."""
+
+    levels: dict[str, float]  # measure -> distance quantile
+    quantile: float = ORACLE_QUANTILE
+    n_samples: int = 0
+    source: str = ""  # e.g. "assets/builtin/oracle, DDIM, 50 steps, seeds 0..255"
+    rates: dict[str, float] = field(default_factory=dict)  # the oracle's own copy rates
+    quality: dict[str, Optional[float]] = field(default_factory=dict)
+
+    @classmethod
+    def from_evaluation(cls, oracle: "Evaluation", source: str = "", quantile: float = ORACLE_QUANTILE) -> "OracleLevels":
+        levels = {name: float(np.quantile(distance, quantile)) for name, distance in oracle.distances().items()}
+        return cls(levels=levels, quantile=quantile, n_samples=oracle.n, source=source, rates=oracle.rates(),
+                   quality=dict(oracle.quality_figures))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "OracleLevels":
+        return cls(**data)
+
+
+def excess_over(distance: np.ndarray, level: float, quantile: float = ORACLE_QUANTILE) -> float:
+    """Share of samples closer to the forget set than the oracle's quantile `level`, minus `quantile`."""
+    return float((np.asarray(distance) < level).mean()) - quantile
+
+
+# ============================================================================ the result
+@dataclass
+class Evaluation:
+    """Seeded samples with every memorisation measure and quality figure.
+
+    The app reads the CLIP view through `scores`, `threshold`, `flags`, `rate` and `quality`
+    (the CLIP Fréchet distance), as it shows them.
+    """
+
+    samples: Samples
+    l2: np.ndarray  # (N,) pixel-L2 distance to the nearest forget image
+    reference: Reference
+    clip_similarity: Optional[np.ndarray] = None  # (N,) highest CLIP cosine to a forget image
+    forget_probability: Optional[np.ndarray] = None  # (N,) classifier probability of the forget class
+    quality_figures: dict[str, Optional[float]] = field(default_factory=dict)
+    text_score: Optional[float] = None  # mean CLIP cosine of the samples to the prompt
+    oracle: Optional[OracleLevels] = None
+
+    @property
+    def n(self) -> int:
+        return len(self.l2)
+
+    def distances(self) -> dict[str, np.ndarray]:
+        """Each available measure as a distance to the forget set (lower = closer to a copy)."""
+        out = {"l2": self.l2}
+        if self.clip_similarity is not None:
+            out["clip"] = 1.0 - self.clip_similarity
+        if self.forget_probability is not None:
+            out["classifier"] = 1.0 - self.forget_probability
+        return out
+
+    def copies(self) -> dict[str, np.ndarray]:
+        """Boolean (N,) per measure: the sample counts as a copy of a forget image."""
+        out = {} if self.reference.l2_threshold is None else {"l2": self.l2 < self.reference.l2_threshold}
+        if self.clip_similarity is not None:
+            out["clip"] = self.clip_similarity >= self.reference.clip_threshold
+        if self.forget_probability is not None:
+            out["classifier"] = self.forget_probability > CLASSIFIER_THRESHOLD
+        return out
+
+    def rates(self) -> dict[str, float]:
+        """Share of copies per measure."""
+        return {name: float(flags.mean()) for name, flags in self.copies().items()}
+
+    def excess(self, oracle: Optional[OracleLevels] = None) -> dict[str, float]:
+        """Per measure, the excess over the oracle (see the module docstring); {} without one."""
+        oracle = oracle or self.oracle
+        if oracle is None:
+            return {}
+        return {name: excess_over(distance, oracle.levels[name], oracle.quantile)
+                for name, distance in self.distances().items() if name in oracle.levels}
+
+    @property
+    def quality(self) -> Optional[float]:
+        """The CLIP Fréchet distance of the non-copies to the retain reference (lower is better)."""
+        return self.quality_figures.get("clip_fd")
+
+    # --- the CLIP view the app shows -------------------------------------------------------
+    @property
+    def scores(self) -> np.ndarray:
+        return self.clip_similarity
+
+    @property
+    def threshold(self) -> float:
+        return self.reference.clip_threshold
+
+    @property
+    def flags(self) -> np.ndarray:
+        return self.copies()["clip"]
+
+    @property
+    def rate(self) -> float:
+        return float(self.flags.mean())
+
+    def grid(self, ncol: int = 8, side: Optional[int] = DISPLAY_SIDE) -> Image.Image:
+        """The samples, captioned with seed and CLIP score; copies framed in red. Tiles larger than
+        `side` pixels are reduced first."""
+        labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds, self.scores)]
+        return image_grid(reduce_to_side(self.samples.images, side), ncol=ncol, labels=labels,
+                          flags=self.flags.tolist())
+
+    def teaching_seed(self) -> tuple[int, bool]:
+        """The seed whose sample is closest (CLIP) to a forget image, and whether it is a copy."""
+        best = int(np.argmax(self.scores))
+        return self.samples.seeds[best], bool(self.flags[best])
+
+    def summary(self) -> dict:
+        """Every rate, excess and quality figure, with the thresholds (JSON-ready)."""
+        out = {"samples": self.n, "rates": self.rates(), "thresholds": self.reference.thresholds(),
+               "quality": dict(self.quality_figures)}
+        if self.clip_similarity is not None:
+            out["clip_similarity_mean"] = float(self.clip_similarity.mean())
+            out["clip_similarity_max"] = float(self.clip_similarity.max())
+        if self.text_score is not None:
+            out["text_score"] = self.text_score
+        if self.oracle is not None:
+            out["excess_over_oracle"] = self.excess()
+            out["oracle_levels"] = dict(self.oracle.levels)
+        return out
+
+
+
+# ============================================================================ evaluating
+def evaluate_samples(samples: Samples, reference: Reference, oracle: Optional[OracleLevels] = None,
+                     prompt: str = "") -> Evaluation:
+    """Every measure of already-drawn samples (the app's live curve, Stable Diffusion generations)."""
+    images = samples.images
+    result = Evaluation(samples=samples, reference=reference, oracle=oracle,
+                        l2=metrics.nearest_l2_distances(unit_pixels(images), unit_pixels(reference.forget)))
+    features = None
+    if reference.scorer is not None:
+        features = reference.scorer.image_features(images)
+        result.clip_similarity = metrics.max_cosine_similarity(features, reference.forget_features)
+        if prompt.strip():
+            result.text_score = float((features @ reference.scorer.text_features([prompt.strip()]).T).mean())
+    probs = None
+    if reference.classifier is not None:
+        probs = reference.classifier.probabilities(images)
+        result.forget_probability = probs[:, reference.forget_class]
+    result.quality_figures = quality_of(result, features, probs)
+    return result
+
+
+def quality_of(result: Evaluation, features: Optional[Tensor], probs: Optional[np.ndarray]) -> dict[str, Optional[float]]:
+    """Quality on the non-copies, as the paper measures it: copies by the pixel-L2 criterion, or by
+    CLIP where there is no pixel criterion (no retain images); figures that need two or more
+    non-copies are None without them."""
+    reference, images = result.reference, result.samples.images
+    copies = result.copies()
+    clean = ~copies.get("l2", copies.get("clip", np.zeros(result.n, bool)))
+    kept = torch.from_numpy(clean)
+    quality: dict[str, Optional[float]] = {}
+    if features is not None:
+        quality["clip_fd"] = (metrics.frechet_distance(features[kept].numpy(), reference.retain_features)
+                              if clean.sum() >= 2 and reference.retain_features is not None else None)
+        if reference.class_names:
+            quality["clip_class_score"] = (metrics.inception_style_score(
+                reference.scorer.zero_shot(images[kept], list(reference.class_names))) if clean.any() else None)
+    if probs is not None:
+        quality["confident_digit_rate"] = metrics.confident_digit_rate(probs)
+        quality["digit_inception_score"] = metrics.digit_inception_score(probs[clean]) if clean.any() else None
+        quality["classifier_fd"] = (metrics.frechet_distance(reference.classifier.features(images[kept]),
+                                                             reference.retain_classifier_features)
+                                    if clean.sum() >= 2 and reference.retain_classifier_features is not None else None)
+    return quality
+
+
+def evaluate(backend: Backend, settings: SamplerSettings, reference: Reference, oracle: Optional[OracleLevels] = None,
+             on_batch: Optional[Callable[[int, int], None]] = None) -> Evaluation:
+    """Draw the seeded samples of `settings` from a model and measure them (`evaluate_samples`)."""
+    return evaluate_samples(draw(backend, settings, on_batch), reference, oracle, prompt=settings.prompt)
+
+
+def oracle_levels(backend: Backend, settings: SamplerSettings, reference: Reference, source: str = "") -> OracleLevels:
+    """The oracle's levels from its own samples under the same settings."""
+    return OracleLevels.from_evaluation(evaluate(backend, settings, reference),
+                                        source=f"{source}, {settings.describe()}" if source else settings.describe())
+
+
+# ============================================================================ the built-in model
+def builtin_reference(device: str = "cpu", scorer: Optional[metrics.ClipScorer] = None,
+                      reference_size: int = REFERENCE_SIZE) -> Reference:
+    """The built-in digits + T-shirt reference: the T-shirt, every retain digit, the built-in CLIP
+    (or `scorer`), the project's classifier when shipped, and the digit names for the class score."""
+    from .builtin import builtin_dataset, builtin_sets
+    from .classifier import DigitClassifier
+    from .data import TSHIRT_LABEL
+    from .paths import BUILTIN_CLASSIFIER
+
+    forget, retain = builtin_sets()
+    classifier = (DigitClassifier.load(BUILTIN_CLASSIFIER, device=device)
+                  if (BUILTIN_CLASSIFIER / "model.safetensors").is_file() else None)
+    scorer = scorer or metrics.ClipScorer.load("builtin", device=device)
+    return Reference.build(forget, retain, scorer=scorer, classifier=classifier, forget_class=TSHIRT_LABEL,
+                           class_names=builtin_dataset().class_names[:TSHIRT_LABEL], reference_size=reference_size)

@@ -1,0 +1,86 @@
+"""`retrack bench --curves`: every method evaluated at checkpoints of one continued run, and the
+time-to-oracle reading of the curves."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from retrack.backends import load_backend
+from retrack.builtin import builtin_sets
+from retrack.cli import main
+from retrack.curves import CurveSettings, curves_table, time_to_oracle
+from retrack.engine import UnlearnConfig, unlearn
+from retrack.evaluation import OracleLevels, builtin_reference, evaluate
+from retrack.paths import BUILTIN_MODEL
+
+
+def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
+    out = tmp_path / "curves"
+    assert main(["bench", "--curves", "--quick", "--methods", "siss,retrack", "--device", "cpu", "--out", str(out)]) == 0
+    data = json.loads((out / "curves.json").read_text())
+    assert list(data["methods"]) == ["siss", "retrack"]
+    for method, points in data["methods"].items():
+        assert [p["step"] for p in points] == [0, 1, 2]
+        assert points[0] == data["pretrained"]  # the same start for every method
+        seconds = [p["seconds"] for p in points]
+        assert seconds[0] == 0 and 0 < seconds[1] < seconds[2]
+        cpu = [p["cpu_seconds"] for p in points]
+        assert cpu[0] == 0 and 0 < cpu[1] < cpu[2]
+        assert set(points[-1]["rates"]) == {"l2", "clip", "classifier"} == set(points[-1]["excess"])
+        assert {"clip_fd", "confident_digit_rate", "classifier_fd"} <= set(points[-1]["quality"])
+    assert OracleLevels.from_dict(data["oracle"]).n_samples == 8
+    assert data["meta"]["command"].startswith("python -m retrack bench --curves --methods siss,retrack --checkpoints 0,1,2")
+    table = (out / "curves.md").read_text()
+    assert "| retrack |" in table and "ReTrack / SISS" in table
+    plot = Image.open(out / "curves.png")
+    assert plot.size[0] > 800 and np.asarray(plot).std() > 0
+
+    # Evaluating inside the run does not change it: step 2 of the curve is a 2-step run's model.
+    backend = load_backend(BUILTIN_MODEL, device="cpu")
+    forget, retain = builtin_sets()
+    unlearn(backend, forget, retain, UnlearnConfig.preset("mnist", method="retrack", steps=2, batch_size=8, seed=0,
+                                                          device="cpu"))
+    settings = CurveSettings.quick()
+    straight = evaluate(backend, settings.sampler_settings(), builtin_reference("cpu", reference_size=64))
+    last = data["methods"]["retrack"][-1]
+    assert last["rates"] == straight.rates()
+    assert last["quality"]["classifier_fd"] == pytest.approx(straight.quality_figures["classifier_fd"], rel=1e-6)
+    assert last["quality"]["clip_fd"] == pytest.approx(straight.quality_figures["clip_fd"], rel=1e-6)
+
+    # A stopped run resumes: methods already measured with the same settings are kept, not redone.
+    capsys.readouterr()
+    data["methods"]["siss"][-1]["seconds"] = 123.0  # a mark only a kept curve carries
+    (out / "curves.json").write_text(json.dumps(data))
+    assert main(["bench", "--curves", "--quick", "--methods", "siss,retrack", "--device", "cpu", "--out", str(out)]) == 0
+    assert "siss: kept" in capsys.readouterr().out
+    assert json.loads((out / "curves.json").read_text())["methods"]["siss"][-1]["seconds"] == 123.0
+
+    assert main(["bench", "--curves", "--quick", "--checkpoints", "2,1", "--out", str(out)]) == 2
+    assert "increasing order" in capsys.readouterr().err
+    assert main(["bench", "--curves", "--checkpoints", "ten", "--out", str(out)]) == 2
+    assert "comma-separated step counts" in capsys.readouterr().err
+
+
+def test_time_to_oracle_needs_no_excess_and_quality_in_range():
+    oracle = {"rates": {"l2": 0.0}, "quality": {"classifier_fd": 1.0}}
+    pretrained = {"rates": {"l2": 0.05}, "quality": {"classifier_fd": 2.0}}
+
+    def at(step, seconds, excess_l2, excess_classifier, fd):
+        return {"step": step, "seconds": seconds, "rates": {"l2": excess_l2 + 0.01},
+                "excess": {"l2": excess_l2, "classifier": excess_classifier}, "quality": {"classifier_fd": fd}}
+
+    points = [at(0, 0.0, 0.04, 0.05, 2.0), at(10, 5.0, 0.0, 0.01, 1.5), at(25, 12.0, -0.01, 0.0, 2.5),
+              at(50, 30.0, -0.01, -0.01, 1.9)]
+    # Step 10: the classifier still sees copies; step 25: quality (2.5) worse than both (max 2.0); step 50 passes.
+    assert time_to_oracle(points, oracle, pretrained) == {"step": 50, "seconds": 30.0, "cpu_seconds": None}
+    assert time_to_oracle(points[:3], oracle, pretrained) is None
+    data = {"meta": {"settings": {"batch_size": 8, "checkpoints": [0, 10, 25, 50], "samples": 8}, "sampler": "DDIM",
+                     "device": "CPU", "total_seconds": 1, "load_average_at_start": 0.5},
+            "oracle": oracle, "pretrained": points[0], "methods": {"siss": points[:3], "retrack": points}}
+    table = curves_table(data)
+    assert "| retrack | 50 | 30.0 |" in table and "| siss | never | never |" in table
+    assert "ReTrack 30.0 s, SISS never" in table
+    data["methods"]["siss"] = [points[0], at(100, 60.0, -0.02, -0.02, 1.0)]
+    assert "ratio ReTrack / SISS = 0.50" in curves_table(data)

@@ -1,0 +1,135 @@
+"""The one evaluation (retrack.evaluation): rates, thresholds and oracle excess on closed-form cases,
+then a real draw from the tiny pixel model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from retrack.backends import load_backend
+from retrack.evaluation import (
+    ORACLE_QUANTILE, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
+    excess_over, oracle_levels, reduce_to_side, reference_subset,
+)
+from retrack.metrics import PAPER_L2_THRESHOLD, ClipScorer
+from retrack.sampling import Samples
+
+
+def at_l2(distance: float, n_pixels: int = 28 * 28) -> torch.Tensor:
+    """A 28x28 grey image whose pixel-L2 distance (pixels in [0, 1]) to the all-black image is `distance`:
+    every pixel lifted by distance / sqrt(n_pixels)."""
+    level01 = distance / np.sqrt(n_pixels)
+    return torch.full((1, 1, 28, 28), 2 * level01 - 1.0)
+
+
+BLACK = at_l2(0.0)
+
+
+def samples_at(distances) -> Samples:
+    return Samples(torch.cat([at_l2(d) for d in distances]), list(range(len(distances))))
+
+
+def test_paper_threshold_applies_when_retain_images_lie_beyond_it():
+    reference = Reference.build(BLACK, torch.cat([at_l2(15.0), at_l2(18.0)]))
+    assert reference.l2_threshold == PAPER_L2_THRESHOLD and reference.l2_rule.startswith("paper")
+    result = evaluate_samples(samples_at([5.0, 9.9, 10.5, 20.0]), reference)
+    np.testing.assert_allclose(result.l2, [5.0, 9.9, 10.5, 20.0], atol=1e-9)
+    assert result.rates() == {"l2": 0.5}
+    assert result.excess() == {}  # no oracle given
+
+
+def test_threshold_is_calibrated_when_a_retain_image_is_nearer_than_the_paper_criterion():
+    reference = Reference.build(BLACK, torch.cat([at_l2(8.0), at_l2(18.0)]))
+    assert reference.l2_threshold == pytest.approx(4.0) and reference.l2_rule.startswith("calibrated")
+    assert evaluate_samples(samples_at([3.9, 4.1, 5.0, 9.0]), reference).rates()["l2"] == 0.25
+    # Not 28x28 grey: never the paper's criterion, even when it would separate.
+    small = Reference.build(torch.full((1, 1, 8, 8), -1.0), torch.full((1, 1, 8, 8), 1.0))
+    assert small.l2_threshold == pytest.approx(4.0)  # half of sqrt(64) = 8
+
+
+def test_excess_over_the_oracle_is_the_share_below_its_quantile_minus_the_quantile():
+    reference = Reference.build(BLACK, at_l2(15.0))
+    oracle_result = evaluate_samples(samples_at(np.linspace(6.0, 16.0, 101)), reference)
+    levels = OracleLevels.from_evaluation(oracle_result, source="hand-built")
+    assert levels.levels["l2"] == pytest.approx(6.1)  # the 1 % quantile of 6.0, 6.1, ..., 16.0
+    assert levels.rates == {"l2": pytest.approx(40 / 101)} and levels.n_samples == 101
+
+    model = evaluate_samples(samples_at([5.0, 6.0, 6.05, 7.0, 20.0]), reference, oracle=levels)
+    assert model.excess() == {"l2": pytest.approx(3 / 5 - ORACLE_QUANTILE)}
+    # The oracle read against itself: 1 of 101 samples below its own 1 % quantile, i.e. excess ~ 0.
+    assert oracle_result.excess(levels)["l2"] == pytest.approx(1 / 101 - ORACLE_QUANTILE)
+    assert excess_over(np.array([1.0, 2.0]), 1.5, 0.01) == pytest.approx(0.49)
+
+    restored = OracleLevels.from_dict(json.loads(json.dumps(levels.to_dict())))
+    assert restored == levels
+
+
+def test_reference_subset_is_seeded_and_sorted():
+    assert reference_subset(5, size=10).tolist() == [0, 1, 2, 3, 4]
+    pick = reference_subset(100, size=10, seed=3)
+    assert len(set(pick.tolist())) == 10 and list(pick) == sorted(pick) and np.array_equal(pick, reference_subset(100, 10, 3))
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tmp_path_factory):
+    from retrack.testing import build_tiny_clip
+
+    return ClipScorer.load(str(build_tiny_clip(tmp_path_factory.mktemp("clip") / "clip")), device="cpu")
+
+
+def test_clip_rate_counts_exact_copies_when_the_retain_set_is_the_other_samples(tiny_scorer):
+    generator = torch.Generator().manual_seed(0)
+    forget = torch.rand((1, 3, 32, 32), generator=generator) * 2 - 1
+    others = torch.rand((5, 3, 32, 32), generator=generator) * 2 - 1
+    # The threshold is midway between the copies' similarity 1 and the highest retain similarity,
+    # so the retain images themselves stay below it and every exact copy is above it.
+    reference = Reference.build(forget, others, scorer=tiny_scorer)
+    similarity = (tiny_scorer.image_features(others) @ tiny_scorer.image_features(forget).T).max()
+    assert reference.clip_threshold == pytest.approx((1.0 + float(similarity)) / 2, abs=1e-5)
+    samples = Samples(torch.cat([forget, others, forget]), list(range(7)))
+    result = evaluate_samples(samples, reference)
+    assert result.rates()["clip"] == pytest.approx(2 / 7) and result.rate == pytest.approx(2 / 7)
+    assert result.flags.tolist() == [True, False, False, False, False, False, True]
+    np.testing.assert_allclose(result.distances()["clip"][[0, 6]], 0.0, atol=1e-5)
+    assert result.teaching_seed() == (0, True)
+    # Quality: the CLIP Fréchet distance of the non-copies (the five retain images) to the retain set is 0.
+    result_plain = evaluate_samples(Samples(others, list(range(5))), reference)
+    assert result_plain.quality == pytest.approx(0.0, abs=1e-4)
+    # Without retain images (a prompt's memorised images and a given threshold) there is no pixel criterion,
+    # and quality leaves out the CLIP copies instead.
+    given = Reference.build(forget, forget[:0], scorer=tiny_scorer, clip_threshold=reference.clip_threshold)
+    assert given.l2_threshold is None and set(evaluate_samples(samples, given).rates()) == {"clip"}
+    levels = OracleLevels(levels={"clip": 0.5})
+    assert result.excess(levels)["clip"] == pytest.approx(float((result.distances()["clip"] < 0.5).mean()) - 0.01)
+    assert reduce_to_side(samples.images, 16).shape == (7, 3, 16, 16) and reduce_to_side(samples.images, 64) is samples.images
+    assert result.grid(ncol=7).size == result.grid(ncol=7, side=16).size  # small tiles are enlarged to ~96 px anyway
+
+
+def test_thresholds_must_come_from_somewhere():
+    with pytest.raises(ValueError, match="retain images to calibrate"):
+        Reference.build(BLACK, BLACK[:0])
+    given = Reference.build(BLACK, BLACK[:0], l2_threshold=3.0)
+    assert given.l2_threshold == 3.0 and given.l2_rule == "given"
+    with pytest.raises(ValueError, match="forget set is empty"):
+        Reference.build(BLACK[:0], BLACK)
+
+
+def test_real_model_draws_the_same_seeds_and_reads_against_its_oracle(tiny_pixel_model):
+    backend = load_backend(tiny_pixel_model, device="cpu")
+    settings = SamplerSettings(n_samples=6, seed=5, steps=2)
+    forget = torch.full((1, 1, 8, 8), 1.0)
+    reference = Reference.build(forget, torch.zeros((4, 1, 8, 8)))
+    first = evaluate(backend, settings, reference)
+    assert first.samples.seeds == list(range(5, 11)) and first.samples.images.shape == (6, 1, 8, 8)
+    again = evaluate_samples(draw(backend, settings), reference)
+    np.testing.assert_array_equal(first.l2, again.l2)  # seeded: the same samples, the same distances
+    expected = np.sqrt((((first.samples.images + 1) / 2 - 1.0) ** 2).flatten(1).sum(1).double().numpy())
+    np.testing.assert_allclose(first.l2, expected, rtol=1e-5)
+
+    levels = oracle_levels(backend, settings, reference, source="tiny")
+    assert levels.source.startswith("tiny, DDIM, 2 steps, seeds 5..10")
+    assert levels.levels["l2"] == pytest.approx(float(np.quantile(first.l2, ORACLE_QUANTILE)))
+    read = evaluate(backend, settings, reference, oracle=levels)
+    assert read.summary()["excess_over_oracle"]["l2"] == pytest.approx(float((first.l2 < levels.levels["l2"]).mean()) - 0.01)
+    assert isinstance(read, Evaluation)
