@@ -4,9 +4,10 @@
 (`devices.device_queue`: one training job per device at a time), loads a fresh copy of the model
 (the copy the page shows is never trained), samples "before" grids (cached per model and seeds),
 trains with `engine.unlearn`, saves and zips the result, samples "after" with the same seeds,
-scores every sample with the CLIP memorisation detector and draws the teaching view. Progress
-comes out as `JobState` snapshots; `Job.cancel()` stops the job between steps. `Job._work` is
-the whole run, phase by phase, on one screen.
+measures every sample with `retrack.evaluation` (against the forget set's cached
+`app_evaluation.reference_for`) and draws the teaching view. Progress comes out as
+`JobState` snapshots; `Job.cancel()` stops the job between steps. `Job._work` is the whole run,
+phase by phase, on one screen.
 """
 
 from __future__ import annotations
