@@ -76,7 +76,10 @@ def engine_checks() -> None:
 def app_job_checks(root: Path) -> None:
     from PIL import Image
 
-    from retrack.session import EvalSettings, Job, build_forget_set, open_model
+    from retrack.app_evaluation import EvalSettings
+    from retrack.forget_set import build_forget_set
+    from retrack.jobs import Job
+    from retrack.models import open_model
     from retrack.testing import build_tiny_clip
 
     pixel_model(8, 1, (8, 16)).save_pretrained(root / "model")

@@ -11,7 +11,8 @@
 The names load on first use (PEP 562), so `import retrack` stays instant: torch and diffusers
 are imported only when one of them is used. The rest lives in the submodules: `engine` (the
 loop), `objectives` (the methods), `presets` (the published settings), `cli`, `split` (Stable
-Diffusion), `bench`, `session` (background jobs for front ends).
+Diffusion), `bench`, and for front ends `models`, `forget_set`, `jobs` (background runs) and
+`teaching`.
 """
 
 from __future__ import annotations

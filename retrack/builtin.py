@@ -2,8 +2,8 @@
 
 The training set is not shipped as files: `assets/builtin/dataset.json` records the builder in
 `retrack.data` (v1: `build_digits_tshirt`, v2: `build_mnist_tshirt`) and its parameters, and
-`builtin_dataset()` rebuilds the identical set (checked against the recorded fingerprint when
-present).
+`builtin_dataset()` rebuilds the identical set (`checked_dataset`: checked against the recorded
+fingerprint when present; the app rebuilds a model's companion dataset.json the same way).
 """
 
 from __future__ import annotations
@@ -31,18 +31,23 @@ def rebuild_dataset(spec: dict) -> BuiltinDataset:
     return build_digits_tshirt(seed=spec["seed"], n_digits=spec["n_digits"], tshirt_fraction=spec["tshirt_fraction"])
 
 
+def checked_dataset(spec: dict) -> BuiltinDataset:
+    """`rebuild_dataset`, checked against the fingerprint the dataset.json records (when it does):
+    ValueError if the rebuilt set is not the one the model was trained on."""
+    dataset = rebuild_dataset(spec)
+    expected = spec.get("fingerprint")
+    if expected and dataset_fingerprint(dataset.images) != expected:
+        raise ValueError("the rebuilt built-in training set differs from the one the model was trained on "
+                         "(different fonts or package versions?); delete ~/.cache/retrack and retry")
+    return dataset
+
+
 @lru_cache(maxsize=1)
 def builtin_dataset() -> BuiltinDataset:
     """The exact training set of the built-in model."""
     if not BUILTIN_DATASET.is_file():
         raise FileNotFoundError(f"{BUILTIN_DATASET} is missing: the built-in model has not been built")
-    spec = json.loads(BUILTIN_DATASET.read_text())
-    dataset = rebuild_dataset(spec)
-    expected = spec.get("fingerprint")
-    if expected and dataset_fingerprint(dataset.images) != expected:
-        raise RuntimeError("the rebuilt built-in dataset differs from the one the model was trained on "
-                           "(different fonts or package versions?); delete ~/.cache/retrack and retry")
-    return dataset
+    return checked_dataset(json.loads(BUILTIN_DATASET.read_text()))
 
 
 def builtin_sets() -> tuple[Tensor, Tensor]:

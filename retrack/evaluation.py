@@ -41,20 +41,18 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
 from . import metrics
 from .backends.base import Backend
-from .sampling import Samples, image_grid, sample
+from .sampling import DISPLAY_SIDE, Samples, image_grid, reduce_to_side, sample
 
 DEFAULT_SAMPLER = "ddim"  # the evaluation sampler; one line to switch (e.g. to a faster solver)
 DEFAULT_SAMPLER_STEPS = 50
 REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
 CLASSIFIER_THRESHOLD = 0.5  # probability of the forget class above which a sample is a copy
-DISPLAY_SIDE = 128  # tiles of shown sample grids: small images are enlarged, larger ones reduced to this
 
 
 # ============================================================================ settings
@@ -302,13 +300,6 @@ class Evaluation:
             out["oracle_levels"] = dict(self.oracle.levels)
         return out
 
-
-def reduce_to_side(images: Tensor, side: Optional[int]) -> Tensor:
-    """Images (N, C, H, W) in [-1, 1] reduced (antialiased) to side × side when larger."""
-    if side is None or images.shape[-1] <= side:
-        return images
-    return F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True,
-                         align_corners=False).clamp(-1, 1)
 
 
 # ============================================================================ evaluating

@@ -6,7 +6,7 @@ go through the same HTTP/SSE API a browser uses: a short ReTrack job streams pro
 points and returns both grids and scores; Cancel stops a running job and the next job runs; an
 invalid upload or setting returns a readable message and the server keeps serving.
 
-A few fast tests of `retrack.session` (what the page calls) come first.
+A few fast tests of the library the page calls (`retrack.forget_set`, `retrack.devices`) come first.
 """
 
 from __future__ import annotations
@@ -23,11 +23,11 @@ import pytest
 
 from helpers import folder_digest, follow, free_port, merged, wait_for_status
 from retrack import paths
-from retrack.session import (
-    DeviceQueue, TrainingData, build_forget_set, gallery_items, parse_picks, split_items, toggle_pick,
-)
+from retrack.devices import DeviceQueue
+from retrack.forget_set import build_forget_set, gallery_items, parse_picks, split_items, toggle_pick
+from retrack.models import ModelInfo, TrainingData
 
-# ============================================================================ session logic
+# ============================================================================ the library the page calls
 def test_picks_parse_and_toggle():
     assert parse_picks("#17, 3 #17 x9") == [3, 9, 17]
     assert toggle_pick("#3, #17", 17) == "#3"
@@ -60,8 +60,6 @@ def test_split_items_puts_the_picks_on_one_side_and_the_rest_on_the_other():
 
 
 def test_forget_set_drops_every_copy_from_the_retain_set():
-    from retrack.session import ModelInfo
-
     data = _toy_data()
     model = ModelInfo(spec="toy", path=Path("toy"), family="pixel", image_size=4, channels=1, preset="mnist",
                       training_data=data, scorer="builtin")

@@ -19,10 +19,13 @@ import torch
 from diffusers import DDPMPipeline
 
 from helpers import folder_digest
+from retrack.app_evaluation import EvalSettings
 from retrack.backends import PixelBackend, load_backend
 from retrack.cli import main
 from retrack.engine import OutOfMemory, UnlearnConfig, is_out_of_memory, save_model, unlearn
-from retrack.session import EvalSettings, Job, build_forget_set, open_model
+from retrack.forget_set import build_forget_set
+from retrack.jobs import Job
+from retrack.models import open_model
 
 
 def nothing_written(out: Path) -> bool:

@@ -3,11 +3,14 @@
 import pytest
 import torch
 
+from retrack.app_evaluation import EvalSettings
 from retrack.backends import load_backend
 from retrack.cli import main
 from retrack.engine import UnlearnConfig, unlearn
+from retrack.forget_set import build_forget_set
+from retrack.jobs import Job
+from retrack.models import open_model
 from retrack.neighbours import check_neighbour_count, knn, nearest_neighbours
-from retrack.session import EvalSettings, Job, build_forget_set, open_model
 
 
 def brute_force(q, keys, k):

@@ -23,7 +23,7 @@ from retrack.cli import main
 from retrack.metrics import ClipScorer
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = sorted([*REPO.glob("retrack/**/*.py"), REPO / "app.py", *REPO.glob("scripts/*.py"),
+SOURCES = sorted([*REPO.glob("retrack/**/*.py"), REPO / "app.py", *REPO.glob("ui/*.py"), *REPO.glob("scripts/*.py"),
                   *REPO.glob("benchmarks/*.py")])
 
 

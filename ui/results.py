@@ -1,0 +1,106 @@
+"""Section 5 of the page: results, and how a job's state is drawn on the page.
+
+`render` turns one `JobState` into the outputs of the /unlearn event, in the order
+`JOB_OUTPUTS` names: status, loss plot (`loss_frame`), before and after grids, the metrics table
+(`metrics_table`), the neighbour picture, the zip, the teaching note and the trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import gradio as gr
+import pandas as pd
+
+from retrack.jobs import JobState
+
+# The outputs of /unlearn, in order: `render` returns one value for each.
+JOB_OUTPUTS = ("status", "loss_plot", "before_grid", "after_grid", "metrics", "neighbours", "download",
+               "teaching_note", "trajectory")
+
+
+class ResultsSection:
+    """Before/after grids from the same seeds, their scores, the neighbours ReTrack uses, the zip."""
+
+    def __init__(self) -> None:
+        gr.Markdown("## 5 · Results\nSamples from the same seeds, captioned *seed: memorisation score*; "
+                    "red frames mark samples above the threshold (they reproduce a forget image).")
+        with gr.Row():
+            self.before_grid = gr.Image(label="Before", elem_id="before-grid", format="png", interactive=False)
+            self.after_grid = gr.Image(label="After", elem_id="after-grid", format="png", interactive=False)
+        self.metrics = gr.Markdown(elem_id="metrics")
+        self.neighbours = gr.Image(label="Where the trajectories go: each forget image (red), then its nearest "
+                                         "retain images; w = ReTrack weight, d = distance", elem_id="neighbours",
+                                   format="png", interactive=False)
+        self.download = gr.File(label="Unlearned model (zip)", elem_id="download", interactive=False)
+
+
+def render(state: JobState, sent: dict[str, object]) -> tuple:
+    """The JOB_OUTPUTS for one state; pictures only when they changed (they are sent as files).
+    `sent` remembers, per event, what was sent already."""
+    def once(name: str, value: object, make: Callable[[], object]):
+        if value is None or sent.get(name) is value:
+            return gr.skip()
+        sent[name] = value
+        return make()
+
+    before = once("before", state.before, lambda: state.before.grid())
+    after = once("after", state.after, lambda: state.after.grid())
+    nearest = once("neighbours", state.neighbours, lambda: state.neighbours)
+    archive = once("archive", state.archive, lambda: str(state.archive))
+    picture = once("trajectory", state.trajectory, lambda: state.trajectory)
+    table = metrics_table(state) or gr.skip()
+    losses = loss_frame(state) if state.losses else gr.skip()  # an empty frame would fix the axes as categories
+    shown = dict(status=state.message, loss_plot=losses, before_grid=before, after_grid=after, metrics=table,
+                 neighbours=nearest, download=archive, teaching_note=state.teaching_note or gr.skip(),
+                 trajectory=picture)
+    return tuple(shown[name] for name in JOB_OUTPUTS)
+
+
+def status_only(message: str) -> tuple:
+    """The JOB_OUTPUTS when a job could not start: the message, everything else unchanged."""
+    return (message,) + tuple(gr.skip() for _ in JOB_OUTPUTS[1:])
+
+
+def symlog10(value: float) -> float:
+    """sign(x)·log10(1 + |x|): a log scale that also takes the negative losses of gradient ascent."""
+    return math.copysign(math.log10(1.0 + abs(value)), value)
+
+
+def loss_frame(state: JobState) -> pd.DataFrame:
+    """The loss history in long form, one row per (step, term), for the line plot. The terms
+    differ by orders of magnitude (ReTrack's unlearning term is often 10-50x its retain term),
+    so the plot draws them on a log scale; the tooltip shows the plain values."""
+    rows = []
+    for event in state.losses:
+        for term, value in (("total", event.loss), ("unlearning term", event.unlearn), ("retain term", event.retain)):
+            rows.append(dict(step=event.step, log_loss=symlog10(value), term=term, loss=value))
+    return pd.DataFrame(rows, columns=["step", "log_loss", "term", "loss"])
+
+
+def metrics_table(state: JobState) -> str:
+    """Before/after memorisation rate and quality as a Markdown table."""
+    before, after = state.before, state.after
+    if before is None:
+        return ""
+
+    def rate(evaluation) -> str:
+        return "…" if evaluation is None else \
+            f"{evaluation.rate:.0%} ({int(evaluation.flags.sum())} of {len(evaluation.scores)})"
+
+    def quality(evaluation) -> str:
+        return "…" if evaluation is None or evaluation.quality is None else f"{evaluation.quality:.3g}"
+
+    def top(evaluation) -> str:
+        return "…" if evaluation is None else f"{evaluation.scores.max():.2f}"
+
+    note = f"\n\n*{state.scorer_note}*" if state.scorer_note else ""
+    return "\n".join([
+        "| | before | after |", "|---|---|---|",
+        f"| memorisation rate (samples scoring above {before.threshold:.2f}) | {rate(before)} | {rate(after)} |",
+        f"| highest memorisation score | {top(before)} | {top(after)} |",
+        f"| quality: CLIP Fréchet distance to the retain set (lower is better) | {quality(before)} | {quality(after)} |",
+    ]) + note
+
+

@@ -1,0 +1,211 @@
+"""Sections 3 and 4 of the page: the method and its settings, and the run.
+
+The run form's values arrive as one `RunForm` (page order, the order /unlearn takes them);
+`RunForm.unlearn_config` and `RunForm.evaluation` map them to the library's settings in one
+place. `RunSection.run` starts a `retrack.jobs.Job` and streams its state to the page until it
+ends; Cancel (or closing the page) cancels it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Iterator, Optional
+
+import gradio as gr
+
+from retrack.app_evaluation import EvalSettings
+from retrack.engine import UnlearnConfig
+from retrack.forget_set import build_forget_set, parse_picks
+from retrack.jobs import Job
+from retrack.objectives import METHODS
+
+from .common import USER_ERRORS, Page, log, number, whole
+from .results import render, status_only
+from .settings import SpaceLimits, gpu_task, zero_gpu
+
+
+@dataclass
+class RunForm:
+    """The run form's values in page order (sections 1 to 3): the inputs of /unlearn. Number
+    boxes send floats, or None when empty through the API; `number` and `whole` check them."""
+
+    model: str
+    data_folder: str
+    picks: str
+    uploads: Optional[list[str]]
+    prompt: str
+    training_prompt: str
+    method: str
+    k: Optional[float]
+    lam: Optional[float]
+    lr: Optional[float]
+    steps: Optional[float]
+    batch_size: Optional[float]
+    grad_accum: Optional[float]
+    weight_decay: Optional[float]
+    beta1: Optional[float]
+    beta2: Optional[float]
+    eta: Optional[float]
+    siss_c: Optional[float]
+    seed: Optional[float]
+    n_samples: Optional[float]
+    sampling_steps: Optional[float]
+    eval_seed: Optional[float]
+    trajectory_points: Optional[float]
+    guidance: Optional[float]
+
+    def unlearn_config(self) -> UnlearnConfig:
+        """The training settings (checked by the Job)."""
+        return UnlearnConfig(method=self.method, k=whole(self.k), lam=number(self.lam), lr=number(self.lr),
+                             steps=whole(self.steps), batch_size=whole(self.batch_size),
+                             grad_accum=whole(self.grad_accum), weight_decay=number(self.weight_decay),
+                             betas=(number(self.beta1), number(self.beta2)), eta=number(self.eta),
+                             siss_c=number(self.siss_c), seed=whole(self.seed))
+
+    def evaluation(self, family: str) -> EvalSettings:
+        """How before and after are compared; the prompt only for text-to-image models."""
+        return EvalSettings(n_samples=whole(self.n_samples), seed=whole(self.eval_seed),
+                            sampling_steps=whole(self.sampling_steps), trajectory_points=whole(self.trajectory_points),
+                            prompt=self.prompt if family == "latent" else "", guidance=number(self.guidance))
+
+
+def method_settings(first: dict, limits: Optional[SpaceLimits]) -> dict[str, gr.components.Component]:
+    """Section 3's controls, keyed by their RunForm field, starting at the defaults `first`."""
+    controls: dict[str, gr.components.Component] = {}
+    gr.Markdown("## 3 · Method")
+    with gr.Row():
+        controls["method"] = gr.Dropdown([(method.label, name) for name, method in METHODS.items()], value="retrack",
+                                         label="Method", elem_id="method",
+                                         info="ReTrack, or a baseline for comparison (same data, steps and optimiser).")
+        controls["k"] = gr.Number(first["k"], label="K neighbours", elem_id="k", precision=0, minimum=1,
+                                  info="Retain images each forget image is redirected to.")
+        controls["lam"] = gr.Number(first["lam"], label="λ (unlearning weight)", elem_id="lam", minimum=0, maximum=1,
+                                    info="Weight of the unlearning term; the retain term gets 1 − λ.")
+        controls["lr"] = gr.Number(first["lr"], label="Learning rate", elem_id="lr", info="AdamW, constant.")
+        controls["steps"] = gr.Number(first["steps"], label="Steps", elem_id="steps", precision=0, minimum=1,
+                                      maximum=limits.steps if limits else None, info="Optimiser steps.")
+        controls["batch_size"] = gr.Number(first["batch_size"], label="Batch size", elem_id="batch-size", precision=0,
+                                           minimum=1, info="Rows per branch (forget and retain) per micro-batch.")
+    with gr.Accordion("More settings", open=False, elem_id="more-settings"):
+        with gr.Row():
+            controls["grad_accum"] = gr.Number(first["grad_accum"], label="Gradient accumulation",
+                                               elem_id="grad-accum", precision=0, minimum=1,
+                                               info="Micro-batches per step.")
+            controls["weight_decay"] = gr.Number(first["weight_decay"], label="Weight decay", elem_id="weight-decay",
+                                                 info="AdamW weight decay.")
+            controls["beta1"] = gr.Number(first["beta1"], label="AdamW β1", elem_id="beta1",
+                                          info="First-moment decay.")
+            controls["beta2"] = gr.Number(first["beta2"], label="AdamW β2", elem_id="beta2",
+                                          info="Second-moment decay.")
+            controls["seed"] = gr.Number(first["seed"], label="Training seed", elem_id="seed", precision=0, minimum=0,
+                                         info="Seeds the batches and noise.")
+        with gr.Row():
+            controls["eta"] = gr.Number(first["eta"], label="EraseDiff η", elem_id="eta",
+                                        info="EraseDiff's projection margin.")
+            controls["siss_c"] = gr.Number(first["siss_c"], label="SISS C", elem_id="siss-c",
+                                           info="SISS: norm the forget gradient is rescaled to.")
+        with gr.Row():
+            controls["n_samples"] = gr.Number(first["n_samples"], label="Samples to compare", elem_id="n-samples",
+                                              precision=0, minimum=1, maximum=limits.samples if limits else 256,
+                                              info="Drawn before and after from the same seeds.")
+            controls["sampling_steps"] = gr.Number(first["sampling_steps"], label="DDIM steps",
+                                                   elem_id="sampling-steps", precision=0, minimum=1,
+                                                   maximum=limits.sampling_steps if limits else None,
+                                                   info="Sampler steps per sample.")
+            controls["eval_seed"] = gr.Number(first["eval_seed"], label="First sample seed", elem_id="eval-seed",
+                                              precision=0, minimum=0, info="Samples use seeds s, s+1, ...")
+            controls["trajectory_points"] = gr.Number(first["trajectory_points"], label="Trajectory points",
+                                                      elem_id="trajectory-points", precision=0, minimum=2, maximum=20,
+                                                      info="Timesteps shown in the teaching view.")
+            controls["guidance"] = gr.Number(7.5, label="Guidance scale", elem_id="guidance", minimum=0, maximum=50,
+                                             info="Text-to-image models only: classifier-free guidance.")
+    return controls
+
+
+def show_method_settings(name: str) -> tuple:
+    """K and λ are ReTrack's settings: shown for ReTrack only."""
+    return gr.update(visible=name == "retrack"), gr.update(visible=name == "retrack")
+
+
+class RunSection:
+    """The method settings (section 3), Unlearn and Cancel, the status line and the loss plot (section 4)."""
+
+    def __init__(self, page: Page, first: dict) -> None:
+        self.page = page
+        self.controls = method_settings(first, page.settings.limits)
+        gr.Markdown("## 4 · Run")
+        with gr.Row():
+            self.run_button = gr.Button("Unlearn", variant="primary", elem_id="run")
+            self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
+        self.status = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=2)
+        # The colours are named in the label: gradio draws the legend below the chart and clips it.
+        self.loss_plot = gr.LinePlot(x="step", y="log_loss", color="term", elem_id="loss-plot", x_title="step",
+                                     label="Loss per step, log scale: total (black), unlearning term (orange), "
+                                           "retain term (blue)", y_title="log10(1 + loss)", height=300,
+                                     color_map={"total": "#111827", "unlearning term": "#f97316",
+                                                "retain term": "#2563eb"},
+                                     tooltip=["step", "term", "loss"])
+
+    def run(self, request: gr.Request, progress=gr.Progress(), *values) -> Iterator[tuple]:
+        """Start a job with the RunForm `values` and stream its state to the page until it ends
+        (gradio puts the request and progress first, then the form's values)."""
+        form = RunForm(*values)
+        try:
+            model = self.page.open_model(form.model, form.data_folder)
+            forget = build_forget_set(model, parse_picks(form.picks), form.uploads or [])
+            config, evaluation = form.unlearn_config(), form.evaluation(model.family)
+            if self.page.settings.limits is not None:
+                self.page.settings.limits.check(config, evaluation.n_samples, evaluation.sampling_steps)
+            job = Job(model, forget, config, evaluation, self.page.settings.output_dir,
+                      training_prompt=form.training_prompt if model.family == "latent" else "").start()
+        except USER_ERRORS as exc:
+            yield status_only(f"⚠ {exc}")
+            return
+        except Exception as exc:  # never a stack trace in the page
+            log.exception("could not start a job")
+            yield status_only(f"⚠ Unexpected error ({type(exc).__name__}: {exc})")
+            return
+        session = request.session_hash or job.id
+        with self.page.lock:
+            self.page.running[session] = job
+        sent: dict[str, object] = {}
+        try:
+            for state in job.watch():
+                progress(state.progress, desc=state.message)
+                if state.model_dir is not None:
+                    self.page.unlearned[session] = str(state.model_dir)
+                yield render(state, sent)
+        finally:
+            # The page was closed or the event was stopped: stop the job too.
+            job.cancel()
+            with self.page.lock:
+                if self.page.running.get(session) is job:
+                    del self.page.running[session]
+
+    def cancel(self, request: gr.Request) -> str:
+        """Cancel this visitor's running job."""
+        with self.page.lock:
+            job = self.page.running.get(request.session_hash)
+        if job is None:
+            return "Nothing is running."
+        job.cancel()
+        return "Cancelling..."
+
+    def connect(self, form_sources: dict[str, gr.components.Component], outputs: list) -> None:
+        """Unlearn runs a job from the form (`form_sources`: sections 1 and 2's boxes by RunForm
+        field) into the JOB_OUTPUTS `outputs`; Cancel stops it; the method shows its settings."""
+        sources = form_sources | self.controls
+        limits = self.page.settings.limits
+        self.controls["method"].change(show_method_settings, self.controls["method"],
+                                       [self.controls["k"], self.controls["lam"]], api_visibility="private")
+        # Jobs queue per device inside retrack.jobs (one training job per device at a time, and a
+        # waiting job can still be cancelled), so gradio may start several run events.
+        run_event = self.run_button.click(gpu_task(limits.gpu_seconds if limits else 120)(self.run),
+                                          [sources[f.name] for f in fields(RunForm)], outputs, api_name="unlearn",
+                                          show_progress_on=[self.status],
+                                          concurrency_limit=limits.concurrent_runs if limits else 16,
+                                          concurrency_id="unlearn")
+        # On ZeroGPU the job runs in the process lent the GPU, out of this one's reach: Cancel also
+        # stops the event, and spaces then closes the job's stream there, which cancels the job.
+        self.cancel_button.click(self.cancel, None, self.status, api_name="cancel", concurrency_limit=None,
+                                 show_progress="hidden", cancels=[run_event] if zero_gpu() else None)
