@@ -158,12 +158,16 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
 
 
 def finished_methods(path: Path, data: dict) -> dict:
-    """The method curves already in `path` from a run with the same settings and starting
-    measurements (so a stopped run resumes with the next method); {} otherwise."""
+    """The method curves already in `path` from a run with the same settings (the list of methods
+    aside) and starting measurements, so a stopped run resumes with the methods it has not
+    measured, in any order; {} otherwise."""
     if not path.exists():
         return {}
+    def settings(meta: dict) -> dict:  # as stored in JSON, without the list of methods: a curve does not depend on it
+        return {k: v for k, v in json.loads(json.dumps(meta.get("settings", {}))).items() if k != "methods"}
+
     old = json.loads(path.read_text())
-    same = (old.get("meta", {}).get("settings") == json.loads(json.dumps(data["meta"]["settings"]))
+    same = (settings(old.get("meta", {})) == settings(data["meta"])
             and old.get("oracle") == json.loads(json.dumps(data["oracle"]))
             and old.get("pretrained") == json.loads(json.dumps(data["pretrained"])))
     return old.get("methods", {}) if same else {}
