@@ -405,20 +405,17 @@ class Job:
                 loaded.append(load_backend(path, device=self.device))
             return loaded[0]
 
-        live_on = self.evaluation.live_every > 0
-        results = []
-        for settings in (self.evaluation.sampler_settings(), self.evaluation.live_sampler_settings() if live_on else None):
-            if settings is None:
-                results.append(None)
-                continue
+        def evaluation_of(settings: SamplerSettings) -> Evaluation:
             key = (weights, self.device, settings, reference_key(self.model, self.forget, self.device))
             result = ORACLE_EVALUATIONS.get(key)
             if result is None:
                 samples = cached_samples(backend_of, weights, self.device, settings, on_batch=self._check_cancel)
                 result = evaluate_samples(samples, reference)
                 ORACLE_EVALUATIONS.put(key, result)
-            results.append(result)
-        return results[0], results[1]
+            return result
+
+        live = evaluation_of(self.evaluation.live_sampler_settings()) if self.evaluation.live_every > 0 else None
+        return evaluation_of(self.evaluation.sampler_settings()), live
 
 
 def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:

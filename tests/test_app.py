@@ -72,6 +72,35 @@ def test_forget_set_drops_every_copy_from_the_retain_set():
         build_forget_set(model, [99])
 
 
+def test_live_curve_is_evaluated_every_few_steps_and_at_the_last_one():
+    from retrack.evaluation import EvalSettings
+
+    every_ten = EvalSettings(live_every=10)
+    assert [step for step in range(1, 26) if every_ten.live_at(step, 25)] == [10, 20, 25]
+    assert not any(EvalSettings(live_every=0).live_at(step, 25) for step in range(1, 26))
+    live = every_ten.live_sampler_settings()
+    assert (live.n_samples, live.steps, live.seed) == (32, 10, 0)  # the same seeds as the full set's first 32
+    with pytest.raises(ValueError, match="number of samples"):
+        EvalSettings(n_samples=0).validate()
+    with pytest.raises(ValueError, match="live curve"):
+        EvalSettings(live_every=-1).validate()
+
+
+def test_only_a_model_with_an_oracle_opens_with_its_most_copied_item_picked(tmp_path):
+    from retrack.forget_set import default_picks
+
+    data = _toy_data()
+    model = ModelInfo(spec="toy", path=tmp_path, family="pixel", image_size=4, channels=1, preset="mnist",
+                      training_data=data, scorer="builtin")
+    assert default_picks(model) == ""  # no oracle beside it: nothing is picked for the user
+    if (MODEL / "model_index.json").is_file():
+        from retrack.models import open_model
+
+        builtin = open_model(str(MODEL))
+        assert default_picks(builtin) == f"#{gallery_items(builtin.training_data, limit=1)[0].index}"
+        assert "t-shirt" in builtin.training_data.names[int(default_picks(builtin)[1:])]
+
+
 def test_device_queue_is_first_come_first_served_and_cancellable():
     queue, order = DeviceQueue(), []
     first, second, third = object(), object(), object()
