@@ -89,14 +89,14 @@ def main(argv: list[str] | None = None) -> dict:
         for mode in args.modes.split(","):
             config, evaluation = job_settings(quick=mode == "quick")
             runs = []
+            data["modes"][mode] = {"settings": {"steps": config.steps, "batch_size": config.batch_size}
+                                   | vars(evaluation), "runs": runs}
             for attempt in ("first job (cold caches)", "second job (cached)"):
                 runs.append({"job": attempt} | timed_job(model, forget, config, evaluation, Path(tmp)))
                 print(mode, runs[-1], flush=True)
-            data["modes"][mode] = {"settings": {"steps": config.steps, "batch_size": config.batch_size}
-                                   | vars(evaluation), "runs": runs}
-            data["meta"].update(load_average_at_end=_load_average(),
-                                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-            write_results(data, args.out)
+                data["meta"].update(load_average_at_end=_load_average(),
+                                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                write_results(data, args.out)  # after every job: a stopped run keeps what it measured
     return data
 
 
