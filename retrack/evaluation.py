@@ -36,7 +36,7 @@ All thresholds are chosen here, in ``Reference.build``; the sampler is two plain
 from __future__ import annotations
 
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -46,6 +46,7 @@ from torch import Tensor
 
 from . import metrics
 from .backends.base import Backend
+from .engine import check_range
 from .sampling import DISPLAY_SIDE, Samples, image_grid, reduce_to_side, sample
 
 DEFAULT_SAMPLER = "ddim"  # the evaluation sampler; one line to switch (e.g. to a faster solver)
@@ -53,6 +54,8 @@ DEFAULT_SAMPLER_STEPS = 50
 REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
 CLASSIFIER_THRESHOLD = 0.5  # probability of the forget class above which a sample is a copy
+MAX_EVAL_SAMPLES = 1024  # an app job's before/after samples at most
+MAX_GRID_SAMPLES = 256  # samples one grid shows at most
 
 
 # ============================================================================ settings
@@ -71,6 +74,50 @@ class SamplerSettings:
     def describe(self) -> str:
         """'DDIM, 50 steps, seeds 0..255' (for cards and tables)."""
         return f"{self.sampler.upper()}, {self.steps} steps, seeds {self.seed}..{self.seed + self.n_samples - 1}"
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How an app job compares "before" and "after": the same seeds, sampler, step count and
+    prompt; the rate on `n_samples` samples, the grids showing the first `grid_samples` of them.
+    During training the live memorisation curve evaluates `live_samples` samples (seeds from
+    `seed`, `live_steps` sampler steps: cheap and always the same samples) every `live_every`
+    steps and at the last one; `live_every` 0 turns it off."""
+
+    n_samples: int = 256
+    grid_samples: int = 64
+    seed: int = 0
+    sampling_steps: int = 25  # steps of the evaluation sampler (deterministic given the seed)
+    trajectory_points: int = 6  # predicted clean images shown in the teaching view
+    prompt: str = ""  # text-to-image models: the prompt whose memorised images are forgotten
+    guidance: float = 7.5  # text-to-image models: classifier-free guidance scale
+    live_every: int = 10
+    live_samples: int = 32
+    live_steps: int = 10
+
+    def validate(self) -> None:
+        check_range("number of samples", self.n_samples, 1, MAX_EVAL_SAMPLES)
+        check_range("samples shown in the grids", self.grid_samples, 1, MAX_GRID_SAMPLES)
+        check_range("sampling steps", self.sampling_steps, 1, 1000)
+        check_range("trajectory points", self.trajectory_points, 2, 20)
+        check_range("the first sample seed", self.seed, 0, 2**32, open_high=True)
+        check_range("guidance", self.guidance, 0, 50)
+        check_range("live curve: steps between evaluations", self.live_every, 0, 10_000)
+        check_range("live curve: samples", self.live_samples, 1, MAX_GRID_SAMPLES)
+        check_range("live curve: sampler steps", self.live_steps, 1, 1000)
+
+    def sampler_settings(self) -> SamplerSettings:
+        """The evaluation's draw: these seeds, steps and prompt with the default evaluation sampler."""
+        return SamplerSettings(n_samples=self.n_samples, seed=self.seed, steps=self.sampling_steps,
+                               prompt=self.prompt, guidance=self.guidance, batch_size=16)
+
+    def live_sampler_settings(self) -> SamplerSettings:
+        """The live curve's draw: the first `live_samples` seeds, `live_steps` sampler steps."""
+        return replace(self.sampler_settings(), n_samples=self.live_samples, steps=self.live_steps)
+
+    def live_at(self, step: int, last: int) -> bool:
+        """Whether the live curve is evaluated after training step `step` of `last`."""
+        return self.live_every > 0 and (step % self.live_every == 0 or step == last)
 
 
 def draw(backend: Backend, settings: SamplerSettings, on_batch: Optional[Callable[[int, int], None]] = None) -> Samples:
@@ -274,12 +321,13 @@ class Evaluation:
     def rate(self) -> float:
         return float(self.flags.mean())
 
-    def grid(self, ncol: int = 8, side: Optional[int] = DISPLAY_SIDE) -> Image.Image:
-        """The samples, captioned with seed and CLIP score; copies framed in red. Tiles larger than
-        `side` pixels are reduced first."""
-        labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds, self.scores)]
-        return image_grid(reduce_to_side(self.samples.images, side), ncol=ncol, labels=labels,
-                          flags=self.flags.tolist())
+    def grid(self, ncol: int = 8, side: Optional[int] = DISPLAY_SIDE, limit: Optional[int] = None) -> Image.Image:
+        """The first `limit` samples (all by default), captioned with seed and CLIP score; copies
+        framed in red. Tiles larger than `side` pixels are reduced first."""
+        shown = slice(0, limit)
+        labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds[shown], self.scores[shown])]
+        return image_grid(reduce_to_side(self.samples.images[shown], side), ncol=ncol, labels=labels,
+                          flags=self.flags[shown].tolist())
 
     def teaching_seed(self) -> tuple[int, bool]:
         """The seed whose sample is closest (CLIP) to a forget image, and whether it is a copy."""

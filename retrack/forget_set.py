@@ -24,13 +24,13 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from .app_evaluation import load_scorer
+from .metrics import load_scorer
 from .atomic import write_folder_atomically
 from .backends import load_backend
 from .devices import device_queue
 from .engine import resolve_device
 from .images import load_images, tensor_to_pil, tensor_to_uint8
-from .models import ModelInfo, TrainingData, read_json
+from .models import ModelInfo, TrainingData, oracle_folder, read_json
 
 GALLERY_SIZE = 48  # training items shown to pick from
 
@@ -117,6 +117,16 @@ def toggle_pick(text: str, index: int) -> str:
 def format_picks(indices: Sequence[int]) -> str:
     """'#3, #17': picks as the gallery writes them."""
     return ", ".join(f"#{i}" for i in indices)
+
+
+def default_picks(model: ModelInfo) -> str:
+    """What a model opens with picked: for a model that comes with an oracle (retrained without its
+    memorised image, as the built-in model does), its most-copied training item, so "open the page,
+    press Unlearn" forgets it; otherwise nothing."""
+    if model.training_data is None or oracle_folder(model.path) is None:
+        return ""
+    first = gallery_items(model.training_data, limit=1)
+    return format_picks([first[0].index]) if first and first[0].copies > 1 else ""
 
 
 def load_uploads(files: Sequence[str], model: ModelInfo) -> tuple[np.ndarray, list[str], list[str]]:

@@ -4,14 +4,15 @@
 (`devices.device_queue`: one training job per device at a time), loads a fresh copy of the model
 (the copy the page shows is never trained), samples "before" grids (cached per model and seeds),
 trains with `engine.unlearn`, saves and zips the result, samples "after" with the same seeds,
-measures every sample with `retrack.evaluation` (against the forget set's cached
-`app_evaluation.reference_for`) and draws the teaching view. Progress comes out as
+measures every sample with `retrack.evaluation` (against `reference_for`, the forget set's
+reference, cached) and draws the teaching view. Progress comes out as
 `JobState` snapshots; `Job.cancel()` stops the job between steps. `Job._work` is the whole run,
 phase by phase, on one screen.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -20,13 +21,12 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 import torch
 from PIL import Image
 
 from .atomic import write_file_atomically
-from .app_evaluation import EvalSettings, reference_for
 from .backends import load_backend
 from .backends.base import Backend
 from .devices import describe_device, device_queue
@@ -34,9 +34,10 @@ from .engine import (
     Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, UnlearnResult, check_request, is_out_of_memory,
     resolve_device, save_model, unlearn,
 )
-from .evaluation import Evaluation, Reference, draw, evaluate_samples
+from .evaluation import EvalSettings, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate_samples
 from .images import uint8_to_tensor
-from .models import ModelInfo
+from .metrics import load_scorer
+from .models import ModelInfo, oracle_folder, weights_stamp
 from .objectives import METHODS
 from .sampling import Samples
 from .teaching import neighbour_grid, trajectory_image, trajectory_strip
@@ -47,31 +48,70 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 # ============================================================================ helpers of a job
-class _SampleCache:
-    """"Before" samples per (model weights, device, seeds, steps): the model does not change
-    between jobs, so its samples need not be drawn again. Small LRU; thread-safe."""
+class _Cache:
+    """A small thread-safe LRU of what a job may reuse: the model does not change between jobs,
+    so its "before" samples, the oracle's samples and evaluation and a forget set's reference
+    need not be made again."""
 
     def __init__(self, capacity: int = 8) -> None:
-        self._items: OrderedDict[tuple, Samples] = OrderedDict()
+        self._items: OrderedDict[tuple, object] = OrderedDict()
         self._lock = threading.Lock()
         self.capacity = capacity
 
-    def get(self, key: tuple) -> Optional[Samples]:
+    def get(self, key: tuple) -> Optional[object]:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
                 return self._items[key]
             return None
 
-    def put(self, key: tuple, samples: Samples) -> None:
+    def put(self, key: tuple, value: object) -> None:
         with self._lock:
-            self._items[key] = samples
+            self._items[key] = value
             self._items.move_to_end(key)
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
 
-BEFORE_SAMPLES = _SampleCache()
+# Samples of an unchanged model per (weights, device, sampler settings): "before" (the full set and
+# the live curve's) and the oracle's; the oracle's evaluations per reference; forget-set references.
+SAMPLES = _Cache(capacity=16)
+ORACLE_EVALUATIONS = _Cache()
+REFERENCES = _Cache()
+
+
+def reference_key(model: ModelInfo, forget: ForgetSet, device: str) -> tuple:
+    """What a forget set's reference depends on: the model, its scorer, the device and the sets."""
+    return (model.cache_key, model.scorer, device, hashlib.sha256(forget.images.tobytes()).hexdigest(),
+            hashlib.sha256(forget.retain_index.tobytes()).hexdigest())
+
+
+def reference_for(model: ModelInfo, forget: ForgetSet, device: str = "cpu") -> Reference:
+    """The evaluation reference of a model's forget set (`evaluation.Reference.build`: thresholds
+    calibrated against its retain set, CLIP features on a seeded subset of it), scored with the
+    model's CLIP scorer; kept for the next job with the same model, scorer and sets. Its `note`
+    says when a fallback scorer is used."""
+    key = reference_key(model, forget, device)
+    reference = REFERENCES.get(key)
+    if reference is None:
+        scorer, note = load_scorer(model.scorer, device)
+        forget_x0 = uint8_to_tensor(forget.images, channels_last=True)
+        retain_x0 = uint8_to_tensor(model.training_data.images[forget.retain_index], channels_last=True)
+        reference = Reference.build(forget_x0, retain_x0, scorer=scorer, note=note)
+        REFERENCES.put(key, reference)
+    return reference
+
+
+def cached_samples(backend_of: Callable[[], Backend], weights: str, device: str, settings: SamplerSettings,
+                   on_batch: Optional[Callable[[int, int], None]] = None) -> Samples:
+    """The samples of `settings` from the model whose weights stamp is `weights`, drawn once per
+    process (`backend_of` loads the model only when they are not cached yet)."""
+    key = (weights, device, settings)
+    samples = SAMPLES.get(key)
+    if samples is None:
+        samples = draw(backend_of(), settings, on_batch=on_batch)
+        SAMPLES.put(key, samples)
+    return samples
 
 
 def zip_folder(folder: Path, archive: Path) -> Path:
@@ -86,6 +126,17 @@ FINISHED_PHASES = ("done", "cancelled", "failed")
 
 
 @dataclass
+class LivePoint:
+    """One point of the live memorisation curve: the live samples' copy rates after `step`
+    training steps and, when the model has an oracle, their excess over the oracle's live samples."""
+
+    step: int
+    rates: dict[str, float]
+    excess: dict[str, float]
+    seconds: float  # training seconds to this step (the live curve's own evaluations excluded)
+
+
+@dataclass
 class JobState:
     """A snapshot of a job, as the page shows it. `revision` grows with every change."""
 
@@ -95,6 +146,10 @@ class JobState:
     losses: list[StepEvent] = field(default_factory=list)
     before: Optional[Evaluation] = None
     after: Optional[Evaluation] = None
+    oracle: Optional[Evaluation] = None  # the oracle's samples from the same seeds, when the model has one
+    live: list[LivePoint] = field(default_factory=list)  # the live memorisation curve, step 0 first
+    live_seconds: float = 0.0  # spent on the live curve during training (not in the training time)
+    grid_samples: int = 64  # the grids show the first this many samples
     neighbours: Optional[Image.Image] = None  # each forget image, then its K nearest retain images
     trajectory: Optional[Image.Image] = None
     teaching_note: str = ""
@@ -143,7 +198,7 @@ class Job:
         self.device = resolve_device(config.device)
         self.id = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.method}-{uuid.uuid4().hex[:6]}"
         self.output_dir = Path(output_root).absolute() / self.id
-        self._state = JobState()
+        self._state = JobState(grid_samples=evaluation.grid_samples)
         self._changed = threading.Condition()
         self._cancel = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"retrack-job-{self.id}", daemon=True)
@@ -162,7 +217,7 @@ class Job:
 
     def snapshot(self) -> JobState:
         with self._changed:
-            return replace(self._state, losses=list(self._state.losses))
+            return replace(self._state, losses=list(self._state.losses), live=list(self._state.live))
 
     def watch(self, timeout: Optional[float] = None) -> Iterator[JobState]:
         """Yield a snapshot after every change until the job finishes (the last one is final)."""
@@ -234,7 +289,8 @@ class Job:
                 torch.cuda.empty_cache()
 
     def _work(self) -> None:
-        """The run, phase by phase: load, sample "before", train, save, sample "after"."""
+        """The run, phase by phase: load, sample "before" (and the oracle), train (drawing the live
+        memorisation curve), save, sample "after"."""
         settings, config, data = self.evaluation, self.config, self.model.training_data
         self._phase("loading", f"Loading a fresh copy of {self.model.path.name} on {describe_device(self.device)}")
         backend = load_backend(self.model.path, device=self.device)
@@ -246,19 +302,28 @@ class Job:
             cond = backend.encode_prompt([settings.prompt.strip()])
             training_cond = backend.encode_prompt([self.training_prompt])
 
-        self._phase("before", f"Sampling {settings.n_samples} images before unlearning")
+        oracle_path = oracle_folder(self.model.path) if backend.family == "pixel" else None
+        self._phase("before", f"Sampling {settings.n_samples} images before unlearning"
+                              + (" and from the oracle" if oracle_path else ""))
         sampling_started = time.perf_counter()
-        before = self._evaluate(backend, reference, cached=True)
+        oracle, live_oracle = self._oracle(oracle_path, reference)
+        levels, live_levels = (None if e is None else OracleLevels.from_evaluation(e) for e in (oracle, live_oracle))
+        before = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=True), reference, levels)
         teaching_seed, teaching_flagged = before.teaching_seed()
         before_path = trajectory_strip(backend, teaching_seed, settings, cond)
+        live = None
+        if settings.live_every > 0:  # step 0 of the live curve: the untrained model's live samples
+            self._add_live_point(0, 0.0, self._samples(backend, settings.live_sampler_settings(), cached=True),
+                                 reference, live_levels)
+            live = lambda event: self._live_point(event, backend, reference, live_levels)  # noqa: E731
         sampling_seconds = time.perf_counter() - sampling_started
-        self._set(before=before, progress=_PHASE_SPAN["before"][1])
+        self._set(before=before, oracle=oracle, progress=_PHASE_SPAN["before"][1])
 
         self._phase("training", f"Training: {METHODS[config.method].title}, {config.steps} steps")
         forget_x0 = backend.encode(uint8_to_tensor(self.forget.images, channels_last=True))
         retain_x0 = backend.encode(uint8_to_tensor(data.images[self.forget.retain_index], channels_last=True))
         result = unlearn(backend, forget_x0, retain_x0, config, forget_cond=training_cond, retain_cond=training_cond,
-                         on_step=lambda event: self._on_step(event, sampling_seconds), cancel=self._cancel)
+                         on_step=lambda event: self._on_step(event, sampling_seconds, live), cancel=self._cancel)
         if result.neighbours is not None:
             self._set(neighbours=neighbour_grid(backend, self.forget, data, forget_x0, retain_x0, result.neighbours,
                                                 result.neighbour_distances, seed=config.seed))
@@ -273,36 +338,84 @@ class Job:
         self._set(model_dir=model_dir, archive=archive, progress=_PHASE_SPAN["saving"][1])
 
         self._phase("after", f"Sampling the same {settings.n_samples} seeds after unlearning")
-        after = self._evaluate(backend, reference, cached=False)
+        after = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=False), reference, levels)
         after_path = trajectory_strip(backend, teaching_seed, settings, cond)
         after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
         self._set(after=after, trajectory=trajectory_image(before_path, after_path, teaching_flagged, after_flagged),
                   teaching_note=_teaching_note(before, teaching_seed, teaching_flagged), phase="done", progress=1.0,
-                  message=_done_message(before, after, result, model_dir))
+                  message=_done_message(before, after, oracle, result, self._state.live_seconds, model_dir))
 
-    def _on_step(self, event: StepEvent, sampling_seconds: float) -> None:
-        """Record a training step; the message carries an ETA: the remaining steps at the mean
-        pace so far, plus sampling "after" as long as "before" took."""
+    def _on_step(self, event: StepEvent, sampling_seconds: float, live: Optional[Callable[[StepEvent], None]]) -> None:
+        """Record a training step (and evaluate the live curve when it is due); the message
+        carries an ETA: the remaining steps at the mean pace so far, the live evaluations left at
+        their mean cost, plus sampling "after" as long as "before" took."""
         with self._changed:
             self._state.losses.append(event)
             per_step = sum(e.step_seconds for e in self._state.losses) / len(self._state.losses)
-        left = (event.steps - event.step) * per_step + sampling_seconds
+        if live is not None and self.evaluation.live_at(event.step, event.steps):
+            live(event)
+        state = self.snapshot()
+        live_left = sum(self.evaluation.live_at(step, event.steps) for step in range(event.step + 1, event.steps + 1))
+        per_live = state.live_seconds / max(1, len(state.live) - 1)
+        left = (event.steps - event.step) * per_step + live_left * per_live + sampling_seconds
         start, end = _PHASE_SPAN["training"]
         self._set(progress=start + (end - start) * event.step / event.steps,
                   message=f"Training step {event.step}/{event.steps} · loss {event.loss:.4g} "
                           f"(unlearn {event.unlearn:.4g}, retain {event.retain:.4g}) · "
                           f"{event.step_seconds:.2f} s/step · about {_seconds(left)} left")
 
-    def _evaluate(self, backend: Backend, reference: Reference, cached: bool) -> Evaluation:
-        settings = self.evaluation.sampler_settings()
-        key = (self.model.cache_key, self.device, settings)
-        samples = BEFORE_SAMPLES.get(key) if cached else None
-        if samples is None:
+    def _live_point(self, event: StepEvent, backend: Backend, reference: Reference,
+                    levels: Optional[OracleLevels]) -> None:
+        """The live curve after this step: the same live seeds drawn from the model as it is now.
+        Its cost is kept out of the training time the curve and the status report."""
+        started = time.perf_counter()
+        samples = self._samples(backend, self.evaluation.live_sampler_settings(), cached=False)
+        self._add_live_point(event.step, event.seconds - self._state.live_seconds, samples, reference, levels,
+                             started=started)
+
+    def _add_live_point(self, step: int, seconds: float, samples: Samples, reference: Reference,
+                        levels: Optional[OracleLevels], started: Optional[float] = None) -> None:
+        """Measure one point's samples and publish it; the time since `started` (when the
+        samples were drawn for it) counts as the live curve's cost."""
+        result = evaluate_samples(samples, reference, levels)
+        spent = 0.0 if started is None else time.perf_counter() - started
+        point = LivePoint(step=step, rates=result.rates(), excess=result.excess(), seconds=round(seconds, 3))
+        self._set(live=self._state.live + [point], live_seconds=self._state.live_seconds + spent)
+
+    def _samples(self, backend: Backend, settings: SamplerSettings, cached: bool) -> Samples:
+        """The model's samples of `settings`: from the cache when `cached` (the untrained model)."""
+        if cached:
+            samples = cached_samples(lambda: backend, self.model.cache_key, self.device, settings,
+                                     on_batch=self._check_cancel)
+        else:
             samples = draw(backend, settings, on_batch=self._check_cancel)
-            if cached:
-                BEFORE_SAMPLES.put(key, samples)
         self._check_cancel()
-        return evaluate_samples(samples, reference)
+        return samples
+
+    def _oracle(self, path: Optional[Path], reference: Reference) -> tuple[Optional[Evaluation], Optional[Evaluation]]:
+        """The oracle's evaluations on the same seeds (the full set, and the live curve's when it is
+        on), each made once per process per (oracle, device, sampler, reference); (None, None)
+        when the model has no oracle. The oracle is loaded only when one is not cached yet."""
+        if path is None:
+            return None, None
+        weights, loaded = weights_stamp(path), []
+
+        def backend_of() -> Backend:
+            if not loaded:
+                loaded.append(load_backend(path, device=self.device))
+            return loaded[0]
+
+        def evaluation_of(settings: SamplerSettings) -> Evaluation:
+            key = (weights, self.device, settings, reference_key(self.model, self.forget, self.device))
+            result = ORACLE_EVALUATIONS.get(key)
+            if result is None:
+                samples = cached_samples(backend_of, weights, self.device, settings, on_batch=self._check_cancel)
+                result = evaluate_samples(samples, reference)
+                ORACLE_EVALUATIONS.put(key, result)
+            return result
+
+        live = evaluation_of(self.evaluation.live_sampler_settings()) if self.evaluation.live_every > 0 else None
+        return evaluation_of(self.evaluation.sampler_settings()), live
 
 
 def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:
@@ -314,9 +427,12 @@ def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:
     return note + "."
 
 
-def _done_message(before: Evaluation, after: Evaluation, result: UnlearnResult, model_dir: Path) -> str:
-    """The status line of a finished job."""
+def _done_message(before: Evaluation, after: Evaluation, oracle: Optional[Evaluation], result: UnlearnResult,
+                  live_seconds: float, model_dir: Path) -> str:
+    """The status line of a finished job: the training time excludes the live curve's evaluations."""
     quality = "" if after.quality is None or before.quality is None else \
         f" · quality (CLIP Fréchet distance to the retain set) {before.quality:.3g} → {after.quality:.3g}"
-    return (f"Done in {_seconds(result.seconds)}: memorisation rate {before.rate:.0%} → {after.rate:.0%}"
-            f"{quality} · saved to {model_dir}")
+    reading = "" if oracle is None else f" (the oracle: {oracle.rate:.0%})"
+    live = f" (+ {_seconds(live_seconds)} for the live memorisation curve)" if live_seconds else ""
+    return (f"Done in {_seconds(result.seconds - live_seconds)}{live}: memorisation rate {before.rate:.0%} → "
+            f"{after.rate:.0%}{reading}{quality} · saved to {model_dir}")

@@ -20,6 +20,8 @@ Quality (computed, as in the paper, on the samples that are NOT memorised)
 
 from __future__ import annotations
 
+import logging
+import threading
 import warnings
 from pathlib import Path
 from typing import Sequence
@@ -30,6 +32,8 @@ import torch.nn.functional as F
 
 from . import paths
 from .images import to_unit_nchw
+
+log = logging.getLogger(__name__)
 
 LOCAL_DIR_PREFIX = "local-dir:"
 DEFAULT_PROMPT_TEMPLATES: tuple[str, ...] = ("a photo of a {}.",)
@@ -168,6 +172,37 @@ def save_open_clip_folder(model: torch.nn.Module, model_cfg: dict, folder: str |
 # --------------------------------------------------------------------------------------------
 # Memorisation by CLIP similarity
 # --------------------------------------------------------------------------------------------
+
+# A scorer per (spec, device), loaded once per process (the app's jobs and splits share them).
+_SCORERS: dict[tuple[str, str], tuple[ClipScorer, str]] = {}
+_SCORERS_LOCK = threading.Lock()
+
+
+def load_scorer(spec: str, device: str) -> tuple[object, str]:
+    """The CLIP scorer for `spec` (a folder or "name:pretrained"), loaded once per device.
+
+    Returns (scorer, note). A named CLIP whose weights cannot be fetched (no network, empty
+    cache) is replaced by the built-in tiny CLIP, and the note says so: its scores are rough
+    outside the digits it was trained on.
+    """
+    with _SCORERS_LOCK:
+        if (spec, device) not in _SCORERS:
+            if Path(spec).is_dir():
+                _SCORERS[(spec, device)] = (ClipScorer.load(spec, device=device), "")
+            else:
+                import open_clip
+
+                name, _, tag = spec.partition(":")
+                try:  # fetch (or find in the cache) first: it fails fast, building the model does not
+                    open_clip.pretrained.download_pretrained(open_clip.pretrained.get_pretrained_cfg(name, tag))
+                    _SCORERS[(spec, device)] = (ClipScorer.load(name, pretrained=tag, device=device), "")
+                except Exception as exc:
+                    log.warning("CLIP scorer %s unavailable (%s); using the built-in one", spec, exc)
+                    note = (f"The CLIP scorer {spec} could not be loaded (offline?), so memorisation is scored "
+                            "with the built-in tiny CLIP, trained on digits: treat the scores as rough.")
+                    _SCORERS[(spec, device)] = (ClipScorer.load("builtin", device=device), note)
+        return _SCORERS[(spec, device)]
+
 
 def max_cosine_similarity(features, reference_features) -> np.ndarray:
     """For each row of ``features``, its highest cosine similarity to any reference row."""

@@ -55,9 +55,15 @@ class ModelInfo:
     @property
     def cache_key(self) -> str:
         """Changes whenever the weights on disk change (for the "before" sample cache)."""
-        weights = sorted(self.path.rglob("*.safetensors")) or [self.path / "model_index.json"]
-        stamp = "|".join(f"{p}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in weights)
-        return hashlib.sha256(stamp.encode()).hexdigest()[:16]
+        return weights_stamp(self.path)
+
+
+def weights_stamp(folder: Path) -> str:
+    """A short digest of a model folder's weight files (names, times, sizes): it changes whenever
+    the weights on disk change, so cached samples of the model are then drawn again."""
+    weights = sorted(folder.rglob("*.safetensors")) or [folder / "model_index.json"]
+    stamp = "|".join(f"{p}:{p.stat().st_mtime_ns}:{p.stat().st_size}" for p in weights)
+    return hashlib.sha256(stamp.encode()).hexdigest()[:16]
 
 
 def open_model(spec: str, data_folder: str = "") -> ModelInfo:
@@ -108,6 +114,16 @@ def companion_folder(model_path: Path) -> Optional[Path]:
         if source.is_dir() and source.resolve() != model_path.resolve():
             return companion_folder(source.resolve())
     return None
+
+
+def oracle_folder(model_path: Path) -> Optional[Path]:
+    """The oracle beside a model's companions (`oracle/`: the same network retrained without the
+    forget images, as assets/builtin/oracle is), when there is one and it is not the model itself."""
+    home = companion_folder(model_path)
+    oracle = None if home is None else home / "oracle"
+    if oracle is None or not (oracle / "model_index.json").is_file() or oracle.resolve() == model_path.resolve():
+        return None
+    return oracle
 
 
 def load_builtin_training_data(spec: dict) -> TrainingData:

@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .app_evaluation import EvalSettings
+from .evaluation import EvalSettings
 from .backends import load_backend
 from .backends.base import Backend
 from .engine import resolve_device
 from .forget_set import ForgetSet, build_forget_set, gallery_items
 from .images import uint8_to_tensor
 from .likelihood import LikelihoodRow, NLLSettings, model_likelihoods
-from .models import ModelInfo, TrainingData, companion_folder
+from .models import ModelInfo, TrainingData, oracle_folder
 from .objectives import retrack_targets
 from .sampling import Samples, display_grid, pixel_l2, renoise, renoise_grid, sample
 
@@ -76,9 +76,8 @@ def teaching_models(model: ModelInfo, after: str) -> list[tuple[str, Path]]:
             raise ValueError(f"{after.strip()}: not a model folder (no model_index.json); run an unlearning job first "
                              "or type the folder of an unlearned model")
         models.append(("after", folder))
-    home = companion_folder(model.path)
-    oracle = None if home is None else home / "oracle"
-    if oracle is not None and (oracle / "model_index.json").is_file() and oracle.resolve() != model.path.resolve():
+    oracle = oracle_folder(model.path)
+    if oracle is not None:
         models.append(("oracle", oracle))
     return models
 

@@ -72,6 +72,35 @@ def test_forget_set_drops_every_copy_from_the_retain_set():
         build_forget_set(model, [99])
 
 
+def test_live_curve_is_evaluated_every_few_steps_and_at_the_last_one():
+    from retrack.evaluation import EvalSettings
+
+    every_ten = EvalSettings(live_every=10)
+    assert [step for step in range(1, 26) if every_ten.live_at(step, 25)] == [10, 20, 25]
+    assert not any(EvalSettings(live_every=0).live_at(step, 25) for step in range(1, 26))
+    live = every_ten.live_sampler_settings()
+    assert (live.n_samples, live.steps, live.seed) == (32, 10, 0)  # the same seeds as the full set's first 32
+    with pytest.raises(ValueError, match="number of samples"):
+        EvalSettings(n_samples=0).validate()
+    with pytest.raises(ValueError, match="live curve"):
+        EvalSettings(live_every=-1).validate()
+
+
+def test_only_a_model_with_an_oracle_opens_with_its_most_copied_item_picked(tmp_path):
+    from retrack.forget_set import default_picks
+
+    data = _toy_data()
+    model = ModelInfo(spec="toy", path=tmp_path, family="pixel", image_size=4, channels=1, preset="mnist",
+                      training_data=data, scorer="builtin")
+    assert default_picks(model) == ""  # no oracle beside it: nothing is picked for the user
+    if (MODEL / "model_index.json").is_file():
+        from retrack.models import open_model
+
+        builtin = open_model(str(MODEL))
+        assert default_picks(builtin) == f"#{gallery_items(builtin.training_data, limit=1)[0].index}"
+        assert "t-shirt" in builtin.training_data.names[int(default_picks(builtin)[1:])]
+
+
 def test_device_queue_is_first_come_first_served_and_cancellable():
     queue, order = DeviceQueue(), []
     first, second, third = object(), object(), object()
@@ -127,12 +156,13 @@ def client(server):
 
 
 def tshirt_pick(client) -> str:
-    """The gallery's T-shirt item, as the page would write it into the picks box."""
+    """The gallery's T-shirt item: the model opens with it already in the picks box."""
     loaded = client.predict(str(MODEL), "", api_name="/load_model")
     captions = [tile["caption"] for tile in loaded[1]]
     shirt = next(caption for caption in captions if "t-shirt" in caption)
     assert "copies" in shirt, "the T-shirt is copied many times and shown first"
-    return re.match(r"#\d+", shirt).group(0)
+    assert loaded[2] == re.match(r"#\d+", shirt).group(0), "the built-in model opens with its T-shirt picked"
+    return loaded[2]
 
 
 def run_args(picks: str, steps: int = 3, uploads: list | None = None, lr: float = 5e-5) -> list:
@@ -150,8 +180,9 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     job = client.submit(*run_args(tshirt_pick(client), steps=4), api_name="/unlearn")
     progress = follow(job)
     outputs = job.outputs()
-    status, plot, before, after, metrics, nearest, archive, note, trajectory = merged(outputs)
+    status, plot, before, after, metrics, nearest, archive, note, trajectory, live, oracle = merged(outputs)
     assert status.startswith("Done"), status
+    assert re.search(r"\(\+ \d+ s for the live memorisation curve\)", status), status
     assert progress, "progress updates reach the client while the job runs"
 
     # The loss plot grew step by step: one update per training step, three terms each.
@@ -160,9 +191,19 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     term = plot["columns"].index("term")
     assert {row[term] for row in plot["data"]} == {"total", "unlearning term", "retain term"}
 
-    for picture in (before, after, nearest, trajectory):
+    # The live memorisation curve (quick mode: every step) gained a point per step, step 0 first,
+    # before the run ended, each read against the oracle for both measures.
+    points = [len(update[9]["data"]) for update in outputs if isinstance(update[9], dict) and "data" in update[9]]
+    assert points == sorted(points) and {2, 4, 6, 8, 10} <= set(points), points
+    step, measure = live["columns"].index("step"), live["columns"].index("measure")
+    assert sorted({row[step] for row in live["data"]}) == [0, 1, 2, 3, 4]
+    assert {row[measure] for row in live["data"]} == {"pixel L2", "CLIP"}
+
+    for picture in (before, after, nearest, trajectory, oracle):
         assert Path(picture).is_file()
-    assert "memorisation rate" in metrics and re.search(r"\d+% \(\d+ of 4\)", metrics)
+    # The oracle's column: its own rate and each model's excess over it.
+    assert "| | before | after | oracle |" in metrics and "excess over the oracle" in metrics
+    assert "memorisation rate" in metrics and len(re.findall(r"\d+% \(\d+ of 4\)", metrics)) == 3
     assert "Seed" in note
     with zipfile.ZipFile(archive) as bundle:
         names = bundle.namelist()

@@ -1,6 +1,7 @@
-"""The app in a real browser: headless Chromium opens the page, picks the T-shirt in the gallery,
-starts a short run, waits for the after-grid, checks the live loss plot drew points, and saves a
-screenshot (tmp folder; also to $RETRACK_SCREENSHOT when set, e.g. docs/app.png).
+"""The app in a real browser: headless Chromium opens the page, which opens with the built-in
+model's T-shirt picked, starts a short run, watches the live memorisation curve gain points while
+the run goes on, waits for the after-grid (and the oracle's), checks the live loss plot drew
+points, and saves a screenshot (tmp folder; also to $RETRACK_SCREENSHOT when set, e.g. docs/app.png).
 
 The server is `python app.py --quick` in a subprocess, exactly as a user starts it. Needs
 /usr/bin/chromium (`apt-get install -y chromium`; CI installs it) and is skipped without it.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -59,20 +61,35 @@ def open_page(app_url: str) -> Iterator:
 def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
     full = bool(os.environ.get("RETRACK_BROWSER_FULL"))
     with open_page(app_url) as page:
-        # The gallery shows the memorised T-shirt first; clicking it fills the picks box.
+        # The page opens with the memorised T-shirt (the gallery's first tile) already picked.
         page.wait_for_selector("#training-gallery img", timeout=120_000)
-        page.locator("#training-gallery button.thumbnail-item", has_text="t-shirt").first.click()
+        shirt = page.locator("#training-gallery button.thumbnail-item").first.inner_text()
+        assert "t-shirt" in shirt and "copies" in shirt, shirt
         picks = page.locator("#forget-picks textarea, #forget-picks input").first
-        page.wait_for_function("el => /#\\d+/.test(el.value)", arg=picks.element_handle(), timeout=30_000)
+        page.wait_for_function("el => /#\\d+/.test(el.value)", arg=picks.element_handle(), timeout=60_000)
+        assert picks.input_value() == shirt.split()[0], (picks.input_value(), shirt)  # caption: "#<index> t-shirt"
         page.wait_for_selector("#forget-preview img", timeout=30_000)
         assert "1 image(s) to forget" in page.locator("#forget-summary").inner_text()
 
         steps = int(float(page.locator("#steps input").input_value()))
         page.click("#run")
-        # The loss plot fills in while the job runs: three curves (total, unlearning, retain).
+        # The live memorisation curve gains points while the job trains (one per evaluation,
+        # step 0 first), before the after-grid arrives; two measures (pixel L2, CLIP).
+        live = page.locator("#memorisation-plot [aria-roledescription='line mark']")
+        seen, deadline = [], time.monotonic() + (900 if full else 240)
+        while page.locator("#after-grid img").count() == 0:
+            assert time.monotonic() < deadline, f"the run did not finish; live curve sizes seen {seen}"
+            sizes = [line.get_attribute("d").count("L") + 1 for line in live.all()]
+            if sizes and (not seen or sizes != seen[-1]):
+                seen.append(sizes)
+            page.wait_for_timeout(100)
+        growing = [max(sizes) for sizes in seen]
+        assert len(set(growing)) >= 2 and growing == sorted(growing), seen
+        assert growing[0] < steps + 1, seen  # a partial curve was drawn before the run ended
+        # The loss plot filled in while the job ran: three curves (total, unlearning, retain).
         lines = page.locator("#loss-plot [aria-roledescription='line mark']")
-        lines.first.wait_for(timeout=(900_000 if full else 180_000))
-        page.wait_for_selector("#after-grid img", timeout=(900_000 if full else 180_000))
+        lines.first.wait_for(timeout=60_000)
+        page.wait_for_selector("#oracle-grid img", timeout=60_000)
         page.wait_for_selector("#trajectory img", timeout=60_000)
         status = page.locator("#status textarea").input_value()
         assert status.startswith("Done"), status
@@ -82,6 +99,10 @@ def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
         for line in lines.all():
             assert line.get_attribute("d").count("L") + 1 == steps
         assert "memorisation rate" in page.locator("#metrics").inner_text()
+        assert "excess over the oracle" in page.locator("#metrics").inner_text()
+        # The live curve ends with one point per evaluation: steps 0..steps in quick mode.
+        if not full:
+            assert [line.get_attribute("d").count("L") + 1 for line in live.all()] == [steps + 1] * 2
         # The teaching views now compare against the model this run saved.
         after = page.locator("#teach-after-model textarea, #teach-after-model input").first
         page.wait_for_function("el => /-retrack$/.test(el.value)", arg=after.element_handle(), timeout=30_000)

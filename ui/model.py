@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import gradio as gr
 
-from retrack.forget_set import gallery_items
+from retrack.forget_set import default_picks, gallery_items
 from retrack.models import ModelInfo
 
 from .common import USER_ERRORS, Page, cached_model, readable_errors, tiles
@@ -36,8 +36,9 @@ def model_summary(model: ModelInfo) -> str:
 
 def model_view(page: Page, spec: str, data_folder: str, picks: str = "") -> tuple:
     """The outputs of opening a model (ModelSection.view_outputs, in that order): summary,
-    gallery tiles, the training index of each tile, the picks, the text-to-image group's
-    visibility, then the family defaults of FAMILY_FIELDS. A model that cannot be opened shows
+    gallery tiles, the training index of each tile, the picks (`picks`, else the model's
+    `default_picks`: the built-in model's T-shirt), the text-to-image group's visibility, then the
+    family defaults of FAMILY_FIELDS. A model that cannot be opened shows
     why and leaves the run form as it is."""
     try:
         model = page.open_model(spec, data_folder)
@@ -46,7 +47,7 @@ def model_view(page: Page, spec: str, data_folder: str, picks: str = "") -> tupl
     items = gallery_items(model.training_data) if model.training_data is not None else []
     defaults = page.settings.run_defaults(model.preset)
     prompts = gr.update(visible=model.family == "latent")
-    return ((model_summary(model), tiles(items), [item.index for item in items], picks, prompts)
+    return ((model_summary(model), tiles(items), [item.index for item in items], picks or default_picks(model), prompts)
             + tuple(defaults[name] for name in FAMILY_FIELDS))
 
 

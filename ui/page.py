@@ -34,7 +34,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         model = ModelSection(page)
         forget = ForgetSection(page, first)
         run = RunSection(page, first)
-        results = ResultsSection()
+        results = ResultsSection(first["grid_samples"])
         teaching = TeachingSection(page)
 
         # What opening a model sets (ui.model.model_view): its summary, the gallery, the picks,

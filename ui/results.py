@@ -2,7 +2,8 @@
 
 `render` turns one `JobState` into the outputs of the /unlearn event, in the order
 `JOB_OUTPUTS` names: status, loss plot (`loss_frame`), before and after grids, the metrics table
-(`metrics_table`), the neighbour picture, the zip, the teaching note and the trajectory.
+(`metrics_table`), the neighbour picture, the zip, the teaching note, the trajectory, the live
+memorisation curve (`live_frame`) and the oracle's grid.
 """
 
 from __future__ import annotations
@@ -17,18 +18,24 @@ from retrack.jobs import JobState
 
 # The outputs of /unlearn, in order: `render` returns one value for each.
 JOB_OUTPUTS = ("status", "loss_plot", "before_grid", "after_grid", "metrics", "neighbours", "download",
-               "teaching_note", "trajectory")
+               "teaching_note", "trajectory", "memorisation_plot", "oracle_grid")
 
 
 class ResultsSection:
-    """Before/after grids from the same seeds, their scores, the neighbours ReTrack uses, the zip."""
+    """Before/after grids from the same seeds (and the oracle's, when the model has one), their
+    scores, the neighbours ReTrack uses, the zip."""
 
-    def __init__(self) -> None:
+    def __init__(self, grid_samples: int) -> None:
         gr.Markdown("## 5 · Results\nSamples from the same seeds, captioned *seed: memorisation score*; "
-                    "red frames mark samples above the threshold (they reproduce a forget image).")
+                    "red frames mark samples above the threshold (they reproduce a forget image). The grids show "
+                    f"the first {grid_samples} samples (seeds s, s+1, ...); the rates in the table are measured on "
+                    "all of them.")
         with gr.Row():
             self.before_grid = gr.Image(label="Before", elem_id="before-grid", format="png", interactive=False)
             self.after_grid = gr.Image(label="After", elem_id="after-grid", format="png", interactive=False)
+            self.oracle_grid = gr.Image(label="Oracle: the same network retrained without the forget image "
+                                              "(built-in model), same seeds", elem_id="oracle-grid", format="png",
+                                        interactive=False)
         self.metrics = gr.Markdown(elem_id="metrics")
         self.neighbours = gr.Image(label="Where the trajectories go: each forget image (red), then its nearest "
                                          "retain images; w = ReTrack weight, d = distance", elem_id="neighbours",
@@ -45,16 +52,18 @@ def render(state: JobState, sent: dict[str, object]) -> tuple:
         sent[name] = value
         return make()
 
-    before = once("before", state.before, lambda: state.before.grid())
-    after = once("after", state.after, lambda: state.after.grid())
+    before = once("before", state.before, lambda: state.before.grid(limit=state.grid_samples))
+    after = once("after", state.after, lambda: state.after.grid(limit=state.grid_samples))
+    oracle = once("oracle", state.oracle, lambda: state.oracle.grid(limit=state.grid_samples))
     nearest = once("neighbours", state.neighbours, lambda: state.neighbours)
     archive = once("archive", state.archive, lambda: str(state.archive))
     picture = once("trajectory", state.trajectory, lambda: state.trajectory)
     table = metrics_table(state) or gr.skip()
     losses = loss_frame(state) if state.losses else gr.skip()  # an empty frame would fix the axes as categories
+    live = live_frame(state) if state.live else gr.skip()
     shown = dict(status=state.message, loss_plot=losses, before_grid=before, after_grid=after, metrics=table,
                  neighbours=nearest, download=archive, teaching_note=state.teaching_note or gr.skip(),
-                 trajectory=picture)
+                 trajectory=picture, memorisation_plot=live, oracle_grid=oracle)
     return tuple(shown[name] for name in JOB_OUTPUTS)
 
 
@@ -79,9 +88,28 @@ def loss_frame(state: JobState) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["step", "log_loss", "term", "loss"])
 
 
+# The live curve's measures, as the evaluation names them, and as the plot's legend does.
+LIVE_MEASURES = {"l2": "pixel L2", "clip": "CLIP"}
+
+
+def live_frame(state: JobState) -> pd.DataFrame:
+    """The live memorisation curve in long form, one row per (step, measure): the excess over the
+    oracle in percent where the model has one (0: no more near-copies than a model that never saw
+    the image), else the copy rate in percent."""
+    rows = []
+    for point in state.live:
+        for name, label in LIVE_MEASURES.items():
+            if name in point.rates:
+                value = point.excess.get(name, point.rates[name])
+                rows.append(dict(step=point.step, percent=100 * value, measure=label, rate=point.rates[name],
+                                 seconds=point.seconds))
+    return pd.DataFrame(rows, columns=["step", "percent", "measure", "rate", "seconds"])
+
+
 def metrics_table(state: JobState) -> str:
-    """Before/after memorisation rate and quality as a Markdown table."""
-    before, after = state.before, state.after
+    """Before/after (and the oracle's) memorisation rates and quality as a Markdown table; with an
+    oracle, each rate is also read against it (the excess over the oracle)."""
+    before, after, oracle = state.before, state.after, state.oracle
     if before is None:
         return ""
 
@@ -89,18 +117,30 @@ def metrics_table(state: JobState) -> str:
         return "…" if evaluation is None else \
             f"{evaluation.rate:.0%} ({int(evaluation.flags.sum())} of {len(evaluation.scores)})"
 
+    def pixel_rate(evaluation) -> str:
+        return "…" if evaluation is None else f"{evaluation.rates().get('l2', float('nan')):.0%}"
+
+    def excess(evaluation) -> str:
+        return "…" if evaluation is None else \
+            ", ".join(f"{LIVE_MEASURES[name]} {value:+.1%}" for name, value in evaluation.excess().items()) or "–"
+
     def quality(evaluation) -> str:
         return "…" if evaluation is None or evaluation.quality is None else f"{evaluation.quality:.3g}"
 
     def top(evaluation) -> str:
         return "…" if evaluation is None else f"{evaluation.scores.max():.2f}"
 
+    columns = [before, after] + ([oracle] if oracle is not None else [])
+
+    def row(title: str, cell: Callable) -> str:
+        return f"| {title} | " + " | ".join(cell(evaluation) for evaluation in columns) + " |"
+
+    rows = [row(f"memorisation rate (samples scoring above {before.threshold:.2f})", rate),
+            row("pixel-L2 copies (within the calibrated distance of a forget image)", pixel_rate)]
+    if oracle is not None:
+        rows.append(row("excess over the oracle (share closer than the oracle's 1 % quantile, minus 1 %)", excess))
+    rows += [row("highest memorisation score", top),
+             row("quality: CLIP Fréchet distance to the retain set (lower is better)", quality)]
     note = f"\n\n*{state.scorer_note}*" if state.scorer_note else ""
-    return "\n".join([
-        "| | before | after |", "|---|---|---|",
-        f"| memorisation rate (samples scoring above {before.threshold:.2f}) | {rate(before)} | {rate(after)} |",
-        f"| highest memorisation score | {top(before)} | {top(after)} |",
-        f"| quality: CLIP Fréchet distance to the retain set (lower is better) | {quality(before)} | {quality(after)} |",
-    ]) + note
-
-
+    header = "| | before | after |" + (" oracle |" if oracle is not None else "")
+    return "\n".join([header, "|---" * (len(columns) + 1) + "|", *rows]) + note

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import gradio as gr
 
-from retrack.app_evaluation import EvalSettings
+from retrack.evaluation import MAX_EVAL_SAMPLES, EvalSettings
 from retrack.engine import UnlearnConfig
 from retrack.forget_set import build_forget_set, parse_picks
 from retrack.jobs import Job
@@ -62,11 +62,17 @@ class RunForm:
                              betas=(number(self.beta1), number(self.beta2)), eta=number(self.eta),
                              siss_c=number(self.siss_c), seed=whole(self.seed))
 
-    def evaluation(self, family: str) -> EvalSettings:
-        """How before and after are compared; the prompt only for text-to-image models."""
+    def evaluation(self, family: str, defaults: dict) -> EvalSettings:
+        """How before and after are compared; the prompt only for text-to-image models. The grid
+        size and the live curve's settings are the server's (`defaults`: AppSettings.run_defaults)."""
         return EvalSettings(n_samples=whole(self.n_samples), seed=whole(self.eval_seed),
                             sampling_steps=whole(self.sampling_steps), trajectory_points=whole(self.trajectory_points),
-                            prompt=self.prompt if family == "latent" else "", guidance=number(self.guidance))
+                            prompt=self.prompt if family == "latent" else "", guidance=number(self.guidance),
+                            **{name: defaults[name] for name in LIVE_DEFAULTS})
+
+
+# Evaluation settings the page does not ask for: the server's defaults (AppSettings.run_defaults).
+LIVE_DEFAULTS = ("grid_samples", "live_every", "live_samples", "live_steps")
 
 
 def method_settings(first: dict, limits: Optional[SpaceLimits]) -> dict[str, gr.components.Component]:
@@ -106,8 +112,10 @@ def method_settings(first: dict, limits: Optional[SpaceLimits]) -> dict[str, gr.
                                            info="SISS: norm the forget gradient is rescaled to.")
         with gr.Row():
             controls["n_samples"] = gr.Number(first["n_samples"], label="Samples to compare", elem_id="n-samples",
-                                              precision=0, minimum=1, maximum=limits.samples if limits else 256,
-                                              info="Drawn before and after from the same seeds.")
+                                              precision=0, minimum=1,
+                                              maximum=limits.samples if limits else MAX_EVAL_SAMPLES,
+                                              info="Drawn before and after from the same seeds; the memorisation "
+                                                   "rate is measured on all of them.")
             controls["sampling_steps"] = gr.Number(first["sampling_steps"], label="DDIM steps",
                                                    elem_id="sampling-steps", precision=0, minimum=1,
                                                    maximum=limits.sampling_steps if limits else None,
@@ -139,12 +147,22 @@ class RunSection:
             self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
         self.status = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=2)
         # The colours are named in the label: gradio draws the legend below the chart and clips it.
-        self.loss_plot = gr.LinePlot(x="step", y="log_loss", color="term", elem_id="loss-plot", x_title="step",
-                                     label="Loss per step, log scale: total (black), unlearning term (orange), "
-                                           "retain term (blue)", y_title="log10(1 + loss)", height=300,
-                                     color_map={"total": "#111827", "unlearning term": "#f97316",
-                                                "retain term": "#2563eb"},
-                                     tooltip=["step", "term", "loss"])
+        live = page.settings.run_defaults("mnist")
+        with gr.Row():
+            self.loss_plot = gr.LinePlot(x="step", y="log_loss", color="term", elem_id="loss-plot", x_title="step",
+                                         label="Loss per step, log scale: total (black), unlearning term (orange), "
+                                               "retain term (blue)", y_title="log10(1 + loss)", height=300,
+                                         color_map={"total": "#111827", "unlearning term": "#f97316",
+                                                    "retain term": "#2563eb"},
+                                         tooltip=["step", "term", "loss"])
+            self.memorisation_plot = gr.LinePlot(
+                x="step", y="percent", color="measure", elem_id="memorisation-plot", x_title="step",
+                y_title="% of samples", height=300, color_map={"pixel L2": "#111827", "CLIP": "#f97316"},
+                tooltip=["step", "measure", "percent", "rate", "seconds"],
+                label=f"Memorisation while training: {live['live_samples']} fixed samples ({live['live_steps']} "
+                      f"sampler steps) every {live['live_every']} steps; the excess over the oracle where the model "
+                      "has one (0: no more near-copies than a model that never saw the image), else the copy rate; "
+                      "pixel L2 (black), CLIP (orange)")
 
     def run(self, request: gr.Request, progress=gr.Progress(), *values) -> Iterator[tuple]:
         """Start a job with the RunForm `values` and stream its state to the page until it ends
@@ -153,7 +171,8 @@ class RunSection:
         try:
             model = self.page.open_model(form.model, form.data_folder)
             forget = build_forget_set(model, parse_picks(form.picks), form.uploads or [])
-            config, evaluation = form.unlearn_config(), form.evaluation(model.family)
+            config = form.unlearn_config()
+            evaluation = form.evaluation(model.family, self.page.settings.run_defaults(model.preset))
             if self.page.settings.limits is not None:
                 self.page.settings.limits.check(config, evaluation.n_samples, evaluation.sampling_steps)
             job = Job(model, forget, config, evaluation, self.page.settings.output_dir,

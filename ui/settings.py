@@ -21,7 +21,11 @@ except ImportError:
 
 from retrack import paths  # noqa: E402
 from retrack.engine import UnlearnConfig, check_range, resolve_device  # noqa: E402
+from retrack.evaluation import EvalSettings  # noqa: E402
 from retrack.split import default_generations  # noqa: E402
+
+
+EVAL = EvalSettings()  # the evaluation's defaults
 
 
 @dataclass(frozen=True)
@@ -48,9 +52,9 @@ class SpaceLimits:
     def for_hardware(cls, on_gpu: bool) -> "SpaceLimits":
         """The limits for a Space with a GPU (ZeroGPU or a dedicated one) or on CPU hardware."""
         if on_gpu:
-            return cls(queue_size=32, concurrent_runs=4, steps=200, rows_per_step=256, samples=64,
+            return cls(queue_size=32, concurrent_runs=4, steps=200, rows_per_step=256, samples=1024,
                        sampling_steps=50, generations=32, gpu_seconds=120, generate_gpu_seconds=60)
-        return cls(queue_size=16, concurrent_runs=2, steps=60, rows_per_step=128, samples=16, sampling_steps=25,
+        return cls(queue_size=16, concurrent_runs=2, steps=60, rows_per_step=128, samples=256, sampling_steps=25,
                    generations=8, gpu_seconds=120, generate_gpu_seconds=60)
 
     def check(self, config: UnlearnConfig, n_samples: int, sampling_steps: int) -> None:
@@ -116,22 +120,25 @@ class AppSettings:
 
     def run_defaults(self, preset: str) -> dict:
         """Training and evaluation defaults for a model family: the published training settings;
-        fewer eval samples and DDIM steps than a paper would use, so a CPU run stays short.
+        the evaluation's defaults (`EvalSettings`: 256 samples, the first 64 in the grids, a live
+        curve of 32 samples every 10 steps; fewer DDIM steps than a paper would use, so a CPU run
+        stays short; benchmarks/results/app_cost.md has the cost).
         Text-to-image splits start from the paper's 128 generations on a GPU, 16 on a CPU."""
         training = UnlearnConfig.preset(preset)  # the one source of training defaults
         device = resolve_device("auto")
-        on_gpu = device != "cpu"
         defaults = dict(k=training.k, lam=training.lam, lr=training.lr, steps=training.steps,
                         batch_size=training.batch_size, grad_accum=training.grad_accum,
                         weight_decay=training.weight_decay, beta1=training.betas[0], beta2=training.betas[1],
                         eta=training.eta, siss_c=training.siss_c, seed=training.seed,
-                        n_samples=32 if on_gpu else 16, sampling_steps=25, trajectory_points=6,
+                        n_samples=EVAL.n_samples, grid_samples=EVAL.grid_samples, sampling_steps=EVAL.sampling_steps,
+                        trajectory_points=EVAL.trajectory_points, live_every=EVAL.live_every,
+                        live_samples=EVAL.live_samples, live_steps=EVAL.live_steps,
                         n_generations=default_generations(device),
                         # text-to-image: before/after use other seeds than the split's generations (0, 1, ...)
                         eval_seed=1000 if preset == "sd" else 0)
         if self.quick:
-            defaults.update(steps=3, batch_size=8, grad_accum=1, n_samples=4, sampling_steps=5, trajectory_points=4,
-                            n_generations=8)
+            defaults.update(steps=3, batch_size=8, grad_accum=1, n_samples=4, grid_samples=4, sampling_steps=5,
+                            trajectory_points=4, n_generations=8, live_every=1, live_samples=4, live_steps=2)
         if self.limits is not None:  # the published settings fit; only evaluation may need trimming
             defaults.update(n_samples=min(defaults["n_samples"], self.limits.samples),
                             sampling_steps=min(defaults["sampling_steps"], self.limits.sampling_steps),

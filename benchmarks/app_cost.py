@@ -1,0 +1,141 @@
+"""What an app job costs, phase by phase: the `--quick` settings against the defaults.
+
+    python benchmarks/app_cost.py                 # quick and default jobs, each twice
+    python benchmarks/app_cost.py --modes quick   # only the quick one (seconds)
+
+Each mode runs a real `retrack.jobs.Job` on the built-in model with the T-shirt picked, exactly as
+the page starts it (`AppSettings.run_defaults`: the published ReTrack settings, 50 steps of 128
+rows, and the evaluation's defaults: 256 samples with 25 DDIM steps, the first 64 in the grids,
+the live memorisation curve on 32 fixed samples with 10 DDIM steps every 10 steps; `--quick`: 3
+steps of 8 rows, 4 samples with 5 steps, a live point every step on 4 samples with 2 steps).
+Each mode runs twice in one process: the first job draws the model's "before" samples and the
+oracle's samples (cold caches), the second finds them cached, as every later job of the server
+does. A phase's seconds are the wall time between the job's phase changes; "live curve" is the
+time the live memorisation curve took inside training (the training seconds reported exclude it).
+
+The machine is shared (load average recorded at the start and the end): read the ratios, e.g.
+the live curve's share of the training phase, more than the seconds.
+
+Writes benchmarks/results/app_cost.json and app_cost.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from retrack.atomic import write_file_atomically  # noqa: E402
+from retrack.bench import _load_average, machine  # noqa: E402
+from retrack.engine import UnlearnConfig  # noqa: E402
+from retrack.evaluation import EvalSettings  # noqa: E402
+from retrack.forget_set import build_forget_set, default_picks, parse_picks  # noqa: E402
+from retrack.jobs import Job  # noqa: E402
+from retrack.models import open_model  # noqa: E402
+from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from ui.settings import AppSettings  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PHASES = ("loading", "before", "training", "saving", "after")
+
+
+def job_settings(quick: bool) -> tuple[UnlearnConfig, EvalSettings]:
+    """The training and evaluation settings the page starts a job with, in this mode."""
+    d = AppSettings(quick=quick).run_defaults("mnist")
+    config = UnlearnConfig.preset("mnist", method="retrack", steps=d["steps"], batch_size=d["batch_size"],
+                                  grad_accum=d["grad_accum"], seed=d["seed"])
+    evaluation = EvalSettings(n_samples=d["n_samples"], grid_samples=d["grid_samples"], seed=d["eval_seed"],
+                              sampling_steps=d["sampling_steps"], trajectory_points=d["trajectory_points"],
+                              live_every=d["live_every"], live_samples=d["live_samples"], live_steps=d["live_steps"])
+    return config, evaluation
+
+
+def timed_job(model, forget, config: UnlearnConfig, evaluation: EvalSettings, out: Path) -> dict:
+    """Run one job; the wall seconds of each phase, the live curve's seconds and the job's figures."""
+    started = time.perf_counter()
+    marks: dict[str, float] = {}
+    job = Job(model, forget, config, evaluation, out).start()
+    for state in job.watch():
+        marks.setdefault(state.phase, time.perf_counter() - started)
+    if state.phase != "done":
+        raise RuntimeError(f"the job ended {state.phase}: {state.message}")
+    total = time.perf_counter() - started
+    order = [p for p in PHASES if p in marks] + ["done"]
+    seconds = {phase: round(marks[following] - marks[phase], 2) for phase, following in zip(order, order[1:])}
+    seconds["live curve (inside training)"] = round(state.live_seconds, 2)
+    seconds["training without the live curve"] = round(seconds["training"] - state.live_seconds, 2)
+    return {"seconds": seconds, "total": round(total, 2), "live_points": len(state.live),
+            "before_rate": state.before.rate, "after_rate": state.after.rate,
+            "oracle_rate": None if state.oracle is None else state.oracle.rate, "message": state.message}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modes", default="quick,default", help="comma-separated: quick, default")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    model = open_model(str(BUILTIN_MODEL))
+    forget = build_forget_set(model, parse_picks(default_picks(model)))
+    data = {"meta": {"device": machine("cpu"), "load_average_at_start": _load_average(),
+                     "command": "python benchmarks/app_cost.py --modes " + args.modes,
+                     "how": "one process; real jobs on the built-in model, T-shirt picked; each mode twice "
+                            "(first: cold sample caches, second: cached before/oracle samples)"},
+            "modes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in args.modes.split(","):
+            config, evaluation = job_settings(quick=mode == "quick")
+            runs = []
+            data["modes"][mode] = {"settings": {"steps": config.steps, "batch_size": config.batch_size}
+                                   | vars(evaluation), "runs": runs}
+            for attempt in ("first job (cold caches)", "second job (cached)"):
+                runs.append({"job": attempt} | timed_job(model, forget, config, evaluation, Path(tmp)))
+                print(mode, runs[-1], flush=True)
+                data["meta"].update(load_average_at_end=_load_average(),
+                                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+                write_results(data, args.out)  # after every job: a stopped run keeps what it measured
+    return data
+
+
+def write_results(data: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_file_atomically(out / "app_cost.json", json.dumps(data, indent=2) + "\n")
+    write_file_atomically(out / "app_cost.md", table(data))
+
+
+def table(data: dict) -> str:
+    """The phases side by side, one column per job, and the live curve's share of training."""
+    meta = data["meta"]
+    columns = [(mode, run) for mode, entry in data["modes"].items() for run in entry["runs"]]
+    phases = list(columns[0][1]["seconds"])
+    lines = [f"App job cost on {meta['device']} (load average {meta['load_average_at_start']} at the start, "
+             f"{meta.get('load_average_at_end')} at the end): `{meta['command']}`; {meta['how']}.", ""]
+    for mode, entry in data["modes"].items():
+        s = entry["settings"]
+        lines.append(f"- **{mode}**: {s['steps']} ReTrack steps of {s['batch_size']} rows; {s['n_samples']} samples "
+                     f"before/after with {s['sampling_steps']} DDIM steps (grids: first {s['grid_samples']}); live "
+                     f"curve every {s['live_every']} steps on {s['live_samples']} samples with {s['live_steps']} "
+                     "DDIM steps.")
+    lines += ["", "| seconds | " + " | ".join(f"{mode}: {run['job']}" for mode, run in columns) + " |",
+              "|---" * (len(columns) + 1) + "|"]
+    for phase in phases:
+        lines.append(f"| {phase} | " + " | ".join(f"{run['seconds'].get(phase, 0):.1f}" for _, run in columns) + " |")
+    lines.append("| whole job | " + " | ".join(f"{run['total']:.1f}" for _, run in columns) + " |")
+    lines.append("| live curve / training without it | " + " | ".join(f"{live_share(run):.0%}" for _, run in columns) + " |")
+    lines.append("| CLIP copy rate before → after (oracle) | " + " | ".join(
+        f"{run['before_rate']:.0%} → {run['after_rate']:.0%} ({run['oracle_rate']:.0%})"
+        for _, run in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def live_share(run: dict) -> float:
+    """What the live curve adds to the training phase, as a share of training without it."""
+    seconds = run["seconds"]
+    return seconds["live curve (inside training)"] / max(seconds["training without the live curve"], 1e-9)
+
+
+if __name__ == "__main__":
+    main()
