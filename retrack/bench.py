@@ -13,7 +13,9 @@ model then draws the same seeded samples, measured by `retrack.evaluation` (the 
   the retain set, an Inception-style score from zero-shot CLIP digit classes, and on the
   classifier the confident-digit rate, the digit Inception Score and its Fréchet distance.
 It writes results.json, results.md (table), tradeoff.png (memorisation vs quality, one point per
-method) and one sample grid per method. All timings come from this one process.
+method), one grid of the first 64 samples per method (samples-<method>.png) and one of the 16
+samples nearest the T-shirt (nearest-<method>.png, captioned with their pixel-L2 distances). All
+timings come from this one process.
 
     python -m retrack bench --nll --methods pretrained,retrack,oracle
 
@@ -154,10 +156,17 @@ def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) 
                   sampling_seconds=sampling_seconds, **extra)
         rows.append(row)
         save_grid(result.samples.images[:64], out / f"samples-{method}.png", ncol=16)
+        save_nearest_grid(result, out / f"nearest-{method}.png")
         log(f"{method}: T-shirt rates {_percentages(row.rates)}, excess over the oracle {_percentages(row.excess)}, "
             f"quality {_figures(row.quality)} ({sampling_seconds:.1f} s sampling)")
     write_results(rows, settings, out, time.perf_counter() - started, device, reference)
     return rows
+
+
+def save_nearest_grid(result: Evaluation, path: Path, k: int = 16) -> None:
+    """The k samples nearest the T-shirt, captioned with their pixel-L2 distance (red: counted as copies)."""
+    images, distances, flags = result.nearest(k)
+    save_grid(images, path, ncol=k, labels=distances, flags=flags)
 
 
 def _percentages(values: dict) -> str:

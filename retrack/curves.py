@@ -14,7 +14,9 @@ training's random generator, so the curve's weights are those of an uninterrupte
 
 Writes curves.json (per method and checkpoint: step, seconds, every rate and excess, quality;
 with the settings, the machine and the command), curves.png and curves.md (time and steps until
-a method reaches the oracle's level with its quality within the oracle–pretrained spread).
+a method reaches the oracle's level with its quality within the oracle–pretrained spread), and
+the pictures behind the numbers: curves-nearest-<method>.png, one row per checkpoint of the 16
+samples nearest the T-shirt (curves-nearest-start.png: the oracle's and the pretrained model's).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from .atomic import write_file_atomically
 from .backends import load_backend
@@ -37,6 +40,7 @@ from .evaluation import (
     builtin_reference, evaluate,
 )
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
+from .sampling import save_grid
 
 CURVE_METHODS = ("vanilla", "neggrad", "erasediff", "siss", "retrack")
 DEFAULT_CHECKPOINTS = (0, 10, 25, 50, 100, 200)
@@ -44,6 +48,7 @@ DEFAULT_CHECKPOINTS = (0, 10, 25, 50, 100, 200)
 # classifier, which also counts blurred copies), and the quality figure that must stay in range.
 FORGET_MEASURES = ("l2", "classifier")
 QUALITY_FIGURE = ("classifier_fd", "clip_fd")  # the first one the evaluation has; lower is better
+NEAREST = 16  # samples nearest the T-shirt shown per checkpoint
 
 
 @dataclass(frozen=True)
@@ -96,8 +101,10 @@ def point(step: int, seconds: float, cpu_seconds: float, result: Evaluation) -> 
 
 
 def method_curve(method: str, settings: CurveSettings, device: str, reference: Reference, oracle: OracleLevels,
-                 start: Point, log: Callable[[str], None]) -> list[Point]:
-    """Train `method` from the built-in model to the last checkpoint, evaluating at each one."""
+                 start: Point, log: Callable[[str], None], nearest: Optional[list] = None) -> list[Point]:
+    """Train `method` from the built-in model to the last checkpoint, evaluating at each one.
+    `nearest`, when given, collects each checkpoint's `Evaluation.nearest(NEAREST)` after the
+    pretrained model's (the grid to look at)."""
     forget, retain = builtin_sets()
     backend = load_backend(BUILTIN_MODEL, device=device)
     config = UnlearnConfig.preset("mnist", method=method, steps=max(settings.checkpoints),
@@ -113,6 +120,8 @@ def method_curve(method: str, settings: CurveSettings, device: str, reference: R
         result = evaluate(backend, settings.sampler_settings(), reference, oracle)
         points.append(point(event.step, event.seconds - evaluating["seconds"],
                             cpu_started - cpu_start - evaluating["cpu"], result))
+        if nearest is not None:
+            nearest.append((event.step, result.nearest(NEAREST)))
         evaluating["seconds"] += time.perf_counter() - started
         evaluating["cpu"] += time.process_time() - cpu_started
         log(f"{method} step {event.step}: {points[-1].seconds:.1f} s training, rates {_short(points[-1].rates)}, "
@@ -136,6 +145,8 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
     oracle = OracleLevels.from_evaluation(oracle_result, source=f"{BUILTIN_ORACLE.name}, {sampler.describe()}")
     pretrained = evaluate(load_backend(BUILTIN_MODEL, device=device), sampler, reference, oracle)
     start = point(0, 0.0, 0.0, pretrained)
+    save_nearest_rows([("oracle", oracle_result.nearest(NEAREST)), (0, pretrained.nearest(NEAREST))],
+                      out / "curves-nearest-start.png")
     log(f"oracle rates {_short(oracle.rates)}; pretrained rates {_short(start.rates)}, excess {_short(start.excess)}")
     data = {"meta": {"settings": asdict(settings), "sampler": sampler.describe(), "device": machine(device),
                      "thresholds": reference.thresholds(), "load_average_at_start": load_start,
@@ -149,12 +160,25 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
             data["methods"][method] = done[method]
             log(f"{method}: kept from {out / 'curves.json'}")
             continue
+        nearest = []
         data["methods"][method] = [asdict(p) for p in method_curve(method, settings, device, reference, oracle,
-                                                                    start, log)]
+                                                                    start, log, nearest)]
+        save_nearest_rows(nearest, out / f"curves-nearest-{method}.png")
         data["meta"].update(total_seconds=round(time.perf_counter() - started, 1), load_average_at_end=_load_average(),
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_curves(data, out)
     return data
+
+
+def save_nearest_rows(rows: list, path: Path) -> None:
+    """One row per checkpoint (label, `Evaluation.nearest` result): the samples nearest the
+    T-shirt, captioned "step: distance", red where they count as pixel-L2 copies."""
+    if not rows:
+        return
+    images = torch.cat([images for _, (images, _, _) in rows])
+    labels = [f"{label}: {d}" if i == 0 else d for label, (_, distances, _) in rows for i, d in enumerate(distances)]
+    flags = [f for _, (_, _, row_flags) in rows for f in row_flags]
+    save_grid(images, path, ncol=len(rows[0][1][1]), labels=labels, flags=flags)
 
 
 def finished_methods(path: Path, data: dict) -> dict:

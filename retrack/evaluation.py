@@ -299,6 +299,15 @@ class Evaluation:
         return {name: excess_over(distance, oracle.levels[name], oracle.quantile)
                 for name, distance in self.distances().items() if name in oracle.levels}
 
+    def nearest(self, k: int = 16) -> tuple[Tensor, list[str], list[bool]]:
+        """The k samples nearest the forget set by pixel L2, nearest first (tensor in [-1, 1]), with
+        their distances as captions and their pixel-L2 copy flags: the grid to look at before
+        believing a rate (ghosts that no threshold counts show here)."""
+        order = np.argsort(self.l2, kind="stable")[:k]
+        flags = self.copies().get("l2", np.zeros(self.n, dtype=bool))
+        images = self.samples.images[torch.as_tensor(order)]
+        return images, [f"{self.l2[i]:.1f}" for i in order], [bool(flags[i]) for i in order]
+
     @property
     def quality(self) -> Optional[float]:
         """The CLIP Fréchet distance of the non-copies to the retain reference (lower is better)."""

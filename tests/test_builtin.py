@@ -46,3 +46,5 @@ def test_short_benchmark_writes_table_json_and_plot(tmp_path):
     plot = Image.open(tmp_path / "tradeoff.png")
     assert plot.size[0] > 300 and np.asarray(plot).std() > 0
     assert (tmp_path / "samples-retrack.png").is_file()
+    nearest = Image.open(tmp_path / "nearest-retrack.png")  # the 6 samples (of 6) nearest the T-shirt, one row
+    assert nearest.size[0] > 5 * nearest.size[1] and np.asarray(nearest).std() > 0

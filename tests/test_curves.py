@@ -36,6 +36,11 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
     assert "| retrack |" in table and "ReTrack / SISS" in table
     plot = Image.open(out / "curves.png")
     assert plot.size[0] > 800 and np.asarray(plot).std() > 0
+    # The pictures behind the numbers: per method one row of nearest samples per checkpoint after 0
+    # (8 samples: the quick setting has fewer than 16), the oracle's and the pretrained model's apart.
+    rows = {name: Image.open(out / f"curves-nearest-{name}.png") for name in ("start", "siss", "retrack")}
+    assert rows["retrack"].size == rows["siss"].size == rows["start"].size  # two rows of 8 tiles each
+    assert rows["retrack"].size[0] > 3 * rows["retrack"].size[1]
 
     # Evaluating inside the run does not change it: step 2 of the curve is a 2-step run's model.
     backend = load_backend(BUILTIN_MODEL, device="cpu")

@@ -65,6 +65,16 @@ def test_excess_over_the_oracle_is_the_share_below_its_quantile_minus_the_quanti
     assert restored == levels
 
 
+def test_nearest_lists_the_samples_closest_to_the_forget_image_first_with_their_copy_flags():
+    reference = Reference.build(BLACK, at_l2(15.0))  # paper threshold: 10
+    result = evaluate_samples(samples_at([12.0, 3.0, 20.0, 9.5, 3.0]), reference)
+    images, captions, flags = result.nearest(3)
+    assert captions == ["3.0", "3.0", "9.5"] and flags == [True, True, True]
+    torch.testing.assert_close(images, torch.cat([at_l2(3.0), at_l2(3.0), at_l2(9.5)]))
+    _, captions, flags = result.nearest(10)  # more than there are: all of them
+    assert captions == ["3.0", "3.0", "9.5", "12.0", "20.0"] and flags == [True, True, True, False, False]
+
+
 def test_reference_subset_is_seeded_and_sorted():
     assert reference_subset(5, size=10).tolist() == [0, 1, 2, 3, 4]
     pick = reference_subset(100, size=10, seed=3)
