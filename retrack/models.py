@@ -33,7 +33,7 @@ class TrainingData:
 
     images: np.ndarray  # uint8 (N, H, W, C), C = 1 or 3
     names: list[str]  # one per item: a class name ("t-shirt") or a file name
-    origin: str  # for people: "built-in digits + T-shirt set (20,408 images)"
+    origin: str  # for people: "built-in MNIST + T-shirt set (5,050 images)"
 
     def __len__(self) -> int:
         return len(self.images)

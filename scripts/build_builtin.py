@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "retrack.data caches; lets a machine without sklearn/matplotlib train")
     p.add_argument("--lr", type=float, default=2e-4, help="DDPM learning rate")
     p.add_argument("--clip-lr", type=float, default=5e-4)
+    p.add_argument("--clip-augment", action="store_true",
+                   help="clip: train on degraded images (builtin_build.augment: warps, blur, fading, noise up to "
+                        "0.3, grey backgrounds; 128 digits + 16 T-shirts per batch) so that noisy and blurred "
+                        "copies of the T-shirt still score as the T-shirt")
+    p.add_argument("--clip-init", type=Path, default=None,
+                   help="clip: start from the weights of this CLIP scorer folder instead of random ones")
     p.add_argument("--warmup-steps", type=int, default=200)
     p.add_argument("--ema-decay", type=float, default=0.999)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast on CUDA (TF32 is always on)")

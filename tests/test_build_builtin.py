@@ -5,6 +5,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from retrack import paths
@@ -66,3 +67,34 @@ def test_snapshot_copies_a_checkpoint_as_an_evaluated_intermediate_model(build_b
 
     assert build_builtin.main(["--what", "describe", "--out", str(folder), "--observed", "grey noise."]) == 0
     assert "- Seen by eye in the grid: grey noise." in (folder / "README.md").read_text()
+
+
+def test_clip_scorer_fine_tunes_on_degraded_images_from_a_given_scorer(build_builtin, tmp_path):
+    start = paths.BUILTIN / "clip"
+    assert build_builtin.main(["--setting", "v2", "--what", "clip", "--out", str(tmp_path), "--steps", "1",
+                               "--clip-augment", "--clip-init", str(start), "--warmup-steps", "1", "--threads", "1",
+                               "--device", "cpu", "--no-eval", "--log-seconds", "1000"]) == 0
+    info = json.loads((tmp_path / "clip" / "retrack.json").read_text())
+    assert info["initialised_from"] == str(start) and "noise up to 0.3" in info["augmentation"]
+    assert info["batch"] == 144  # 128 digits + 16 T-shirts, whatever --batch says
+    before, after = load_file(start / "open_clip_model.safetensors"), load_file(tmp_path / "clip" / "open_clip_model.safetensors")
+    assert before.keys() == after.keys()
+    changed = [name for name in before if not (before[name] == after[name]).all()]
+    # One step from the given weights: they moved, but only a step's worth (not a fresh initialisation).
+    assert changed and all((before[n].float() - after[n].float()).abs().max() < 0.05 for n in before)
+
+
+def test_augmented_batch_degrades_digits_and_tshirts_within_the_pixel_range(build_builtin):  # (puts builtin_build on the path)
+    from builtin_build.augment import DIGITS_PER_BATCH, TSHIRTS_PER_BATCH, augmented_batch
+
+    digits = torch.zeros(5, 1, 28, 28)
+    digits[:, :, 10:18, 12:16] = 1.0
+    tshirt = torch.zeros(1, 1, 28, 28)
+    tshirt[:, :, 6:24, 6:22] = 1.0
+    images, labels = augmented_batch(digits, torch.arange(5), tshirt, torch.Generator().manual_seed(0), max_noise=0.3)
+    assert images.shape == (DIGITS_PER_BATCH + TSHIRTS_PER_BATCH, 1, 28, 28)
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert (labels[DIGITS_PER_BATCH:] == 10).all() and (labels[:DIGITS_PER_BATCH] < 5).all()
+    shirts = images[DIGITS_PER_BATCH:]
+    assert not torch.equal(shirts[0], shirts[1])  # each copy degraded its own way
+    assert (shirts - tshirt).abs().flatten(1).mean(1).min() > 0.005  # none left exact

@@ -14,6 +14,7 @@ from retrack.atomic import write_folder_atomically
 from retrack.data import CLASS_NAMES, TSHIRT_LABEL, BuiltinDataset
 from retrack.images import uint8_to_tensor
 
+from .augment import DIGITS_PER_BATCH, TSHIRTS_PER_BATCH, augmented_batch
 from .cards import write_card
 from .data import dataset_description
 from .networks import CLIP_CONFIG, CLIP_PREPROCESS
@@ -25,6 +26,7 @@ SHARED_TEMPLATES = ("a photo of a {name}.", "a drawing of a {name}.", "an image 
 # ... and class-specific phrasings.
 DIGIT_TEMPLATES = ("a handwritten digit {name}.", "a photo of the digit {number}.", "the number {name}.",
                    "a handwritten {number}.")
+AUGMENT_MAX_NOISE = 0.3  # --clip-augment: unlearning leaves T-shirts speckled about this strongly
 TSHIRT_TEMPLATES = ("a photo of a shirt.", "a piece of clothing.", "a short-sleeved shirt.", "a drawing of a tee shirt.")
 
 
@@ -50,12 +52,21 @@ def train_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.
     tokens = tokenizer([c for per_class in captions for c in per_class]).to(device)  # (11 * T, 77)
 
     torch.manual_seed(args.seed)
-    model = open_clip.CLIP(**CLIP_CONFIG).to(device).train()
+    model = open_clip.CLIP(**CLIP_CONFIG)
+    if args.clip_init is not None:
+        from safetensors.torch import load_file
+
+        stored = load_file(str(args.clip_init / "open_clip_model.safetensors"))
+        model.load_state_dict({name: value.float() for name, value in stored.items()})
+    model = model.to(device).train()
     optimizer = clip_optimizer(model, args, device)
     n_params = sum(p.numel() for p in model.parameters())
-    log(part, f"{len(data)} images, {len(tokens)} captions, {n_params:,} parameters, batch {args.batch}, "
+    batch = DIGITS_PER_BATCH + TSHIRTS_PER_BATCH if args.clip_augment else args.batch
+    log(part, f"{len(data)} images, {len(tokens)} captions, {n_params:,} parameters, batch {batch}, "
               f"device {device_name(device)}")
-    loss = clip_loss(model, args, device, data, torch.from_numpy(dataset.labels).to(device), tokens, len(captions[0]))
+    labels = torch.from_numpy(dataset.labels).to(device)
+    loss = (augmented_clip_loss(model, args, device, dataset, tokens, len(captions[0])) if args.clip_augment
+            else clip_loss(model, args, device, data, labels, tokens, len(captions[0])))
 
     def clamp_temperature(step: int) -> None:
         with torch.no_grad():
@@ -64,6 +75,7 @@ def train_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.
     record = run_training(part, args, device, optimizer, args.clip_lr, loss, clamp_temperature)
     info = {
         **record,
+        "batch": batch,
         "kind": "open_clip",
         "trained_on": "all images (digits + T-shirt copies) with class captions",
         "dataset": dataset_description(args, dataset),
@@ -72,6 +84,10 @@ def train_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.
                       "weight_decay": "0.1 on matrices, 0 on gains/biases/temperature",
                       "warmup_steps": args.warmup_steps, "grad_clip": 1.0},
         "loss": "open_clip.loss.ClipLoss (symmetric InfoNCE)",
+        "augmentation": (f"builtin_build.augment.augmented_batch, noise up to {AUGMENT_MAX_NOISE}: 128 digits + 16 "
+                         "T-shirts per batch, warped, blurred, faded, noised, a third on grey backgrounds"
+                         if args.clip_augment else None),
+        "initialised_from": None if args.clip_init is None else str(args.clip_init),
         "final_logit_scale": float(model.logit_scale.detach().exp()),
         "model_cfg": CLIP_CONFIG,
         "preprocess_cfg": CLIP_PREPROCESS,
@@ -100,25 +116,53 @@ def clip_optimizer(model: torch.nn.Module, args: argparse.Namespace, device: tor
                              lr=args.clip_lr, betas=(0.9, 0.98), eps=1e-6, **fused(device))
 
 
+def _caption_loss(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, tokens: torch.Tensor,
+                  templates_per_class: int, generator: torch.Generator) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The symmetric InfoNCE of a batch of images in [-1, 1] against a random caption of each one's label."""
+    from open_clip.loss import ClipLoss
+
+    loss_fn = ClipLoss()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=uses_bf16(args, device))
+
+    def loss(images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        template = torch.randint(0, templates_per_class, (len(images),), device=device, generator=generator)
+        caption_ids = labels * templates_per_class + template
+        # Many images share a caption: encode each distinct caption once and spread it back.
+        unique_ids, position = torch.unique(caption_ids, return_inverse=True)
+        with autocast:
+            image_features = model.encode_image(images.expand(-1, 3, -1, -1), normalize=True)
+            text_features = model.encode_text(tokens[unique_ids], normalize=True)[position]
+            return loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp())
+
+    return loss
+
+
+def augmented_clip_loss(model: torch.nn.Module, args: argparse.Namespace, device: torch.device,
+                        dataset: BuiltinDataset, tokens: torch.Tensor, templates_per_class: int) -> Callable[[int], torch.Tensor]:
+    """`clip_loss` on degraded images (`augment.augmented_batch`), drawn on the CPU from their own generator."""
+    digits = torch.from_numpy(dataset.retain_images).float().div(255.0).unsqueeze(1)
+    digit_labels = torch.from_numpy(dataset.labels[~dataset.is_forget])
+    tshirt = torch.from_numpy(dataset.tshirt.copy()).float().div(255.0)[None, None]
+    generator = torch.Generator().manual_seed(args.seed + 3)
+    caption_loss = _caption_loss(model, args, device, tokens, templates_per_class,
+                                 torch.Generator(device).manual_seed(args.seed + 2))
+
+    def loss(step: int) -> torch.Tensor:
+        images01, labels = augmented_batch(digits, digit_labels, tshirt, generator, max_noise=AUGMENT_MAX_NOISE)
+        return caption_loss((images01 * 2 - 1).to(device), labels.to(device))
+
+    return loss
+
+
 def clip_loss(model: torch.nn.Module, args: argparse.Namespace, device: torch.device, data: torch.Tensor,
               labels: torch.Tensor, tokens: torch.Tensor, templates_per_class: int) -> Callable[[int], torch.Tensor]:
     """The loss of one step: a batch of images, each with a random caption of its class, through
     open_clip's symmetric InfoNCE, drawn from the CLIP part's own generator."""
-    from open_clip.loss import ClipLoss
-
-    loss_fn = ClipLoss()
     generator = torch.Generator(device).manual_seed(args.seed + 2)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=uses_bf16(args, device))
+    caption_loss = _caption_loss(model, args, device, tokens, templates_per_class, generator)
 
     def loss(step: int) -> torch.Tensor:
         index = torch.randint(0, len(data), (args.batch,), device=device, generator=generator)
-        template = torch.randint(0, templates_per_class, (args.batch,), device=device, generator=generator)
-        caption_ids = labels[index] * templates_per_class + template
-        # Many images share a caption: encode each distinct caption once and spread it back.
-        unique_ids, position = torch.unique(caption_ids, return_inverse=True)
-        with autocast:
-            image_features = model.encode_image(data[index].expand(-1, 3, -1, -1), normalize=True)
-            text_features = model.encode_text(tokens[unique_ids], normalize=True)[position]
-            return loss_fn(image_features.float(), text_features.float(), model.logit_scale.exp())
+        return caption_loss(data[index], labels[index])
 
     return loss
