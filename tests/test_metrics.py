@@ -157,14 +157,36 @@ def test_tiny_clip_scorer_features(tiny_scorer):
 
 
 @pytest.mark.skipif(not (paths.BUILTIN_CLIP / "open_clip_config.json").is_file(),
-                    reason="the built-in CLIP scorer is built on a GPU machine and committed to assets/")
-def test_builtin_clip_ranks_the_tshirt_above_digits():
-    from retrack.data import build_digits_tshirt
+                    reason="the built-in CLIP scorer is not built")
+def test_builtin_clip_counts_degraded_tshirt_copies_and_no_digit():
+    """The app's CLIP memorisation score, at the threshold the evaluation calibrates: the T-shirt
+    and its noisy, blurred and grey-background copies (what unlearning leaves, see the benchmark's
+    nearest-sample grids) count; none of 500 held-out real digits does, clean or noisy."""
+    from torchvision.transforms.v2.functional import gaussian_blur
 
-    data = build_digits_tshirt(seed=123, n_digits=200, cache=False)  # unseen jitter of the same kind
+    from retrack.data import CLASS_NAMES, classifier_held_out, draw_tshirt, mnist_digits
+    from retrack.evaluation import builtin_reference
+
+    rng = np.random.default_rng(0)
+
+    def noisy(images01: np.ndarray, sigma: float, background: float = 0.0) -> np.ndarray:
+        lifted = images01 + background * (1 - images01)
+        return np.clip(lifted + sigma * rng.standard_normal(images01.shape), 0, 1)
+
+    tshirt = draw_tshirt().astype(np.float64) / 255.0
+    blurred = [gaussian_blur(torch.from_numpy(tshirt)[None, None], kernel_size=[9, 9], sigma=[s, s])[0, 0].numpy()
+               for s in (1.0, 1.5)]
+    copies = np.stack([tshirt, *blurred, noisy(tshirt, 0.2), noisy(tshirt, 0.3), noisy(tshirt, 0.2, background=0.25)])
+    images, labels = mnist_digits()
+    held_out = classifier_held_out(labels)
+    digits = images[held_out].astype(np.float64) / 255.0
+    digits = np.concatenate([digits, noisy(digits, 0.2)])
+
     scorer = ClipScorer.load("builtin", device="cpu")
-    samples = np.concatenate([data.tshirt[None], data.retain_images[:100]])
-    scores = memorisation_scores(scorer, samples, data.tshirt[None])
-    assert scores[0] > scores[1:].max()
-    probs = scorer.zero_shot(data.retain_images[:100], data.class_names)
-    assert (probs.argmax(axis=1) == data.labels[~data.is_forget][:100]).mean() > 0.5
+    threshold = builtin_reference("cpu").clip_threshold
+    as_uint8 = lambda x: np.round(x * 255).astype(np.uint8)  # noqa: E731
+    copy_scores = memorisation_scores(scorer, as_uint8(copies), draw_tshirt()[None])
+    digit_scores = memorisation_scores(scorer, as_uint8(digits), draw_tshirt()[None])
+    assert copy_scores.min() >= threshold > digit_scores.max()
+    probs = scorer.zero_shot(images[held_out], list(CLASS_NAMES))
+    assert (probs.argmax(axis=1) == labels[held_out]).mean() > 0.9

@@ -163,6 +163,9 @@ def _clip_card(info: dict) -> str:
              f"- Captions per class: `{json.dumps(info['captions'][7])}` for seven, "
              f"`{json.dumps(info['captions'][TSHIRT_LABEL])}` for the T-shirt.", ""]
     lines += _training_lines(info)[:-1] + [f"- Final temperature (logit scale) {info['final_logit_scale']:.1f}.", ""]
+    if info.get("augmentation"):
+        lines[-1:-1] = [f"- Degraded training images (--clip-augment): {info['augmentation']}; started from "
+                        f"{info.get('initialised_from') or 'random weights'}."]
     evaluation = info.get("evaluation")
     if evaluation:
         lines += ["## Evaluation",
