@@ -22,6 +22,17 @@ def test_shipped_models_load_offline_and_sample():
         assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
 
 
+def test_shipped_model_cards_record_the_settings_criteria_on_1000_samples():
+    """What the cards say was measured (scripts/build_builtin.py --setting v2 --what eval): the model
+    memorised the T-shirt at about the data's 1 %, the oracle never draws it and draws digits."""
+    model, oracle = (json.loads((folder / "retrack.json").read_text())["evaluation"]
+                     for folder in (paths.BUILTIN_MODEL, paths.BUILTIN_ORACLE))
+    assert model["samples"] == oracle["samples"] == 1000
+    assert 0.005 <= model["tshirt_rate_paper_l2"] <= 0.05
+    assert oracle["tshirt_rate_paper_l2"] == 0.0 and oracle["confident_digit_rate"] >= 0.9
+    assert (paths.BUILTIN_MODEL / "samples.png").is_file() and (paths.BUILTIN_ORACLE / "samples.png").is_file()
+
+
 def test_training_set_rebuilds_exactly():
     spec = json.loads(paths.BUILTIN_DATASET.read_text())
     dataset = builtin_dataset()

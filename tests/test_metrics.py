@@ -1,7 +1,5 @@
 """Metrics against closed forms, and the CLIP scorer on a tiny random open_clip model."""
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
