@@ -5,7 +5,7 @@
 
 Each mode runs a real `retrack.jobs.Job` on the built-in model with the T-shirt picked, exactly as
 the page starts it (`AppSettings.run_defaults`: the published ReTrack settings, 50 steps of 128
-rows, and the evaluation's defaults: 256 samples with 25 DDIM steps, the first 64 in the grids,
+rows, and the evaluation's defaults: 256 samples with 50 DDIM steps, the first 64 in the grids,
 the live memorisation curve on 32 fixed samples with 10 DDIM steps every 10 steps; `--quick`: 3
 steps of 8 rows, 4 samples with 5 steps, a live point every step on 4 samples with 2 steps).
 Each mode runs twice in one process: the first job draws the model's "before" samples and the

@@ -87,7 +87,10 @@ class EvalSettings:
     n_samples: int = 256
     grid_samples: int = 64
     seed: int = 0
-    sampling_steps: int = 25  # steps of the evaluation sampler (deterministic given the seed)
+    # Steps of the evaluation sampler: the one default, as in the benchmark and the model cards. At
+    # 25 steps the built-in model's T-shirt rates differ (benchmarks/results/eval_sampler.md), and a
+    # before/after read there missed ReTrack's rise that 50 steps show (README, app cost).
+    sampling_steps: int = DEFAULT_SAMPLER_STEPS
     trajectory_points: int = 6  # predicted clean images shown in the teaching view
     prompt: str = ""  # text-to-image models: the prompt whose memorised images are forgotten
     guidance: float = 7.5  # text-to-image models: classifier-free guidance scale

@@ -33,8 +33,8 @@ class SpaceLimits:
     """What one visitor may ask of a shared public server (a Hugging Face Space), in one place.
 
     Every published preset fits within them (the longest is CIFAR-10's 60 steps of 128 rows); the
-    MNIST preset's 50 steps take about 100 s on a 2-core CPU (README's benchmark), the size of a
-    free CPU Space. The page shows them, its number boxes stop at them, and `check` refuses a run
+    MNIST preset's 50 steps take about 130 s on a 2-core CPU (README's benchmark), the size of a
+    free CPU Space. The DDIM steps allow the evaluation's default (50): fewer change the rates. The page shows them, its number boxes stop at them, and `check` refuses a run
     over them before it starts.
     """
 
@@ -54,7 +54,7 @@ class SpaceLimits:
         if on_gpu:
             return cls(queue_size=32, concurrent_runs=4, steps=200, rows_per_step=256, samples=1024,
                        sampling_steps=50, generations=32, gpu_seconds=120, generate_gpu_seconds=60)
-        return cls(queue_size=16, concurrent_runs=2, steps=60, rows_per_step=128, samples=256, sampling_steps=25,
+        return cls(queue_size=16, concurrent_runs=2, steps=60, rows_per_step=128, samples=256, sampling_steps=50,
                    generations=8, gpu_seconds=120, generate_gpu_seconds=60)
 
     def check(self, config: UnlearnConfig, n_samples: int, sampling_steps: int) -> None:
