@@ -54,9 +54,10 @@ def bf16() -> torch.autocast:
     return torch.autocast("cpu", dtype=torch.bfloat16)
 
 
-# name -> (channels_last, bf16 autocast); "torch.compile" (fp32, contiguous) is added apart: its first call compiles.
+# name -> (channels_last, bf16 autocast); the torch.compile ones (contiguous) are added apart: their first call compiles.
 VARIANTS = {"fp32": (False, False), "bf16 autocast": (False, True), "channels_last": (True, False),
             "channels_last + bf16": (True, True)}
+COMPILED = {"torch.compile": False, "torch.compile + bf16": True}  # name -> bf16 autocast (sampling forward only)
 
 
 def time_sampling(batch: int, rounds: int, compile_too: bool) -> dict:
@@ -71,13 +72,15 @@ def time_sampling(batch: int, rounds: int, compile_too: bool) -> dict:
     compile_seconds = None
     compile_error = None
     if compile_too:
+        compile_seconds = {}
         try:
-            net = torch.compile(load_backend(BUILTIN_MODEL, device="cpu").unet.eval())
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                net(x, t)
-            compile_seconds = time.perf_counter() - t0
-            nets["torch.compile"] = net
+            for name, use_bf16 in COMPILED.items():
+                net = torch.compile(load_backend(BUILTIN_MODEL, device="cpu").unet.eval())
+                t0 = time.perf_counter()
+                with torch.no_grad(), (bf16() if use_bf16 else nullcontext()):
+                    net(x, t)
+                compile_seconds[name] = time.perf_counter() - t0
+                nets[name] = net
         except Exception as exc:  # reported, not hidden: compile support varies by machine
             compile_error = f"{type(exc).__name__}: {exc}"[:500]
     times = {name: [] for name in nets}
@@ -86,7 +89,7 @@ def time_sampling(batch: int, rounds: int, compile_too: bool) -> dict:
     for round_ in range(rounds + 1):  # round 0 warms up and is dropped
         random.Random(round_).shuffle(order)
         for name in order:
-            channels_last, use_bf16 = VARIANTS.get(name, (False, False))
+            channels_last, use_bf16 = VARIANTS.get(name, (False, COMPILED.get(name, False)))
             inputs = x.to(memory_format=torch.channels_last) if channels_last else x
             with torch.no_grad(), (bf16() if use_bf16 else nullcontext()):
                 t0 = time.perf_counter()
@@ -100,17 +103,21 @@ def time_sampling(batch: int, rounds: int, compile_too: bool) -> dict:
                                 "eps_std": float(outputs["fp32"].std())} for name in nets}}
 
 
-def sample_agreement(n: int, steps: int) -> dict:
-    """Same-seed DPM-Solver++ samples under bf16 autocast and channels_last against fp32's."""
+def sample_agreement(n: int, steps: int, compile_too: bool) -> dict:
+    """Same-seed DPM-Solver++ samples under bf16 autocast, channels_last and torch.compile against fp32's."""
     classifier = DigitClassifier.load("builtin")
     results = {}
     reference = None
-    for name, (channels_last, use_bf16) in VARIANTS.items():
+    variants = {name: (channels_last, use_bf16, False) for name, (channels_last, use_bf16) in VARIANTS.items()}
+    if compile_too:
+        variants.update({name: (False, use_bf16, True) for name, use_bf16 in COMPILED.items()})
+    for name, (channels_last, use_bf16, compiled) in variants.items():
         backend = load_backend(BUILTIN_MODEL, device="cpu")
         if channels_last:
             backend.unet.to(memory_format=torch.channels_last)
-        with bf16() if use_bf16 else nullcontext():
-            images = sample(backend, n, seed=0, steps=steps, scheduler="dpm++").images
+        if compiled:
+            backend.unet = torch.compile(backend.unet)
+        images = sample(backend, n, seed=0, steps=steps, scheduler="dpm++", precision="bf16" if use_bf16 else "fp32").images
         if reference is None:
             reference = images
             reference_tshirt = classifier.probabilities(images)[:, TSHIRT_LABEL] > 0.5
@@ -121,27 +128,38 @@ def sample_agreement(n: int, steps: int) -> dict:
     return {"n": n, "sampler": f"dpm++-{steps}", "variants": results}
 
 
-def time_training(rounds: int, steps: int, batch: int) -> dict:
-    """Median seconds per ReTrack step per variant (variants interleaved), and loss differences."""
+def time_training(rounds: int, steps: int, batch: int, compile_too: bool) -> dict:
+    """Median seconds per ReTrack step per variant (variants interleaved), and loss differences.
+
+    The first step of every run is dropped: it warms the allocator and, for torch.compile, compiles
+    (forward and backward); its seconds are reported apart as `first_step_seconds`."""
     forget, retain = builtin_sets()
-    variants = {name: (channels_last, "bf16" if use_bf16 else "no") for name, (channels_last, use_bf16) in VARIANTS.items()}
+    variants = {name: (channels_last, "bf16" if use_bf16 else "no", False)
+                for name, (channels_last, use_bf16) in VARIANTS.items()}
+    if compile_too:
+        variants["torch.compile"] = (False, "no", True)
     times = {name: [] for name in variants}
+    first_step = {name: [] for name in variants}
     losses = {}
     order = list(variants)
     for round_ in range(rounds):
         random.Random(round_).shuffle(order)
         for name in order:
-            channels_last, precision = variants[name]
+            channels_last, precision, compiled = variants[name]
             backend = load_backend(BUILTIN_MODEL, device="cpu")
             if channels_last:
                 backend.unet.to(memory_format=torch.channels_last)
+            if compiled:  # the optimiser sees the same parameters through the compiled wrapper
+                backend.unet = torch.compile(backend.unet)
             config = UnlearnConfig.preset("mnist", method="retrack", steps=steps + 1, batch_size=batch, seed=0,
                                           device="cpu", mixed_precision=precision)
             result = unlearn(backend, forget, retain, config)
-            times[name] += [e.step_seconds for e in result.events[1:]]  # the first step warms the allocator
+            times[name] += [e.step_seconds for e in result.events[1:]]
+            first_step[name].append(result.events[0].step_seconds)
             losses[name] = [e.loss for e in result.events]
     medians = {name: statistics.median(ts) for name, ts in times.items()}
     return {"batch_per_branch": batch, "rounds": rounds, "steps_per_round": steps,
+            "first_step_seconds": {name: ts for name, ts in first_step.items()},
             "variants": {name: {"seconds_per_step": medians[name], "ratio_to_fp32": medians[name] / medians["fp32"],
                                 "losses": losses[name],
                                 "max_abs_loss_difference": max(abs(a - b) for a, b in zip(losses[name], losses["fp32"]))}
@@ -158,8 +176,9 @@ def write_markdown(path: Path, result: dict) -> None:
              "| variant | s/forward | × fp32 | max abs Δeps vs fp32 (eps std ≈ 1) |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['seconds']:.4f} | {v['ratio_to_fp32']:.2f} | {v['max_abs_eps_difference']:.2e} |"
               for k, v in s["variants"].items()]
-    if s["compile_seconds"] is not None:
-        lines += ["", f"torch.compile: first call (compilation) {s['compile_seconds']:.1f} s."]
+    if s["compile_seconds"]:
+        lines += ["", "torch.compile: first call (compilation; inductor's on-disk cache may shorten it) " + ", ".join(
+            f"{name} {seconds:.1f} s" for name, seconds in s["compile_seconds"].items()) + "."]
     elif s["compile_error"]:
         lines += ["", f"torch.compile failed: `{s['compile_error']}`."]
     else:
@@ -178,6 +197,10 @@ def write_markdown(path: Path, result: dict) -> None:
                   "| variant | s/step | × fp32 | max abs loss difference vs fp32 (same batches) |", "|---|---|---|---|"]
         lines += [f"| {k} | {v['seconds_per_step']:.3f} | {v['ratio_to_fp32']:.2f} | {v['max_abs_loss_difference']:.2e} |"
                   for k, v in tr["variants"].items()]
+        if "first_step_seconds" in tr:
+            lines += ["", "First (untimed) step of each run, seconds: " + "; ".join(
+                f"{k} {', '.join(f'{s:.1f}' for s in v)}" for k, v in tr["first_step_seconds"].items())
+                + " (torch.compile compiles forward and backward there)."]
     lines += ["", "## Conclusion", "", result.get("conclusion", "(see the report)"), ""]
     path.write_text("\n".join(lines))
 
@@ -197,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
     result = dict(argv=argv if argv is not None else sys.argv[1:], cpu_flags=cpu_flags(), beside=args.beside,
                   machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
     result["sampling"] = time_sampling(args.batch, args.rounds, args.compile)
-    result["sample_agreement"] = sample_agreement(args.agreement_n, 15)
+    result["sample_agreement"] = sample_agreement(args.agreement_n, 15, args.compile)
     write_results(Path(args.out), result)  # the sampling part stands on its own if the training part is cut short
-    result["training"] = time_training(args.train_rounds, args.train_steps, 128)
+    result["training"] = time_training(args.train_rounds, args.train_steps, 128, args.compile)
     write_results(Path(args.out), result)
     return 0
 

@@ -107,7 +107,7 @@ def reference_and_oracle(settings: BenchSettings, device: str,
     log(f"thresholds: {reference.thresholds()}")
     started = time.perf_counter()
     oracle = evaluate(load_backend(BUILTIN_ORACLE, device=device), settings.sampler(), reference)
-    oracle.oracle = OracleLevels.from_evaluation(oracle, source=f"{BUILTIN_ORACLE.name}, {settings.sampler().describe()}")
+    oracle.oracle = OracleLevels.from_evaluation(oracle, source=f"{BUILTIN_ORACLE.name}, {settings.sampler().describe(device)}")
     return reference, oracle, time.perf_counter() - started
 
 
@@ -192,12 +192,12 @@ def write_results(rows: list[Row], settings: BenchSettings, out: Path, seconds: 
     """results.json, results.md and tradeoff.png."""
     where = machine(device)
     meta = dict(settings=asdict(settings), device=where, total_seconds=round(seconds, 1),
-                thresholds=reference.thresholds(), sampler=settings.sampler().describe(),
+                thresholds=reference.thresholds(), sampler=settings.sampler().describe(device),
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     write_file_atomically(out / "results.json", json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
     lines = [
         f"Built-in digits + T-shirt model; {settings.steps} steps x batch {settings.batch_size} per branch; "
-        f"{settings.samples} samples per model ({settings.sampler().describe()}); "
+        f"{settings.samples} samples per model ({settings.sampler().describe(device)}); "
         f"device: {where}; whole benchmark {seconds:.0f} s.",
         "",
         "| method | T-shirt rate (pixel L2) | excess over oracle (L2) | T-shirt rate (classifier) | "

@@ -142,13 +142,13 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
     sampler = settings.sampler_settings()
     reference = builtin_reference(device, reference_size=settings.retain_reference)
     oracle_result = evaluate(load_backend(BUILTIN_ORACLE, device=device), sampler, reference)
-    oracle = OracleLevels.from_evaluation(oracle_result, source=f"{BUILTIN_ORACLE.name}, {sampler.describe()}")
+    oracle = OracleLevels.from_evaluation(oracle_result, source=f"{BUILTIN_ORACLE.name}, {sampler.describe(device)}")
     pretrained = evaluate(load_backend(BUILTIN_MODEL, device=device), sampler, reference, oracle)
     start = point(0, 0.0, 0.0, pretrained)
     save_nearest_rows([("oracle", oracle_result.nearest(NEAREST)), (0, pretrained.nearest(NEAREST))],
                       out / "curves-nearest-start.png")
     log(f"oracle rates {_short(oracle.rates)}; pretrained rates {_short(start.rates)}, excess {_short(start.excess)}")
-    data = {"meta": {"settings": asdict(settings), "sampler": sampler.describe(), "device": machine(device),
+    data = {"meta": {"settings": asdict(settings), "sampler": sampler.describe(device), "device": machine(device),
                      "thresholds": reference.thresholds(), "load_average_at_start": load_start,
                      "command": settings.command(),
                      "how": "one process; training seconds exclude evaluation; every method from the built-in "

@@ -47,10 +47,13 @@ from torch import Tensor
 from . import metrics
 from .backends.base import Backend
 from .engine import check_range
-from .sampling import DISPLAY_SIDE, Samples, image_grid, reduce_to_side, sample
+from .sampling import DISPLAY_SIDE, Samples, image_grid, reduce_to_side, resolve_precision, sample
 
 DEFAULT_SAMPLER = "ddim"  # the evaluation sampler; one line to switch (e.g. to a faster solver)
 DEFAULT_SAMPLER_STEPS = 50
+# bf16 autocast where the device has it natively: same T-shirt rates and quality as float32 within
+# sampling noise, in ~0.6x the time on the 2-core CPU (benchmarks/results/eval_sampler.md, cpu_speed.md).
+DEFAULT_SAMPLER_PRECISION = "auto"
 REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
 CLASSIFIER_THRESHOLD = 0.5  # probability of the forget class above which a sample is a copy
@@ -70,10 +73,14 @@ class SamplerSettings:
     prompt: str = ""  # text-to-image models only
     guidance: float = 7.5  # text-to-image models only: classifier-free guidance scale
     batch_size: int = 250
+    precision: str = DEFAULT_SAMPLER_PRECISION  # of the network call: fp32, bf16 (autocast) or auto
 
-    def describe(self) -> str:
-        """'DDIM, 50 steps, seeds 0..255' (for cards and tables)."""
-        return f"{self.sampler.upper()}, {self.steps} steps, seeds {self.seed}..{self.seed + self.n_samples - 1}"
+    def describe(self, device: Optional[str] = None) -> str:
+        """'DDIM, 50 steps, seeds 0..255' (for cards and tables), with ', bf16' when the network
+        runs in bf16 on `device` (or the precision setting itself without a device)."""
+        precision = self.precision if device is None else resolve_precision(self.precision, device)
+        return (f"{self.sampler.upper()}, {self.steps} steps, seeds {self.seed}..{self.seed + self.n_samples - 1}"
+                + (f", {precision}" if precision != "fp32" else ""))
 
 
 @dataclass(frozen=True)
@@ -128,7 +135,7 @@ def draw(backend: Backend, settings: SamplerSettings, on_batch: Optional[Callabl
     cond = backend.encode_prompt([settings.prompt.strip()]) if settings.prompt.strip() else None
     return sample(backend, settings.n_samples, seed=settings.seed, steps=settings.steps, scheduler=settings.sampler,
                   cond=cond, guidance=settings.guidance if cond is not None else 1.0,
-                  batch_size=settings.batch_size, on_batch=on_batch)
+                  batch_size=settings.batch_size, on_batch=on_batch, precision=settings.precision)
 
 
 # ============================================================================ the reference
@@ -415,8 +422,9 @@ def evaluate(backend: Backend, settings: SamplerSettings, reference: Reference, 
 
 def oracle_levels(backend: Backend, settings: SamplerSettings, reference: Reference, source: str = "") -> OracleLevels:
     """The oracle's levels from its own samples under the same settings."""
+    described = settings.describe(str(backend.device))
     return OracleLevels.from_evaluation(evaluate(backend, settings, reference),
-                                        source=f"{source}, {settings.describe()}" if source else settings.describe())
+                                        source=f"{source}, {described}" if source else described)
 
 
 # ============================================================================ the built-in model

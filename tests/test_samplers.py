@@ -120,3 +120,33 @@ def test_unknown_sampler_is_refused_by_name(tiny_pixel_model):
 
     with pytest.raises(ValueError, match="dpm\\+\\+"):
         sample(load_backend(tiny_pixel_model), 1, scheduler="euler")
+
+
+def test_bf16_sampling_runs_the_network_in_bf16_and_stays_close_to_fp32(tiny_pixel_model):
+    """precision="bf16" autocasts the network call only: the samples are float32, not identical to
+    fp32's (the autocast took effect) and, under deterministic DDIM, close to them. (The tiny model
+    has random weights; how close on the real built-in model: benchmarks/results/eval_sampler.md.)"""
+    from retrack.backends import load_backend
+
+    backend = load_backend(tiny_pixel_model)
+    full = sample(backend, 3, seed=0, steps=4).images
+    half = sample(backend, 3, seed=0, steps=4, precision="bf16").images
+    assert half.dtype == torch.float32
+    assert 0 < float((half - full).abs().max()) < 0.1
+    with pytest.raises(ValueError, match="bf16"):
+        sample(backend, 1, precision="fp16")
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """"auto" (the evaluation's default) takes bf16 on a CPU with AVX512-BF16 or AMX and float32 on
+    one without, where bf16 is emulated and slower; the evaluation's description says which ran."""
+    from retrack import sampling
+    from retrack.evaluation import SamplerSettings
+
+    monkeypatch.setattr(sampling, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    assert sampling.resolve_precision("auto", "cpu") == "bf16"
+    assert SamplerSettings(n_samples=4, precision="auto").describe("cpu") == "DDIM, 50 steps, seeds 0..3, bf16"
+    monkeypatch.setattr(sampling, "cpu_flags", lambda: {"avx2"})
+    assert sampling.resolve_precision("auto", "cpu") == "fp32"
+    assert SamplerSettings(n_samples=4, precision="auto").describe("cpu") == "DDIM, 50 steps, seeds 0..3"
+    assert sampling.resolve_precision("fp32", "cpu") == "fp32" and sampling.resolve_precision("bf16", "cpu") == "bf16"
