@@ -43,6 +43,7 @@ from .builtin import builtin_dataset, builtin_sets
 from .engine import UnlearnConfig, resolve_device, unlearn
 from .evaluation import (
     REFERENCE_SIZE, Evaluation, OracleLevels, Reference, SamplerSettings, builtin_reference, evaluate,
+    save_nearest_rows,
 )
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
@@ -156,17 +157,11 @@ def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) 
                   sampling_seconds=sampling_seconds, **extra)
         rows.append(row)
         save_grid(result.samples.images[:64], out / f"samples-{method}.png", ncol=16)
-        save_nearest_grid(result, out / f"nearest-{method}.png")
+        save_nearest_rows([(None, result.nearest(16))], out / f"nearest-{method}.png")
         log(f"{method}: T-shirt rates {_percentages(row.rates)}, excess over the oracle {_percentages(row.excess)}, "
             f"quality {_figures(row.quality)} ({sampling_seconds:.1f} s sampling)")
     write_results(rows, settings, out, time.perf_counter() - started, device, reference)
     return rows
-
-
-def save_nearest_grid(result: Evaluation, path: Path, k: int = 16) -> None:
-    """The k samples nearest the T-shirt, captioned with their pixel-L2 distance (red: counted as copies)."""
-    images, distances, flags = result.nearest(k)
-    save_grid(images, path, ncol=k, labels=distances, flags=flags)
 
 
 def _percentages(values: dict) -> str:

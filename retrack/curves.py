@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
-import torch
 
 from .atomic import write_file_atomically
 from .backends import load_backend
@@ -37,10 +36,9 @@ from .builtin import builtin_sets
 from .engine import StepEvent, UnlearnConfig, resolve_device, unlearn
 from .evaluation import (
     DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, REFERENCE_SIZE, Evaluation, OracleLevels, Reference, SamplerSettings,
-    builtin_reference, evaluate,
+    builtin_reference, evaluate, save_nearest_rows,
 )
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
-from .sampling import save_grid
 
 CURVE_METHODS = ("vanilla", "neggrad", "erasediff", "siss", "retrack")
 DEFAULT_CHECKPOINTS = (0, 10, 25, 50, 100, 200)
@@ -168,17 +166,6 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_curves(data, out)
     return data
-
-
-def save_nearest_rows(rows: list, path: Path) -> None:
-    """One row per checkpoint (label, `Evaluation.nearest` result): the samples nearest the
-    T-shirt, captioned "step: distance", red where they count as pixel-L2 copies."""
-    if not rows:
-        return
-    images = torch.cat([images for _, (images, _, _) in rows])
-    labels = [f"{label}: {d}" if i == 0 else d for label, (_, distances, _) in rows for i, d in enumerate(distances)]
-    flags = [f for _, (_, _, row_flags) in rows for f in row_flags]
-    save_grid(images, path, ncol=len(rows[0][1][1]), labels=labels, flags=flags)
 
 
 def finished_methods(path: Path, data: dict) -> dict:

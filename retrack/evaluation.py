@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -47,7 +48,7 @@ from torch import Tensor
 from . import metrics
 from .backends.base import Backend
 from .engine import check_range
-from .sampling import DISPLAY_SIDE, Samples, image_grid, reduce_to_side, resolve_precision, sample
+from .sampling import DISPLAY_SIDE, Samples, image_grid, reduce_to_side, resolve_precision, sample, save_grid
 
 DEFAULT_SAMPLER = "ddim"  # the evaluation sampler; one line to switch (e.g. to a faster solver)
 DEFAULT_SAMPLER_STEPS = 50
@@ -367,6 +368,19 @@ class Evaluation:
             out["oracle_levels"] = dict(self.oracle.levels)
         return out
 
+
+
+def save_nearest_rows(rows: Sequence[tuple[Optional[object], tuple[Tensor, list[str], list[bool]]]], path: Path) -> None:
+    """The grid to look at before believing a rate: one row per (label, `Evaluation.nearest(k)`),
+    the samples nearest the forget set captioned with their distances (the first one "label:
+    distance" when a label is given), red where they count as pixel-L2 copies."""
+    if not rows:
+        return
+    images = torch.cat([images for _, (images, _, _) in rows])
+    labels = [f"{label}: {d}" if i == 0 and label is not None else d
+              for label, (_, distances, _) in rows for i, d in enumerate(distances)]
+    flags = [f for _, (_, _, row_flags) in rows for f in row_flags]
+    save_grid(images, path, ncol=len(rows[0][1][1]), labels=labels, flags=flags)
 
 
 # ============================================================================ evaluating
