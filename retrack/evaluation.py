@@ -52,8 +52,9 @@ from .sampling import DISPLAY_SIDE, Samples, image_grid, reduce_to_side, resolve
 
 DEFAULT_SAMPLER = "ddim"  # the evaluation sampler; one line to switch (e.g. to a faster solver)
 DEFAULT_SAMPLER_STEPS = 50
-# bf16 autocast where the device has it natively: same T-shirt rates and quality as float32 within
-# sampling noise, in ~0.6x the time on the 2-core CPU (benchmarks/results/eval_sampler.md, cpu_speed.md).
+# bf16 autocast where the device has it natively: T-shirt rates within one binomial standard error of
+# float32's (at most 4 of 1,000 samples differ) and the same quality, in 0.66x the time per sample on
+# the 2-core CPU (benchmarks/results/eval_sampler.md, published_run.md).
 DEFAULT_SAMPLER_PRECISION = "auto"
 REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
