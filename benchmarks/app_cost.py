@@ -6,7 +6,7 @@
 Each mode runs a real `retrack.jobs.Job` on the built-in model with the T-shirt picked, exactly as
 the page starts it (`AppSettings.run_defaults`: the published ReTrack settings, 50 steps of 128
 rows, and the evaluation's defaults: 256 samples with 50 DDIM steps, the first 64 in the grids,
-the live memorisation curve on 32 fixed samples with 10 DDIM steps every 10 steps; `--quick`: 3
+the live memorisation curve on 32 fixed samples with the same 50 DDIM steps every 10 steps; `--quick`: 3
 steps of 8 rows, 4 samples with 5 steps, a live point every step on 4 samples with 2 steps).
 Each mode runs twice in one process: the first job draws the model's "before" samples and the
 oracle's samples (cold caches), the second finds them cached, as every later job of the server
@@ -117,8 +117,8 @@ def table(data: dict) -> str:
         s = entry["settings"]
         lines.append(f"- **{mode}**: {s['steps']} ReTrack steps of {s['batch_size']} rows; {s['n_samples']} samples "
                      f"before/after with {s['sampling_steps']} DDIM steps (grids: first {s['grid_samples']}); live "
-                     f"curve every {s['live_every']} steps on {s['live_samples']} samples with {s['live_steps']} "
-                     "DDIM steps.")
+                     f"curve every {s['live_every']} steps on {s['live_samples']} samples with "
+                     f"{s['live_steps'] or s['sampling_steps']} DDIM steps.")
     lines += ["", "| seconds | " + " | ".join(f"{mode}: {run['job']}" for mode, run in columns) + " |",
               "|---" * (len(columns) + 1) + "|"]
     for phase in phases:

@@ -79,7 +79,7 @@ def test_live_curve_is_evaluated_every_few_steps_and_at_the_last_one():
     assert [step for step in range(1, 26) if every_ten.live_at(step, 25)] == [10, 20, 25]
     assert not any(EvalSettings(live_every=0).live_at(step, 25) for step in range(1, 26))
     live = every_ten.live_sampler_settings()
-    assert (live.n_samples, live.steps, live.seed) == (32, 10, 0)  # the same seeds as the full set's first 32
+    assert (live.n_samples, live.steps, live.seed) == (32, 50, 0)  # the full set's first 32 seeds and its sampler steps
     with pytest.raises(ValueError, match="number of samples"):
         EvalSettings(n_samples=0).validate()
     with pytest.raises(ValueError, match="live curve"):

@@ -9,7 +9,7 @@ import torch
 
 from retrack.backends import load_backend
 from retrack.evaluation import (
-    ORACLE_QUANTILE, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
+    ORACLE_QUANTILE, EvalSettings, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
     excess_over, oracle_levels, reduce_to_side, reference_subset,
 )
 from retrack.metrics import PAPER_L2_THRESHOLD, ClipScorer
@@ -143,3 +143,16 @@ def test_real_model_draws_the_same_seeds_and_reads_against_its_oracle(tiny_pixel
     read = evaluate(backend, settings, reference, oracle=levels)
     assert read.summary()["excess_over_oracle"]["l2"] == pytest.approx(float((first.l2 < levels.levels["l2"]).mean()) - 0.01)
     assert isinstance(read, Evaluation)
+
+
+def test_the_live_curve_samples_like_the_evaluation_unless_told_otherwise():
+    """The live curve draws the first seeds of the evaluation's own draw, with its sampler steps
+    (a cheaper live sampler showed the opposite trend of the final rate on the built-in model), so
+    its point at step 0 is the "before" rate of those seeds."""
+    settings = EvalSettings(n_samples=64, sampling_steps=30, live_samples=8)
+    live, full = settings.live_sampler_settings(), settings.sampler_settings()
+    assert (live.steps, live.sampler, live.seed, live.precision) == (full.steps, full.sampler, full.seed, full.precision)
+    assert live.n_samples == 8
+    assert EvalSettings(sampling_steps=30, live_steps=5).live_sampler_settings().steps == 5
+    with pytest.raises(ValueError, match="live curve"):
+        EvalSettings(live_steps=0).validate()

@@ -159,8 +159,9 @@ class RunSection:
                 x="step", y="percent", color="measure", elem_id="memorisation-plot", x_title="step",
                 y_title="% of samples", height=300, color_map={"pixel L2": "#111827", "CLIP": "#f97316"},
                 tooltip=["step", "measure", "percent", "rate", "seconds"],
-                label=f"Memorisation while training: {live['live_samples']} fixed samples ({live['live_steps']} "
-                      f"sampler steps) every {live['live_every']} steps; the excess over the oracle where the model "
+                label=f"Memorisation while training: {live['live_samples']} fixed samples "
+                      f"({live['live_steps'] or live['sampling_steps']} sampler steps) every {live['live_every']} steps; "
+                      "the excess over the oracle where the model "
                       "has one (0: no more near-copies than a model that never saw the image), else the copy rate; "
                       "pixel L2 (black), CLIP (orange)")
 
