@@ -108,7 +108,8 @@ def reference_and_oracle(settings: BenchSettings, device: str,
     log(f"thresholds: {reference.thresholds()}")
     started = time.perf_counter()
     oracle = evaluate(load_backend(BUILTIN_ORACLE, device=device), settings.sampler(), reference)
-    oracle.oracle = OracleLevels.from_evaluation(oracle, source=f"{BUILTIN_ORACLE.name}, {settings.sampler().describe(device)}")
+    source = f"{BUILTIN_ORACLE.name}, {settings.sampler().describe(device)}"
+    oracle.oracle = OracleLevels.from_evaluation(oracle, source=source)
     return reference, oracle, time.perf_counter() - started
 
 
