@@ -14,8 +14,9 @@ seed 0) in the order fp32, bf16, bf16, fp32, so drift in the machine's speed hit
 two runs of one precision give the same weights (same seed), the first of each is evaluated. Then
 the same 1,000 seeds are drawn from the fp32-trained model in fp32 and in bf16, and from the
 bf16-trained model in bf16, each measured by `retrack.evaluation`; rates are compared sample by
-sample (paired differences over the same seeds, with standard errors), so "results unchanged"
-means every T-shirt rate moves by less than 2 paired standard errors.
+sample (paired differences over the same seeds, with their standard errors). The tolerance for
+"results unchanged" is the one benchmarks/results/eval_sampler.md states: every T-shirt rate within
+one binomial standard error of the fp32 rate.
 
 Writes published_run.json and published_run.md into --out.
 """
