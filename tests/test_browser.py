@@ -34,13 +34,21 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+SERVER_LOG: list[Path] = []  # the running server's log, for failure messages
+
+
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
     """`python app.py --quick` on a free port; yields its URL, stops it afterwards."""
     quick = [] if os.environ.get("RETRACK_BROWSER_FULL") else ["--quick"]  # full: published settings
-    with app_server([*quick, "--output-dir", str(tmp_path_factory.mktemp("app-output"))],
-                    tmp_path_factory.mktemp("server") / "server.log") as url:
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    SERVER_LOG[:] = [log]
+    with app_server([*quick, "--output-dir", str(tmp_path_factory.mktemp("app-output"))], log) as url:
         yield url
+
+
+def server_log_tail(lines: int = 40) -> str:
+    return "\n".join(SERVER_LOG[0].read_text().splitlines()[-lines:]) if SERVER_LOG else "(no server log)"
 
 
 @contextlib.contextmanager
@@ -128,8 +136,20 @@ def test_text_to_image_split_shows_two_galleries_and_a_click_moves_an_image(app_
         page.wait_for_selector("#training-gallery img", timeout=120_000)  # the built-in model first
         page.locator("#model-path textarea, #model-path input").first.fill(str(model))
         page.click("#load-model")
+        # The prompt box is shown for text-to-image models only; a model that cannot be opened
+        # says why in the summary instead.
         prompt = page.locator("#prompt textarea, #prompt input").first
-        prompt.wait_for(state="visible", timeout=60_000)  # shown for text-to-image models only
+        try:
+            page.wait_for_function(
+                "() => { const p = document.querySelector('#prompt textarea, #prompt input');"
+                " return (p && p.offsetParent !== null)"
+                " || document.querySelector('#model-info').innerText.includes('⚠'); }", timeout=120_000)
+        except Exception as exc:  # a timeout: say what the page and the server showed
+            raise AssertionError(f"no prompt box after Load: model box "
+                                 f"{page.locator('#model-path textarea, #model-path input').first.input_value()!r}, "
+                                 f"summary {page.locator('#model-info').inner_text()!r}\n"
+                                 f"server log:\n{server_log_tail()}") from exc
+        assert prompt.is_visible(), page.locator("#model-info").inner_text()
         prompt.fill("a photo of a cat")
         page.locator("#n-generations input").first.fill("8")
         page.click("#generate-split")
