@@ -1,0 +1,214 @@
+"""Why the published ReTrack run makes MORE T-shirts on the built-in model: where its update comes
+from, by timestep, and what the run does without the smallest timesteps in the forget branch.
+
+    python benchmarks/retrack_t_diagnosis.py                  # both parts, 1,000 samples per run
+    python benchmarks/retrack_t_diagnosis.py --part shares    # part 1 only (a minute or two)
+
+The forgetting curves (benchmarks/results/builtin/curves.md) show the published ReTrack run raising
+the T-shirt rate from 4.6 % to 16 % at 50 steps. METHOD.md draws the forget branch's t from all of
+0..T-1. Near t = 0, sigma_t is about 0.01, so the target v_k = (x_t - gamma n_k) / sigma is about
+gamma (a - n_k) / sigma, some hundred times the distance from the T-shirt to its neighbours: those
+rows' squared errors are orders of magnitude above every other row's.
+
+Part 1 (shares): batches of the published size (128 forget rows with their K = 10 neighbours, 128
+retain rows, lam = 0.005) on the built-in model as shipped. Each batch's gradient of the ReTrack
+loss is split into the parts that come from the forget rows in each t range and from the retain
+branch. The table gives each part's share of the forget loss, its gradient norm over the whole
+gradient's norm, and its cosine with the whole gradient (means over the batches). The whole
+gradient, clipped to norm 1 and normalised by AdamW, sets the step's direction.
+
+Part 2 (runs): the published run (preset "mnist": 50 steps, batch 128 per branch, seed 0) with the
+forget branch's t drawn from U{t_min..T-1} for each --t-min; the retain branch is unchanged. t_min
+0 is the library's own `retrack` objective. Every model is evaluated like the curves (same sampler,
+seeds and the oracle's levels, read from curves.json) and the 16 samples nearest the T-shirt of
+each are drawn in one grid. This is an experiment, not a method: METHOD.md is the specification
+and the library keeps t ~ U{0..T-1}.
+
+Writes retrack_t_diagnosis.json, .md and -nearest.png into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+from retrack.backends import load_backend  # noqa: E402
+from retrack.builtin import builtin_sets  # noqa: E402
+from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
+from retrack.evaluation import OracleLevels, SamplerSettings, builtin_reference, evaluate, save_nearest_rows  # noqa: E402
+from retrack.neighbours import nearest_neighbours  # noqa: E402
+from retrack.objectives import (METHODS, Batch, NoiseSchedule, Params, Terms, retrack_targets,  # noqa: E402
+                                retrack_unlearn_loss, sum_sq)
+from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.presets import COMMON, PRESETS  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results" / "builtin"
+T_BINS = (0, 10, 25, 50, 100, 250, 500, 1000)  # forget-row t ranges [lo, hi) of part 1
+
+
+# ----------------------------------------------------------------------------- the loss, per row
+def noised(x0: Tensor, schedule: NoiseSchedule, generator: torch.Generator, t_min: int = 0):
+    """x_t = gamma x0 + sigma eps with t ~ U{t_min..T-1}; draws in the library's order (t, then eps)."""
+    t = torch.randint(t_min, schedule.num_steps, (x0.shape[0],), generator=generator)
+    eps = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    gamma, sigma = schedule.gamma_sigma(t, x0)
+    return gamma * x0 + sigma * eps, t, eps, gamma, sigma
+
+
+def per_row_losses(denoise, batch: Batch, schedule: NoiseSchedule, generator: torch.Generator,
+                   t_min: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """ReTrack's two branches row by row: (forget rows' sum_k pi_k |eps - v_k|^2, their t,
+    retain rows' |eps - eps'|^2). With t_min = 0 this is `objectives.retrack` before the means."""
+    x_t, t, _, gamma, sigma = noised(batch.forget, schedule, generator, t_min)
+    v, pi = retrack_targets(x_t, batch.neighbours, gamma, sigma)
+    xr_t, tr, eps_r, _, _ = noised(batch.retain, schedule, generator)
+    unlearn_rows = retrack_unlearn_loss(denoise(x_t, t, None), v, pi)
+    retain_rows = sum_sq(denoise(xr_t, tr, None), eps_r)
+    return unlearn_rows, t, retain_rows
+
+
+def retrack_from(t_min: int):
+    """The ReTrack objective with the forget branch's t drawn from U{t_min..T-1}."""
+    def objective(denoise, batch: Batch, schedule: NoiseSchedule, generator: torch.Generator, params: Params) -> Terms:
+        unlearn_rows, _, retain_rows = per_row_losses(denoise, batch, schedule, generator, t_min)
+        loss = params.lam * unlearn_rows.mean() + (1.0 - params.lam) * retain_rows.mean()
+        return Terms(unlearn=unlearn_rows.mean(), retain=retain_rows.mean(), loss=loss, total=loss)
+    return objective
+
+
+# ----------------------------------------------------------------------------- part 1: shares
+def gradient_shares(batches: int, seed: int) -> list[dict]:
+    """Per t range of the forget rows (and the retain branch): share of the forget loss, gradient
+    norm over the whole gradient's, cosine with the whole gradient; means over `batches`."""
+    forget, retain = builtin_sets()
+    backend = load_backend(BUILTIN_MODEL, device="cpu")
+    preset = {**COMMON, **PRESETS["mnist"]}
+    _, indices = nearest_neighbours(forget, retain, preset["k"])
+    parameters = [p for p in backend.trainable_parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    rows, lam = preset["batch_size"], preset["lam"]
+    parts = [f"forget t {lo}-{hi - 1}" for lo, hi in zip(T_BINS, T_BINS[1:])] + ["retain branch"]
+    sums = {name: np.zeros(4) for name in parts}  # loss share, norm ratio, cosine, rows
+    for _ in range(batches):
+        fi = torch.randint(forget.shape[0], (rows,), generator=generator)
+        ri = torch.randint(retain.shape[0], (rows,), generator=generator)
+        batch = Batch(forget=forget[fi], neighbours=retain[indices[fi]], retain=retain[ri])
+        unlearn_rows, t, retain_rows = per_row_losses(backend.denoise, batch, backend.schedule, generator)
+        losses = [lam * unlearn_rows[(t >= lo) & (t < hi)].sum() / rows for lo, hi in zip(T_BINS, T_BINS[1:])]
+        losses.append((1.0 - lam) * retain_rows.mean())
+        grads = [flat(torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True), parameters)
+                 for loss in losses]
+        whole = torch.stack(grads).sum(0)
+        counts = [int(((t >= lo) & (t < hi)).sum()) for lo, hi in zip(T_BINS, T_BINS[1:])] + [rows]
+        for name, loss, grad, count in zip(parts, losses, grads, counts):
+            share = float(loss / (lam * unlearn_rows.mean())) if name != "retain branch" else float("nan")
+            sums[name] += (share, float(grad.norm() / whole.norm()),
+                           float(grad @ whole / (grad.norm() * whole.norm() + 1e-30)), count)
+    return [dict(part=name, rows=float(s[3] / batches), loss_share=float(s[0] / batches),
+                 norm_ratio=float(s[1] / batches), cosine=float(s[2] / batches)) for name, s in sums.items()]
+
+
+def flat(grads, parameters) -> Tensor:
+    return torch.cat([(torch.zeros_like(p) if g is None else g).flatten().double() for g, p in zip(grads, parameters)])
+
+
+# ----------------------------------------------------------------------------- part 2: runs
+def run(t_min: int, sampler: SamplerSettings, reference, oracle: OracleLevels) -> tuple[dict, tuple]:
+    """The published run with the forget branch's t from t_min (0: the library's objective), evaluated."""
+    name = "retrack"
+    if t_min > 0:
+        name = f"retrack_t{t_min}"
+        METHODS[name] = dataclasses.replace(METHODS["retrack"], name=name, objective=retrack_from(t_min))
+    forget, retain = builtin_sets()
+    backend = load_backend(BUILTIN_MODEL, device="cpu")
+    result = unlearn(backend, forget, retain, UnlearnConfig.preset("mnist", method=name, seed=0, device="cpu"))
+    evaluation = evaluate(backend, sampler, reference, oracle)
+    row = dict(t_min=t_min, training_seconds=result.seconds, rates=evaluation.rates(), excess=evaluation.excess(),
+               quality=evaluation.quality_figures, final_loss=result.events[-1].loss)
+    return row, evaluation.nearest(16)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("shares", "runs", "both"), default="both")
+    parser.add_argument("--batches", type=int, default=8, help="part 1: batches averaged")
+    parser.add_argument("--t-min", default="0,10,50,200", help="part 2: forget-branch t_min values")
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(os.cpu_count() or 1)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = dict(argv=argv if argv is not None else sys.argv[1:], beside=args.beside, load_average_at_start=os.getloadavg(),
+                machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
+                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    if args.part in ("shares", "both"):
+        data["shares"] = gradient_shares(args.batches, seed=0)
+        print(json.dumps(data["shares"], indent=1), flush=True)
+    if args.part in ("runs", "both"):
+        curves = json.loads((RESULTS / "curves.json").read_text())
+        oracle = OracleLevels.from_dict(curves["oracle"])
+        sampler = SamplerSettings(n_samples=args.samples)
+        data["sampler"], data["oracle"] = sampler.describe("cpu"), curves["oracle"]["source"]
+        reference = builtin_reference("cpu")
+        data["runs"], nearest = [], []
+        for t_min in (int(v) for v in args.t_min.split(",")):
+            row, near = run(t_min, sampler, reference, oracle)
+            data["runs"].append(row)
+            nearest.append((f"t>={t_min}", near))
+            print(f"t_min {t_min}: {row['training_seconds']:.1f} s, rates {row['rates']}, excess {row['excess']}, "
+                  f"classifier_fd {row['quality'].get('classifier_fd')}", flush=True)
+            save_nearest_rows(nearest, out / "retrack_t_diagnosis-nearest.png")
+    data["load_average_at_end"] = os.getloadavg()
+    (out / "retrack_t_diagnosis.json").write_text(json.dumps(data, indent=2) + "\n")
+    write_markdown(out / "retrack_t_diagnosis.md", data)
+    print((out / "retrack_t_diagnosis.md").read_text())
+    return 0
+
+
+def write_markdown(path: Path, data: dict) -> None:
+    lines = ["# ReTrack on the built-in model: where the update comes from, by timestep", "",
+             f"Made by `python benchmarks/retrack_t_diagnosis.py {' '.join(data['argv'])}` on {data['created']}. "
+             f"Machine: {data['machine']}. Beside it: {data['beside']} (load average "
+             f"{data['load_average_at_start'][0]:.2f} at the start, {data['load_average_at_end'][0]:.2f} at the end).", ""]
+    if "shares" in data:
+        lines += ["## Part 1: the published batch's gradient, split by the forget rows' t", "",
+                  "| part | rows per batch | share of the forget loss | gradient norm / whole | cosine with whole |",
+                  "|---|---|---|---|---|"]
+        for s in data["shares"]:
+            share = "" if s["part"] == "retain branch" else f"{100 * s['loss_share']:.1f} %"
+            lines.append(f"| {s['part']} | {s['rows']:.1f} | {share} | {s['norm_ratio']:.3f} | {s['cosine']:.3f} |")
+        lines.append("")
+    if "runs" in data:
+        measures = list(data["runs"][0]["rates"])
+        lines += ["## Part 2: the published run with the forget branch's t from t_min", "",
+                  f"Evaluation: {data['sampler']}; oracle levels from {data['oracle']}. Grid: "
+                  "retrack_t_diagnosis-nearest.png (one row per run, the 16 samples nearest the T-shirt).", "",
+                  "| forget t from | training s | " + " | ".join(f"{m} rate" for m in measures) + " | "
+                  + " | ".join(f"{m} excess" for m in measures) + " | classifier_fd |",
+                  "|---|---|" + "---|" * (2 * len(measures) + 1)]
+        for r in data["runs"]:
+            fd = r["quality"].get("classifier_fd")
+            lines.append(f"| {r['t_min']} | {r['training_seconds']:.1f} | "
+                         + " | ".join(f"{100 * r['rates'][m]:.1f} %" for m in measures) + " | "
+                         + " | ".join(f"{100 * r['excess'][m]:+.1f} %" for m in measures)
+                         + f" | {'n/a' if fd is None else f'{fd:.1f}'} |")
+        lines.append("")
+    path.write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
