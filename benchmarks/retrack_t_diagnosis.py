@@ -24,12 +24,19 @@ seeds and the oracle's levels, read from curves.json) and the 16 samples nearest
 each are drawn in one grid. This is an experiment, not a method: METHOD.md is the specification
 and the library keeps t ~ U{0..T-1}.
 
+Part 3 (switch): where along the sampling trajectory the trained model makes the extra T-shirts.
+The published ReTrack model R and the pretrained model P share the DDIM sampler and seeds; a hybrid
+runs one model's network at the sampler's timesteps above tau and the other's at and below it. If
+"R above tau, P below" makes the extra T-shirts, the change that matters acts early in sampling
+(high noise); if "P above, R below" does, it acts late.
+
 Writes retrack_t_diagnosis.json, .md and -nearest.png into --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import os
@@ -140,11 +147,39 @@ def run(t_min: int, sampler: SamplerSettings, reference, oracle: OracleLevels) -
     return row, evaluation.nearest(16)
 
 
+# ----------------------------------------------------------------------------- part 3: switch
+def hybrid(early, late, tau: int):
+    """A backend that denoises with `early` at timesteps above tau and with `late` at and below it."""
+    both = copy.copy(late)
+    both.denoise = lambda x, t, cond: (early if int(t.reshape(-1)[0]) > tau else late).denoise(x, t, cond)
+    return both
+
+
+def switch_runs(taus: list[int], sampler: SamplerSettings, reference, oracle: OracleLevels) -> tuple[list[dict], list]:
+    """Rates of P, R and the hybrids "R above tau, P below" and "P above tau, R below"."""
+    forget, retain = builtin_sets()
+    pretrained = load_backend(BUILTIN_MODEL, device="cpu")
+    retracked = load_backend(BUILTIN_MODEL, device="cpu")
+    unlearn(retracked, forget, retain, UnlearnConfig.preset("mnist", method="retrack", seed=0, device="cpu"))
+    models = [("pretrained", pretrained), ("ReTrack", retracked)]
+    models += [(f"ReTrack above {tau}, pretrained below", hybrid(retracked, pretrained, tau)) for tau in taus]
+    models += [(f"pretrained above {tau}, ReTrack below", hybrid(pretrained, retracked, tau)) for tau in taus]
+    rows, nearest = [], []
+    for name, model in models:
+        evaluation = evaluate(model, sampler, reference, oracle)
+        rows.append(dict(model=name, rates=evaluation.rates(), excess=evaluation.excess(),
+                         quality=evaluation.quality_figures))
+        nearest.append((name, evaluation.nearest(16)))
+        print(f"{name}: rates {rows[-1]['rates']}", flush=True)
+    return rows, nearest
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("shares", "runs", "both"), default="both")
+    parser.add_argument("--part", choices=("shares", "runs", "switch", "all"), default="all")
     parser.add_argument("--batches", type=int, default=8, help="part 1: batches averaged")
     parser.add_argument("--t-min", default="0,10,50,200", help="part 2: forget-branch t_min values")
+    parser.add_argument("--taus", default="750,500,250", help="part 3: switch timesteps")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
     parser.add_argument("--out", default=str(RESULTS))
@@ -155,15 +190,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = dict(argv=argv if argv is not None else sys.argv[1:], beside=args.beside, load_average_at_start=os.getloadavg(),
                 machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    if args.part in ("shares", "both"):
+    if args.part in ("shares", "all"):
         data["shares"] = gradient_shares(args.batches, seed=0)
         print(json.dumps(data["shares"], indent=1), flush=True)
-    if args.part in ("runs", "both"):
-        curves = json.loads((RESULTS / "curves.json").read_text())
-        oracle = OracleLevels.from_dict(curves["oracle"])
-        sampler = SamplerSettings(n_samples=args.samples)
-        data["sampler"], data["oracle"] = sampler.describe("cpu"), curves["oracle"]["source"]
-        reference = builtin_reference("cpu")
+    curves = json.loads((RESULTS / "curves.json").read_text())
+    oracle = OracleLevels.from_dict(curves["oracle"])
+    sampler = SamplerSettings(n_samples=args.samples)
+    data["sampler"], data["oracle"] = sampler.describe("cpu"), curves["oracle"]["source"]
+    reference = builtin_reference("cpu") if args.part != "shares" else None
+    if args.part in ("runs", "all"):
         data["runs"], nearest = [], []
         for t_min in (int(v) for v in args.t_min.split(",")):
             row, near = run(t_min, sampler, reference, oracle)
@@ -172,6 +207,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"t_min {t_min}: {row['training_seconds']:.1f} s, rates {row['rates']}, excess {row['excess']}, "
                   f"classifier_fd {row['quality'].get('classifier_fd')}", flush=True)
             save_nearest_rows(nearest, out / "retrack_t_diagnosis-nearest.png")
+    if args.part in ("switch", "all"):
+        data["switch"], nearest = switch_runs([int(v) for v in args.taus.split(",")], sampler, reference, oracle)
+        save_nearest_rows(nearest, out / "retrack_t_diagnosis-switch-nearest.png")
     data["load_average_at_end"] = os.getloadavg()
     (out / "retrack_t_diagnosis.json").write_text(json.dumps(data, indent=2) + "\n")
     write_markdown(out / "retrack_t_diagnosis.md", data)
@@ -206,6 +244,17 @@ def write_markdown(path: Path, data: dict) -> None:
                          + " | ".join(f"{100 * r['rates'][m]:.1f} %" for m in measures) + " | "
                          + " | ".join(f"{100 * r['excess'][m]:+.1f} %" for m in measures)
                          + f" | {'n/a' if fd is None else f'{fd:.1f}'} |")
+        lines.append("")
+    if "switch" in data:
+        measures = list(data["switch"][0]["rates"])
+        lines += ["## Part 3: which model samples where (DDIM timesteps above / at and below tau)", "",
+                  f"Evaluation: {data['sampler']}. Grid: retrack_t_diagnosis-switch-nearest.png (one row per model).", "",
+                  "| model | " + " | ".join(f"{m} rate" for m in measures) + " | L2 excess | classifier_fd |",
+                  "|---|" + "---|" * (len(measures) + 2)]
+        for r in data["switch"]:
+            fd = r["quality"].get("classifier_fd")
+            lines.append(f"| {r['model']} | " + " | ".join(f"{100 * r['rates'][m]:.1f} %" for m in measures)
+                         + f" | {100 * r['excess']['l2']:+.1f} % | {'n/a' if fd is None else f'{fd:.1f}'} |")
         lines.append("")
     path.write_text("\n".join(lines))
 
