@@ -161,15 +161,16 @@ def switch_runs(taus: list[int], sampler: SamplerSettings, reference, oracle: Or
     pretrained = load_backend(BUILTIN_MODEL, device="cpu")
     retracked = load_backend(BUILTIN_MODEL, device="cpu")
     unlearn(retracked, forget, retain, UnlearnConfig.preset("mnist", method="retrack", seed=0, device="cpu"))
-    models = [("pretrained", pretrained), ("ReTrack", retracked)]
-    models += [(f"ReTrack above {tau}, pretrained below", hybrid(retracked, pretrained, tau)) for tau in taus]
-    models += [(f"pretrained above {tau}, ReTrack below", hybrid(pretrained, retracked, tau)) for tau in taus]
+    # (name, the grid's short label, model)
+    models = [("pretrained", "P", pretrained), ("ReTrack", "R", retracked)]
+    models += [(f"ReTrack above {tau}, pretrained below", f"R>{tau}", hybrid(retracked, pretrained, tau)) for tau in taus]
+    models += [(f"pretrained above {tau}, ReTrack below", f"P>{tau}", hybrid(pretrained, retracked, tau)) for tau in taus]
     rows, nearest = [], []
-    for name, model in models:
+    for name, label, model in models:
         evaluation = evaluate(model, sampler, reference, oracle)
         rows.append(dict(model=name, rates=evaluation.rates(), excess=evaluation.excess(),
                          quality=evaluation.quality_figures))
-        nearest.append((name, evaluation.nearest(16)))
+        nearest.append((label, evaluation.nearest(16)))
         print(f"{name}: rates {rows[-1]['rates']}", flush=True)
     return rows, nearest
 
@@ -248,7 +249,9 @@ def write_markdown(path: Path, data: dict) -> None:
     if "switch" in data:
         measures = list(data["switch"][0]["rates"])
         lines += ["## Part 3: which model samples where (DDIM timesteps above / at and below tau)", "",
-                  f"Evaluation: {data['sampler']}. Grid: retrack_t_diagnosis-switch-nearest.png (one row per model).", "",
+                  f"Evaluation: {data['sampler']}. Grid: retrack_t_diagnosis-switch-nearest.png, one row per model in "
+                  "the table's order: P (pretrained), R (ReTrack), R>tau (ReTrack's network above tau, the pretrained "
+                  "one's below), P>tau (the reverse).", "",
                   "| model | " + " | ".join(f"{m} rate" for m in measures) + " | L2 excess | classifier_fd |",
                   "|---|" + "---|" * (len(measures) + 2)]
         for r in data["switch"]:
