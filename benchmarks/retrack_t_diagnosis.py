@@ -25,12 +25,13 @@ each are drawn in one grid. This is an experiment, not a method: METHOD.md is th
 and the library keeps t ~ U{0..T-1}.
 
 Part 3 (switch): where along the sampling trajectory the trained model makes the extra T-shirts.
-The published ReTrack model R and the pretrained model P share the DDIM sampler and seeds; a hybrid
+The published run's model U of --method (ReTrack by default) and the pretrained model P share the DDIM sampler and seeds; a hybrid
 runs one model's network at the sampler's timesteps above tau and the other's at and below it. If
-"R above tau, P below" makes the extra T-shirts, the change that matters acts early in sampling
-(high noise); if "P above, R below" does, it acts late.
+"U above tau, P below" makes the extra T-shirts, the change that matters acts early in sampling
+(high noise); if "P above, U below" does, it acts late.
 
-Writes retrack_t_diagnosis.json, .md and -nearest.png into --out.
+Writes retrack_t_diagnosis.json, .md, -nearest.png (part 2), -switch-nearest.png (part 3) and
+-neighbours.png (the T-shirt, its neighbours and their mean) into --out.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from retrack.objectives import (METHODS, Batch, NoiseSchedule, Params, Terms, re
                                 retrack_unlearn_loss, sum_sq)
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.presets import COMMON, PRESETS  # noqa: E402
+from retrack.sampling import save_grid  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "builtin"
 T_BINS = (0, 10, 25, 50, 100, 250, 500, 1000)  # forget-row t ranges [lo, hi) of part 1
@@ -93,6 +95,18 @@ def retrack_from(t_min: int):
         loss = params.lam * unlearn_rows.mean() + (1.0 - params.lam) * retain_rows.mean()
         return Terms(unlearn=unlearn_rows.mean(), retain=retain_rows.mean(), loss=loss, total=loss)
     return objective
+
+
+# ----------------------------------------------------------------------------- the neighbours
+def neighbours_picture(path: Path) -> None:
+    """The T-shirt, its K nearest retain images (captioned with their distance in [-1, 1] pixel
+    space) and their mean: at high noise the softmax weights are nearly uniform, so the forget
+    branch's target image is close to that mean."""
+    forget, retain = builtin_sets()
+    distances, indices = nearest_neighbours(forget, retain, COMMON["k"])
+    neighbours = retain[indices[0]]
+    save_grid(torch.cat([forget[:1], neighbours, neighbours.mean(0, keepdim=True)]), path, ncol=COMMON["k"] + 2,
+              labels=["T-shirt"] + [f"{d:.1f}" for d in distances[0].tolist()] + ["mean"])
 
 
 # ----------------------------------------------------------------------------- part 1: shares
@@ -155,16 +169,21 @@ def hybrid(early, late, tau: int):
     return both
 
 
-def switch_runs(taus: list[int], sampler: SamplerSettings, reference, oracle: OracleLevels) -> tuple[list[dict], list]:
-    """Rates of P, R and the hybrids "R above tau, P below" and "P above tau, R below"."""
+def switch_runs(method: str, taus: list[int], sampler: SamplerSettings, reference,
+                oracle: OracleLevels) -> tuple[list[dict], list]:
+    """Rates of P, the published run of `method` (U) and the hybrids "U above tau, P below" and
+    "P above tau, U below"."""
     forget, retain = builtin_sets()
     pretrained = load_backend(BUILTIN_MODEL, device="cpu")
-    retracked = load_backend(BUILTIN_MODEL, device="cpu")
-    unlearn(retracked, forget, retain, UnlearnConfig.preset("mnist", method="retrack", seed=0, device="cpu"))
+    unlearned = load_backend(BUILTIN_MODEL, device="cpu")
+    unlearn(unlearned, forget, retain, UnlearnConfig.preset("mnist", method=method, seed=0, device="cpu"))
+    title, short = METHODS[method].title, METHODS[method].title[0]
     # (name, the grid's short label, model)
-    models = [("pretrained", "P", pretrained), ("ReTrack", "R", retracked)]
-    models += [(f"ReTrack above {tau}, pretrained below", f"R>{tau}", hybrid(retracked, pretrained, tau)) for tau in taus]
-    models += [(f"pretrained above {tau}, ReTrack below", f"P>{tau}", hybrid(pretrained, retracked, tau)) for tau in taus]
+    models = [("pretrained", "P", pretrained), (title, short, unlearned)]
+    models += [(f"{title} above {tau}, pretrained below", f"{short}>{tau}", hybrid(unlearned, pretrained, tau))
+               for tau in taus]
+    models += [(f"pretrained above {tau}, {title} below", f"P>{tau}", hybrid(pretrained, unlearned, tau))
+               for tau in taus]
     rows, nearest = [], []
     for name, label, model in models:
         evaluation = evaluate(model, sampler, reference, oracle)
@@ -181,6 +200,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batches", type=int, default=8, help="part 1: batches averaged")
     parser.add_argument("--t-min", default="0,10,50,200", help="part 2: forget-branch t_min values")
     parser.add_argument("--taus", default="750,500,250", help="part 3: switch timesteps")
+    parser.add_argument("--method", default="retrack", choices=sorted(METHODS), help="part 3: the unlearned model")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
     parser.add_argument("--out", default=str(RESULTS))
@@ -191,6 +211,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     data = dict(argv=argv if argv is not None else sys.argv[1:], beside=args.beside, load_average_at_start=os.getloadavg(),
                 machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
                 created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    neighbours_picture(out / "retrack_t_diagnosis-neighbours.png")
     if args.part in ("shares", "all"):
         data["shares"] = gradient_shares(args.batches, seed=0)
         print(json.dumps(data["shares"], indent=1), flush=True)
@@ -209,7 +230,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"classifier_fd {row['quality'].get('classifier_fd')}", flush=True)
             save_nearest_rows(nearest, out / "retrack_t_diagnosis-nearest.png")
     if args.part in ("switch", "all"):
-        data["switch"], nearest = switch_runs([int(v) for v in args.taus.split(",")], sampler, reference, oracle)
+        data["switch_method"] = args.method
+        data["switch"], nearest = switch_runs(args.method, [int(v) for v in args.taus.split(",")], sampler,
+                                              reference, oracle)
         save_nearest_rows(nearest, out / "retrack_t_diagnosis-switch-nearest.png")
     data["load_average_at_end"] = os.getloadavg()
     (out / "retrack_t_diagnosis.json").write_text(json.dumps(data, indent=2) + "\n")
@@ -247,11 +270,13 @@ def write_markdown(path: Path, data: dict) -> None:
                          + f" | {'n/a' if fd is None else f'{fd:.1f}'} |")
         lines.append("")
     if "switch" in data:
+        title = METHODS[data.get("switch_method", "retrack")].title
+        short = title[0]
         measures = list(data["switch"][0]["rates"])
         lines += ["## Part 3: which model samples where (DDIM timesteps above / at and below tau)", "",
                   f"Evaluation: {data['sampler']}. Grid: retrack_t_diagnosis-switch-nearest.png, one row per model in "
-                  "the table's order: P (pretrained), R (ReTrack), R>tau (ReTrack's network above tau, the pretrained "
-                  "one's below), P>tau (the reverse).", "",
+                  f"the table's order: P (pretrained), {short} ({title}), {short}>tau ({title}'s network above tau, "
+                  "the pretrained one's below), P>tau (the reverse).", "",
                   "| model | " + " | ".join(f"{m} rate" for m in measures) + " | L2 excess | classifier_fd |",
                   "|---|" + "---|" * (len(measures) + 2)]
         for r in data["switch"]:
