@@ -30,6 +30,9 @@ runs one model's network at the sampler's timesteps above tau and the other's at
 "U above tau, P below" makes the extra T-shirts, the change that matters acts early in sampling
 (high noise); if "P above, U below" does, it acts late.
 
+Part 4 (x0): what the pretrained model and the published run's model predict as the clean image
+at high noise, from noised retain digits: its distance to the T-shirt and to the neighbours' mean.
+
 Writes retrack_t_diagnosis.json, .md, -nearest.png (part 2), -switch-nearest.png (part 3) and
 -neighbours.png (the T-shirt, its neighbours and their mean) into --out.
 """
@@ -97,6 +100,13 @@ def retrack_from(t_min: int):
     return objective
 
 
+def published_model(method: str):
+    """The built-in model after the published run of `method` (preset "mnist", seed 0), and the run."""
+    forget, retain = builtin_sets()
+    backend = load_backend(BUILTIN_MODEL, device="cpu")
+    return backend, unlearn(backend, forget, retain, UnlearnConfig.preset("mnist", method=method, seed=0, device="cpu"))
+
+
 # ----------------------------------------------------------------------------- the neighbours
 def neighbours_picture(path: Path) -> None:
     """The T-shirt, its K nearest retain images (captioned with their distance in [-1, 1] pixel
@@ -152,9 +162,7 @@ def run(t_min: int, sampler: SamplerSettings, reference, oracle: OracleLevels) -
     if t_min > 0:
         name = f"retrack_t{t_min}"
         METHODS[name] = dataclasses.replace(METHODS["retrack"], name=name, objective=retrack_from(t_min))
-    forget, retain = builtin_sets()
-    backend = load_backend(BUILTIN_MODEL, device="cpu")
-    result = unlearn(backend, forget, retain, UnlearnConfig.preset("mnist", method=name, seed=0, device="cpu"))
+    backend, result = published_model(name)
     evaluation = evaluate(backend, sampler, reference, oracle)
     row = dict(t_min=t_min, training_seconds=result.seconds, rates=evaluation.rates(), excess=evaluation.excess(),
                quality=evaluation.quality_figures, final_loss=result.events[-1].loss)
@@ -173,10 +181,8 @@ def switch_runs(method: str, taus: list[int], sampler: SamplerSettings, referenc
                 oracle: OracleLevels) -> tuple[list[dict], list]:
     """Rates of P, the published run of `method` (U) and the hybrids "U above tau, P below" and
     "P above tau, U below"."""
-    forget, retain = builtin_sets()
     pretrained = load_backend(BUILTIN_MODEL, device="cpu")
-    unlearned = load_backend(BUILTIN_MODEL, device="cpu")
-    unlearn(unlearned, forget, retain, UnlearnConfig.preset("mnist", method=method, seed=0, device="cpu"))
+    unlearned, _ = published_model(method)
     title, short = METHODS[method].title, METHODS[method].title[0]
     # (name, the grid's short label, model)
     models = [("pretrained", "P", pretrained), (title, short, unlearned)]
@@ -194,13 +200,45 @@ def switch_runs(method: str, taus: list[int], sampler: SamplerSettings, referenc
     return rows, nearest
 
 
+# ----------------------------------------------------------------------------- part 4: x0
+def high_noise_predictions(method: str, timesteps: list[int], n: int = 256) -> list[dict]:
+    """What P and the published run's model U predict as the clean image at high noise, from
+    noised retain digits (the states a trajectory passes through): x0_hat = clamp((x_t - sigma
+    eps_hat) / gamma, -1, 1), as the DDIM sampler computes it. Mean unit-pixel L2 of x0_hat to the
+    T-shirt and to the mean of its K neighbours, and its mean brightness (unit pixels)."""
+    forget, retain = builtin_sets()
+    _, indices = nearest_neighbours(forget, retain, COMMON["k"])
+    unit = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
+    shirt, blob = unit(forget[:1]), unit(retain[indices[0]].mean(0, keepdim=True))
+    generator = torch.Generator().manual_seed(0)
+    x0 = retain[torch.randint(retain.shape[0], (n,), generator=generator)]
+    eps = torch.randn(x0.shape, generator=generator)
+    pretrained = load_backend(BUILTIN_MODEL, device="cpu")
+    unlearned, _ = published_model(method)
+    rows = []
+    for t in timesteps:
+        steps = torch.full((n,), t)
+        gamma, sigma = pretrained.schedule.gamma_sigma(steps, x0)
+        x_t = gamma * x0 + sigma * eps
+        row = dict(t=t)
+        for name, model in (("pretrained", pretrained), (METHODS[method].title, unlearned)):
+            with torch.no_grad():
+                x0_hat = unit((x_t - sigma * model.denoise(x_t, steps, None)) / gamma)
+            l2 = lambda target: float((x0_hat - target).flatten(1).norm(dim=1).mean())  # noqa: E731
+            row[name] = dict(l2_to_tshirt=l2(shirt), l2_to_neighbour_mean=l2(blob), brightness=float(x0_hat.mean()))
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=("shares", "runs", "switch", "all"), default="all")
+    parser.add_argument("--part", choices=("shares", "runs", "switch", "x0", "all"), default="all")
     parser.add_argument("--batches", type=int, default=8, help="part 1: batches averaged")
     parser.add_argument("--t-min", default="0,10,50,200", help="part 2: forget-branch t_min values")
     parser.add_argument("--taus", default="750,500,250", help="part 3: switch timesteps")
-    parser.add_argument("--method", default="retrack", choices=sorted(METHODS), help="part 3: the unlearned model")
+    parser.add_argument("--method", default="retrack", choices=sorted(METHODS), help="parts 3 and 4: the unlearned model")
+    parser.add_argument("--x0-timesteps", default="980,900,800,700,500,250", help="part 4: timesteps")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
     parser.add_argument("--out", default=str(RESULTS))
@@ -219,7 +257,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     oracle = OracleLevels.from_dict(curves["oracle"])
     sampler = SamplerSettings(n_samples=args.samples)
     data["sampler"], data["oracle"] = sampler.describe("cpu"), curves["oracle"]["source"]
-    reference = builtin_reference("cpu") if args.part != "shares" else None
+    reference = builtin_reference("cpu") if args.part in ("runs", "switch", "all") else None
     if args.part in ("runs", "all"):
         data["runs"], nearest = [], []
         for t_min in (int(v) for v in args.t_min.split(",")):
@@ -234,6 +272,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         data["switch"], nearest = switch_runs(args.method, [int(v) for v in args.taus.split(",")], sampler,
                                               reference, oracle)
         save_nearest_rows(nearest, out / "retrack_t_diagnosis-switch-nearest.png")
+    if args.part in ("x0", "all"):
+        data["x0_method"] = args.method
+        data["x0"] = high_noise_predictions(args.method, [int(v) for v in args.x0_timesteps.split(",")])
     data["load_average_at_end"] = os.getloadavg()
     (out / "retrack_t_diagnosis.json").write_text(json.dumps(data, indent=2) + "\n")
     write_markdown(out / "retrack_t_diagnosis.md", data)
@@ -283,6 +324,18 @@ def write_markdown(path: Path, data: dict) -> None:
             fd = r["quality"].get("classifier_fd")
             lines.append(f"| {r['model']} | " + " | ".join(f"{100 * r['rates'][m]:.1f} %" for m in measures)
                          + f" | {100 * r['excess']['l2']:+.1f} % | {'n/a' if fd is None else f'{fd:.1f}'} |")
+        lines.append("")
+    if "x0" in data:
+        title = METHODS[data.get("x0_method", "retrack")].title
+        lines += [f"## Part 4: the clean image predicted from noised digits, pretrained vs {title}", "",
+                  "256 retain digits noised to t (fixed seeds); x0_hat as the DDIM sampler computes it, clamped to "
+                  "[-1, 1]; mean L2 in unit pixels; brightness is the mean unit pixel value.", "",
+                  "| t | L2 to the T-shirt, pretrained | ..., " + title + " | L2 to the neighbours' mean, pretrained | ..., "
+                  + title + " | brightness, pretrained | ..., " + title + " |", "|---|---|---|---|---|---|---|"]
+        for r in data["x0"]:
+            p, u = r["pretrained"], r[title]
+            lines.append(f"| {r['t']} | {p['l2_to_tshirt']:.2f} | {u['l2_to_tshirt']:.2f} | {p['l2_to_neighbour_mean']:.2f} | "
+                         f"{u['l2_to_neighbour_mean']:.2f} | {p['brightness']:.3f} | {u['brightness']:.3f} |")
         lines.append("")
     path.write_text("\n".join(lines))
 
