@@ -1,8 +1,9 @@
 """Why the published ReTrack run makes MORE T-shirts on the built-in model: where its update comes
 from, by timestep, and what the run does without the smallest timesteps in the forget branch.
 
-    python benchmarks/retrack_t_diagnosis.py                  # both parts, 1,000 samples per run
+    python benchmarks/retrack_t_diagnosis.py                  # all four parts, 1,000 samples per model
     python benchmarks/retrack_t_diagnosis.py --part shares    # part 1 only (a minute or two)
+    python benchmarks/retrack_t_diagnosis.py --part switch --method erasediff
 
 The forgetting curves (benchmarks/results/builtin/curves.md) show the published ReTrack run raising
 the T-shirt rate from 4.6 % to 16 % at 50 steps. METHOD.md draws the forget branch's t from all of
@@ -63,7 +64,6 @@ from retrack.neighbours import nearest_neighbours  # noqa: E402
 from retrack.objectives import (METHODS, Batch, NoiseSchedule, Params, Terms, retrack_targets,  # noqa: E402
                                 retrack_unlearn_loss, sum_sq)
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
-from retrack.presets import COMMON, PRESETS  # noqa: E402
 from retrack.sampling import save_grid  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "builtin"
@@ -113,9 +113,10 @@ def neighbours_picture(path: Path) -> None:
     space) and their mean: at high noise the softmax weights are nearly uniform, so the forget
     branch's target image is close to that mean."""
     forget, retain = builtin_sets()
-    distances, indices = nearest_neighbours(forget, retain, COMMON["k"])
+    k = UnlearnConfig.preset("mnist").k
+    distances, indices = nearest_neighbours(forget, retain, k)
     neighbours = retain[indices[0]]
-    save_grid(torch.cat([forget[:1], neighbours, neighbours.mean(0, keepdim=True)]), path, ncol=COMMON["k"] + 2,
+    save_grid(torch.cat([forget[:1], neighbours, neighbours.mean(0, keepdim=True)]), path, ncol=k + 2,
               labels=["T-shirt"] + [f"{d:.1f}" for d in distances[0].tolist()] + ["mean"])
 
 
@@ -125,11 +126,11 @@ def gradient_shares(batches: int, seed: int) -> list[dict]:
     norm over the whole gradient's, cosine with the whole gradient; means over `batches`."""
     forget, retain = builtin_sets()
     backend = load_backend(BUILTIN_MODEL, device="cpu")
-    preset = {**COMMON, **PRESETS["mnist"]}
-    _, indices = nearest_neighbours(forget, retain, preset["k"])
-    parameters = [p for p in backend.trainable_parameters() if p.requires_grad]
+    published = UnlearnConfig.preset("mnist")
+    _, indices = nearest_neighbours(forget, retain, published.k)
+    parameters = backend.trainable_parameters()
     generator = torch.Generator().manual_seed(seed)
-    rows, lam = preset["batch_size"], preset["lam"]
+    rows, lam = published.batch_size, published.lam
     parts = [f"forget t {lo}-{hi - 1}" for lo, hi in zip(T_BINS, T_BINS[1:])] + ["retain branch"]
     sums = {name: np.zeros(4) for name in parts}  # loss share, norm ratio, cosine, rows
     for _ in range(batches):
@@ -207,7 +208,7 @@ def high_noise_predictions(method: str, timesteps: list[int], n: int = 256) -> l
     eps_hat) / gamma, -1, 1), as the DDIM sampler computes it. Mean unit-pixel L2 of x0_hat to the
     T-shirt and to the mean of its K neighbours, and its mean brightness (unit pixels)."""
     forget, retain = builtin_sets()
-    _, indices = nearest_neighbours(forget, retain, COMMON["k"])
+    _, indices = nearest_neighbours(forget, retain, UnlearnConfig.preset("mnist").k)
     unit = lambda x: (x.clamp(-1, 1) + 1) / 2  # noqa: E731
     shirt, blob = unit(forget[:1]), unit(retain[indices[0]].mean(0, keepdim=True))
     generator = torch.Generator().manual_seed(0)
