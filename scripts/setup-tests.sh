@@ -15,4 +15,4 @@ if [ ${#missing[@]} -gt 0 ]; then
     echo "note: ${missing[*]} missing; install with 'sudo apt-get install ${missing[*]}' or the tests that need them are skipped" >&2
   fi
 fi
-python3 -m pip install -q -r requirements-test.txt
+python3 -m pip install -q -r requirements.txt -r requirements-test.txt
