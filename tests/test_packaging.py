@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import site
 import subprocess
 import sys
 from pathlib import Path
@@ -103,8 +104,12 @@ def test_the_package_installs_into_a_fresh_environment_and_runs_outside_the_chec
     python = bin_dir / "python"
 
     # --without-pip: the system site-packages' pip (visible through --system-site-packages)
-    # installs into the environment it runs in, so ensurepip is not needed.
+    # installs into the environment it runs in, so ensurepip is not needed. When the tests
+    # themselves run in a virtual environment, a .pth file makes its packages visible instead.
     run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", environment], elsewhere, env)
+    if sys.prefix != sys.base_prefix:  # the tests run in a virtual environment: its packages are the "system" ones
+        purelib = run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], elsewhere, env)
+        (Path(purelib.stdout.strip()) / "outer-environment.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     run([python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--no-index", "--no-cache-dir",
          "--quiet", source], elsewhere, env)
 
