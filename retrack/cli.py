@@ -198,8 +198,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.curves:
         return cmd_curves(args)
     settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
-    overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "samples", "sample_steps", "seed")
-                 if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "samples", "sample_steps", "seed",
+                                                         "deterministic_samples") if getattr(args, name) is not None}
     settings = bench.BenchSettings(**{**settings.__dict__, **overrides, "device": args.device,
                                       "methods": tuple(args.methods.split(",")) if args.methods else settings.methods})
     log = lambda line: print(line, flush=True)  # noqa: E731
@@ -223,7 +223,8 @@ def cmd_curves(args: argparse.Namespace) -> int:
     from .curves import CurveSettings, run_curves
 
     settings = CurveSettings.quick() if args.quick else CurveSettings()
-    overrides = {name: getattr(args, name) for name in ("batch_size", "samples", "sample_steps", "seed")
+    overrides = {name: getattr(args, name) for name in ("batch_size", "samples", "sample_steps", "seed",
+                                                         "deterministic_samples", "confirm_samples")
                  if getattr(args, name) is not None}
     if args.methods:
         overrides["methods"] = tuple(args.methods.split(","))
@@ -278,15 +279,21 @@ def add_bench_command(sub) -> None:
     p.add_argument("--methods", help="comma-separated subset of pretrained,vanilla,neggrad,erasediff,siss,retrack,oracle")
     p.add_argument("--steps", type=int, help=f"unlearning steps (default {PRESETS['mnist']['steps']})")
     p.add_argument("--batch", dest="batch_size", type=int, help=f"rows per branch (default {PRESETS['mnist']['batch_size']})")
-    p.add_argument("--samples", type=int, help="evaluation samples per model (default 1000)")
-    p.add_argument("--sample-steps", type=int, help="DDIM steps per sample (default 50)")
+    p.add_argument("--samples", type=int, help="evaluation samples per model under the paper's sampler, ancestral "
+                                                "DDPM (default 5000; --curves: 1000 per checkpoint)")
+    p.add_argument("--ddim-samples", dest="deterministic_samples", type=int,
+                   help="evaluation samples per model under the deterministic DDIM-50 (default 1000; --curves: 500)")
+    p.add_argument("--sample-steps", type=int, help="steps of the paper's sampler (default 50, the released code's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI); with --nll, the cheap "
                                                            "likelihood setting")
     p.add_argument("--curves", action="store_true", help="instead: forgetting curves of vanilla, NegGrad, EraseDiff, "
                                                          "SISS and ReTrack at --checkpoints (curves.json, .md, .png)")
-    p.add_argument("--checkpoints", help="--curves: comma-separated steps to evaluate at (default 0,10,25,50,100,200)")
+    p.add_argument("--checkpoints", help="--curves: comma-separated steps to evaluate at (default "
+                                         "0,5,10,15,20,25,30,40,50,75,100,200)")
+    p.add_argument("--confirm-samples", type=int, help="--curves: samples under the paper's sampler that re-read a "
+                                                       "method's first step at the oracle's level (default 5000; 0: off)")
     p.add_argument("--nll", action="store_true", help="instead: likelihood (bits/dim) of the T-shirt and a few "
                                                       "retain digits per method (nll.json, nll.md)")
     p.add_argument("--nll-retain", type=int, default=3, help="retain digits in the likelihood table (default 3)")

@@ -1,29 +1,34 @@
 """Forgetting curves on the built-in model: memorisation against training time, for every method.
 
-    python -m retrack bench --curves            # 0, 10, 25, 50, 100, 200 steps; 500 samples per point
+    python -m retrack bench --curves            # 0, 5, 10, ..., 200 steps; 1,000 + 500 samples per point
     python -m retrack bench --curves --quick    # a few steps and samples (tests)
 
 Every method (vanilla, NegGrad, EraseDiff, SISS, ReTrack) starts from the built-in model with the
 same seed, so the same rows and noise per branch, and is evaluated at each checkpoint on the same
-sample seeds by `retrack.evaluation` (pixel-L2, classifier and CLIP T-shirt rates, each also as
-the excess over the oracle, and quality). Training runs once per method up to the last
-checkpoint; the evaluations happen inside `engine.unlearn`'s `on_step` callback, so training
-continues from the checkpoint's weights and optimiser state, and the seconds recorded are
-training seconds only (k-NN search included, evaluation excluded). Sampling does not touch the
-training's random generator, so the curve's weights are those of an uninterrupted run.
+sample seeds by `retrack.evaluation` (pixel-L2, classifier and CLIP T-shirt rates with counts and
+intervals, each also as the excess over the oracle, and quality) under two samplers: the paper's
+(ancestral DDPM, 50 steps) and the deterministic DDIM-50. The first checkpoint at the oracle's
+level under the paper's sampler is re-read on `confirm_samples` (5,000) seeds against the oracle's
+levels on as many, since at these rates 1,000 samples hold a handful of T-shirts. Training runs
+once per method up to the last checkpoint; the evaluations happen inside `engine.unlearn`'s
+`on_step` callback, so training continues from the checkpoint's weights and optimiser state, and
+the seconds recorded are training seconds only (k-NN search included, evaluation excluded).
+Sampling draws from its own per-sample generators, never the training's, so the curve's weights
+are those of an uninterrupted run.
 
-Writes curves.json (per method and checkpoint: step, seconds, every rate and excess, quality;
-with the settings, the machine and the command), curves.png and curves.md (time and steps until
-a method reaches the oracle's level with its quality within the oracle–pretrained spread), and
-the pictures behind the numbers: curves-nearest-<method>.png, one row per checkpoint of the 16
-samples nearest the T-shirt (curves-nearest-start.png: the oracle's and the pretrained model's).
+Writes curves.json (per method and checkpoint: step, seconds, per sampler every rate and excess
+and quality, the confirmation; with the settings, the machine and the command), curves.png and
+curves.md (steps and time until a method reaches the oracle's level under each sampler and under
+both), and the pictures behind the numbers: curves-nearest-<method>-<sampler>.png, one row per
+checkpoint of the 16 samples nearest the T-shirt (curves-nearest-start-<sampler>.png: the
+oracle's and the pretrained model's).
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -35,17 +40,15 @@ from .bench import _load_average, machine
 from .builtin import builtin_sets
 from .engine import StepEvent, UnlearnConfig, resolve_device, unlearn
 from .evaluation import (
-    DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, REFERENCE_SIZE, Evaluation, OracleLevels, Reference, SamplerSettings,
-    builtin_reference, evaluate, save_nearest_rows,
+    DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference,
+    SamplerSettings, at_oracle_level, builtin_reference, evaluate, evaluate_samples, quality_figure, save_nearest_rows,
 )
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
+from .presets import EVALUATION_STEPS
+from .sampling import Samples
 
 CURVE_METHODS = ("vanilla", "neggrad", "erasediff", "siss", "retrack")
-DEFAULT_CHECKPOINTS = (0, 10, 25, 50, 100, 200)
-# What "reaches the oracle's level" is read on: the T-shirt measures (pixel L2, the paper's; the
-# classifier, which also counts blurred copies), and the quality figure that must stay in range.
-FORGET_MEASURES = ("l2", "classifier")
-QUALITY_FIGURE = ("classifier_fd", "clip_fd")  # the first one the evaluation has; lower is better
+DEFAULT_CHECKPOINTS = (0, 5, 10, 15, 20, 25, 30, 40, 50, 75, 100, 200)
 NEAREST = 16  # samples nearest the T-shirt shown per checkpoint
 
 
@@ -55,24 +58,35 @@ class CurveSettings:
     checkpoints: Sequence[int] = DEFAULT_CHECKPOINTS
     batch_size: int = 128  # rows per branch per step (the published MNIST setting)
     seed: int = 0  # training seed (rows and noise) and first sample seed
-    samples: int = 500
-    sampler: str = DEFAULT_SAMPLER
-    sample_steps: int = DEFAULT_SAMPLER_STEPS
+    samples: int = 1000  # per checkpoint, under the paper's sampler
+    deterministic_samples: int = 500  # per checkpoint, under DDIM-50
+    confirm_samples: int = 5000  # a method's first step at the oracle's level is re-read on this many
+    sample_steps: int = EVALUATION_STEPS["mnist"]
+    deterministic_steps: int = SECOND_SAMPLER_STEPS
     retain_reference: int = REFERENCE_SIZE
     device: str = "auto"
 
     @classmethod
     def quick(cls) -> "CurveSettings":
-        return cls(checkpoints=(0, 1, 2), batch_size=8, samples=8, sample_steps=2, retain_reference=64)
+        return cls(checkpoints=(0, 1, 2), batch_size=8, samples=8, deterministic_samples=6, confirm_samples=12,
+                   sample_steps=2, deterministic_steps=2, retain_reference=64)
 
-    def sampler_settings(self) -> SamplerSettings:
-        return SamplerSettings(n_samples=self.samples, seed=self.seed, sampler=self.sampler, steps=self.sample_steps)
+    def samplers(self) -> dict[str, SamplerSettings]:
+        """The two draws of every checkpoint (same seeds): the paper's sampler and DDIM."""
+        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps)
+        ddim = replace(paper, n_samples=self.deterministic_samples).deterministic()
+        return {PAPER: paper, DDIM: replace(ddim, steps=self.deterministic_steps)}
+
+    def confirming(self) -> SamplerSettings:
+        """The paper's sampler on `confirm_samples` seeds (the checkpoint's seeds among them)."""
+        return replace(self.samplers()[PAPER], n_samples=self.confirm_samples)
 
     def command(self) -> str:
         """The command line that runs exactly these settings."""
         return (f"python -m retrack bench --curves --methods {','.join(self.methods)} "
                 f"--checkpoints {','.join(map(str, self.checkpoints))} --batch {self.batch_size} --seed {self.seed} "
-                f"--samples {self.samples} --sample-steps {self.sample_steps} --device {self.device}")
+                f"--samples {self.samples} --ddim-samples {self.deterministic_samples} "
+                f"--confirm-samples {self.confirm_samples} --sample-steps {self.sample_steps} --device {self.device}")
 
     def validate(self) -> None:
         unknown = set(self.methods) - set(CURVE_METHODS)
@@ -80,6 +94,9 @@ class CurveSettings:
             raise ValueError(f"unknown method(s) {', '.join(sorted(unknown))}; choose from {', '.join(CURVE_METHODS)}")
         if not self.checkpoints or sorted(set(self.checkpoints)) != list(self.checkpoints) or self.checkpoints[0] < 0:
             raise ValueError(f"checkpoints must be distinct step counts >= 0 in increasing order, got {list(self.checkpoints)}")
+        if self.confirm_samples and self.confirm_samples < self.samples:
+            raise ValueError(f"--confirm-samples ({self.confirm_samples}) must be 0 (off) or at least --samples "
+                             f"({self.samples})")
 
 
 @dataclass
@@ -87,47 +104,109 @@ class Point:
     step: int
     seconds: float  # training seconds to reach this step (k-NN included, evaluation excluded)
     cpu_seconds: float  # the same in CPU time of this process (all threads): steadier than wall time on a shared machine
-    rates: dict
-    excess: dict
-    quality: dict
+    by_sampler: dict  # PAPER / DDIM -> {samples, rates, counts, intervals, excess, quality}
+    confirmed: Optional[dict] = None  # the paper's sampler on confirm_samples, where this step was re-read
 
 
-def point(step: int, seconds: float, cpu_seconds: float, result: Evaluation) -> Point:
-    return Point(step=step, seconds=round(seconds, 3), cpu_seconds=round(cpu_seconds, 3), rates=result.rates(),
-                 excess=result.excess(),
-                 quality=dict(result.quality_figures))
+def measured(result: Evaluation, oracle: OracleLevels) -> dict:
+    """What a curve keeps of one evaluation: rates with counts and intervals, excess, quality."""
+    summary = result.summary()
+    return dict(samples=result.n, rates=summary["rates"], counts=summary["counts"], intervals=summary["intervals"],
+                excess=result.excess(oracle), quality=summary["quality"])
 
 
-def method_curve(method: str, settings: CurveSettings, device: str, reference: Reference, oracle: OracleLevels,
-                 start: Point, log: Callable[[str], None], nearest: Optional[list] = None) -> list[Point]:
-    """Train `method` from the built-in model to the last checkpoint, evaluating at each one.
-    `nearest`, when given, collects each checkpoint's `Evaluation.nearest(NEAREST)` after the
-    pretrained model's (the grid to look at)."""
+@dataclass
+class Start:
+    """What every curve is read against, per sampler: the oracle's levels and the pretrained model's
+    figures (its point 0), and for the confirmation the oracle's levels on confirm_samples."""
+
+    oracle: dict  # PAPER / DDIM -> OracleLevels
+    pretrained: Point
+    oracle_confirming: Optional[OracleLevels] = None
+    nearest: Optional[dict] = None  # PAPER / DDIM -> [(label, nearest)] rows: the oracle's and pretrained
+
+
+def start_of(settings: CurveSettings, device: str, reference: Reference) -> Start:
+    """Evaluate the oracle (levels) and the pretrained model under both samplers. The oracle's levels
+    for the paper's sampler come from its first `samples` seeds, as the curve's points are drawn,
+    and, for the confirmation, from all `confirm_samples`."""
+    oracle_model, pretrained_model = (load_backend(path, device=device) for path in (BUILTIN_ORACLE, BUILTIN_MODEL))
+    levels, by_sampler, nearest, confirming = {}, {}, {}, None
+    for key, sampler in settings.samplers().items():
+        if key == PAPER and settings.confirm_samples:
+            full = evaluate(oracle_model, settings.confirming(), reference)
+            confirming = OracleLevels.from_evaluation(full, source=f"{BUILTIN_ORACLE.name}, {full.sampler}")
+            first = Samples(full.samples.images[:sampler.n_samples], full.samples.seeds[:sampler.n_samples])
+            oracle_result = evaluate_samples(first, reference)
+            oracle_result.sampler = sampler.describe(device)
+        else:
+            oracle_result = evaluate(oracle_model, sampler, reference)
+        levels[key] = OracleLevels.from_evaluation(oracle_result, source=f"{BUILTIN_ORACLE.name}, {oracle_result.sampler}")
+        pretrained = evaluate(pretrained_model, sampler, reference, levels[key])
+        by_sampler[key] = measured(pretrained, levels[key])
+        nearest[key] = [("oracle", oracle_result.nearest(NEAREST)), (0, pretrained.nearest(NEAREST))]
+    return Start(levels, Point(0, 0.0, 0.0, by_sampler), confirming, nearest)
+
+
+def method_curve(method: str, settings: CurveSettings, device: str, reference: Reference, start: Start,
+                 log: Callable[[str], None], nearest: Optional[dict] = None) -> list[Point]:
+    """Train `method` from the built-in model to the last checkpoint, evaluating at each one under
+    both samplers. Where a checkpoint is at the oracle's level under the paper's sampler, it is
+    re-read on `confirm_samples` (until one confirms). `nearest`, when given, collects per sampler
+    each checkpoint's `Evaluation.nearest(NEAREST)` (the grid to look at)."""
     forget, retain = builtin_sets()
     backend = load_backend(BUILTIN_MODEL, device=device)
     config = UnlearnConfig.preset("mnist", method=method, steps=max(settings.checkpoints),
                                   batch_size=settings.batch_size, seed=settings.seed, device=device)
-    points = [start] if settings.checkpoints[0] == 0 else []
+    points = [start.pretrained] if settings.checkpoints[0] == 0 else []
     evaluating = {"seconds": 0.0, "cpu": 0.0}  # evaluation time so far, taken out of the run's clocks
     cpu_start = time.process_time()
+    pretrained = asdict(start.pretrained)
 
     def on_step(event: StepEvent) -> None:
         if event.step not in settings.checkpoints:
             return
         started, cpu_started = time.perf_counter(), time.process_time()
-        result = evaluate(backend, settings.sampler_settings(), reference, oracle)
-        points.append(point(event.step, event.seconds - evaluating["seconds"],
-                            cpu_started - cpu_start - evaluating["cpu"], result))
-        if nearest is not None:
-            nearest.append((event.step, result.nearest(NEAREST)))
+        by_sampler = {}
+        for key, sampler in settings.samplers().items():
+            result = evaluate(backend, sampler, reference, start.oracle[key])
+            by_sampler[key] = measured(result, start.oracle[key])
+            if nearest is not None:
+                nearest.setdefault(key, []).append((event.step, result.nearest(NEAREST)))
+        here = Point(event.step, event.seconds - evaluating["seconds"], cpu_started - cpu_start - evaluating["cpu"],
+                     by_sampler)
+        already = any(p.confirmed and p.confirmed["at_oracle_level"] for p in points)
+        if start.oracle_confirming is not None and not already and reaches(asdict(here), start.oracle[PAPER].quality,
+                                                                                        pretrained, PAPER):
+            here.confirmed = confirmation(backend, settings, reference, start)
+        points.append(here)
         evaluating["seconds"] += time.perf_counter() - started
         evaluating["cpu"] += time.process_time() - cpu_started
-        log(f"{method} step {event.step}: {points[-1].seconds:.1f} s training, rates {_short(points[-1].rates)}, "
-            f"excess {_short(points[-1].excess)}")
+        log(f"{method} step {event.step}: {here.seconds:.1f} s training; "
+            + "; ".join(f"{key} rates {_short(m['rates'])}, excess {_short(m['excess'])}" for key, m in by_sampler.items())
+            + ("" if here.confirmed is None else f"; on {settings.confirm_samples}: excess "
+               f"{_short(here.confirmed['excess'])}, at the oracle's level: {here.confirmed['at_oracle_level']}"))
 
     if max(settings.checkpoints) > 0:
         unlearn(backend, forget, retain, config, on_step=on_step)
     return points
+
+
+def reaches(point: dict, oracle_quality: dict, pretrained: dict, key: str) -> bool:
+    """Whether a checkpoint (as a dict) is at the oracle's level under sampler `key`
+    (`evaluation.at_oracle_level`), the oracle's quality under that sampler given."""
+    mine = point["by_sampler"][key]
+    return at_oracle_level(mine["excess"], mine["quality"], oracle_quality, pretrained["by_sampler"][key]["quality"])
+
+
+def confirmation(backend, settings: CurveSettings, reference: Reference, start: Start) -> dict:
+    """The paper's sampler on `confirm_samples`, read against the oracle's levels on as many: the
+    forget measures' excess must stay at most 0 (quality is judged on the checkpoint's own draw,
+    since a Fréchet distance depends on the number of samples)."""
+    result = evaluate(backend, settings.confirming(), reference, start.oracle_confirming)
+    figures = measured(result, start.oracle_confirming)
+    figures["at_oracle_level"] = all(figures["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES)
+    return figures
 
 
 def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = print) -> dict:
@@ -137,31 +216,33 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
     device = resolve_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), _load_average()
-    sampler = settings.sampler_settings()
     reference = builtin_reference(device, reference_size=settings.retain_reference)
-    oracle_result = evaluate(load_backend(BUILTIN_ORACLE, device=device), sampler, reference)
-    oracle = OracleLevels.from_evaluation(oracle_result, source=f"{BUILTIN_ORACLE.name}, {sampler.describe(device)}")
-    pretrained = evaluate(load_backend(BUILTIN_MODEL, device=device), sampler, reference, oracle)
-    start = point(0, 0.0, 0.0, pretrained)
-    save_nearest_rows([("oracle", oracle_result.nearest(NEAREST)), (0, pretrained.nearest(NEAREST))],
-                      out / "curves-nearest-start.png")
-    log(f"oracle rates {_short(oracle.rates)}; pretrained rates {_short(start.rates)}, excess {_short(start.excess)}")
-    data = {"meta": {"settings": asdict(settings), "sampler": sampler.describe(device), "device": machine(device),
+    start = start_of(settings, device, reference)
+    for key, rows in start.nearest.items():
+        save_nearest_rows(rows, out / f"curves-nearest-start-{key}.png")
+    log("start: " + "; ".join(f"{key}: oracle rates {_short(start.oracle[key].rates)}, pretrained rates "
+                              f"{_short(start.pretrained.by_sampler[key]['rates'])}" for key in start.oracle))
+    data = {"meta": {"settings": asdict(settings), "device": machine(device),
+                     "samplers": {key: s.describe(device) for key, s in settings.samplers().items()},
+                     "confirming": settings.confirming().describe(device) if settings.confirm_samples else None,
                      "thresholds": reference.thresholds(), "load_average_at_start": load_start,
                      "command": settings.command(),
                      "how": "one process; training seconds exclude evaluation; every method from the built-in "
                             "model with the same seed (rows and noise per branch) and the same sample seeds"},
-            "oracle": oracle.to_dict(), "pretrained": asdict(start), "methods": {}}
+            "oracle": {key: levels.to_dict() for key, levels in start.oracle.items()},
+            "oracle_confirming": start.oracle_confirming.to_dict() if start.oracle_confirming else None,
+            "pretrained": asdict(start.pretrained), "methods": {}}
     done = finished_methods(out / "curves.json", data)
     for method in settings.methods:
         if method in done:  # measured by an interrupted run with the same settings: keep it
             data["methods"][method] = done[method]
             log(f"{method}: kept from {out / 'curves.json'}")
             continue
-        nearest = []
-        data["methods"][method] = [asdict(p) for p in method_curve(method, settings, device, reference, oracle,
-                                                                    start, log, nearest)]
-        save_nearest_rows(nearest, out / f"curves-nearest-{method}.png")
+        nearest: dict = {}
+        data["methods"][method] = [asdict(p) for p in method_curve(method, settings, device, reference, start, log,
+                                                                    nearest)]
+        for key, rows in nearest.items():
+            save_nearest_rows(rows, out / f"curves-nearest-{method}-{key}.png")
         data["meta"].update(total_seconds=round(time.perf_counter() - started, 1), load_average_at_end=_load_average(),
                             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
         write_curves(data, out)
@@ -185,22 +266,26 @@ def finished_methods(path: Path, data: dict) -> dict:
 
 
 # ============================================================================ reading the curves
-def quality_figure(quality: dict) -> Optional[str]:
-    """The quality figure the table judges by: the classifier's Fréchet distance, else CLIP's."""
-    return next((name for name in QUALITY_FIGURE if quality.get(name) is not None), None)
-
-
-def time_to_oracle(points: Sequence[dict], oracle: dict, pretrained: dict) -> Optional[dict]:
-    """The first checkpoint where every forget measure's excess over the oracle is <= 0 while the
-    quality figure (lower is better) is no worse than the worse of the oracle's and the pretrained
-    model's; None ("never") when no checkpoint does."""
-    figure = quality_figure(pretrained["quality"])
-    ceiling = None if figure is None else max(oracle["quality"].get(figure) or 0.0, pretrained["quality"][figure])
+def time_to_oracle(points: Sequence[dict], oracle: dict, pretrained: dict, key: str = PAPER) -> Optional[dict]:
+    """The first checkpoint at the oracle's level under sampler `key` (`evaluation.at_oracle_level`),
+    and, for the paper's sampler where the curve re-read it on more samples, confirmed there too;
+    None ("never") when no checkpoint is. `oracle`: sampler key -> OracleLevels as a dict."""
     for p in points:
-        forgotten = all(p["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES)
-        kept = ceiling is None or (p["quality"].get(figure) is not None and p["quality"][figure] <= ceiling)
-        if forgotten and kept:
-            return {"step": p["step"], "seconds": p["seconds"], "cpu_seconds": p.get("cpu_seconds")}
+        if not reaches(p, oracle[key]["quality"], pretrained, key):
+            continue
+        if key == PAPER and p.get("confirmed") is not None and not p["confirmed"]["at_oracle_level"]:
+            continue
+        return {"step": p["step"], "seconds": p["seconds"], "cpu_seconds": p.get("cpu_seconds"),
+                "confirmed_on": None if p.get("confirmed") is None else p["confirmed"]["samples"]}
+    return None
+
+
+def time_to_both(points: Sequence[dict], oracle: dict, pretrained: dict) -> Optional[dict]:
+    """The first checkpoint at the oracle's level under both samplers (the verdict "forgotten")."""
+    for p in points:
+        paper = time_to_oracle([p], oracle, pretrained, PAPER)
+        if paper is not None and reaches(p, oracle[DDIM]["quality"], pretrained, DDIM):
+            return paper
     return None
 
 
@@ -211,90 +296,109 @@ def write_curves(data: dict, out: Path) -> None:
     plot_curves(data, out / "curves.png")
 
 
+def _when(hit: Optional[dict]) -> str:
+    return "never" if hit is None else f"{hit['step']} ({hit['seconds']:.1f} s)"
+
+
 def curves_table(data: dict) -> str:
     meta, oracle, pretrained = data["meta"], data["oracle"], data["pretrained"]
-    figure = quality_figure(pretrained["quality"]) or "quality"
-    reached = {m: time_to_oracle(points, oracle, pretrained) for m, points in data["methods"].items()}
+    figure = quality_figure(pretrained["by_sampler"][PAPER]["quality"]) or "quality"
+    reached = {m: time_to_oracle(points, oracle, pretrained, PAPER) for m, points in data["methods"].items()}
+    settings = meta["settings"]
     lines = [
         f"Forgetting curves on the built-in digits + T-shirt model: each method from the same start and seed, "
-        f"batch {meta['settings']['batch_size']} per branch, evaluated at steps "
-        f"{', '.join(map(str, meta['settings']['checkpoints']))} on {meta['settings']['samples']} samples "
-        f"({meta['sampler']}); device {meta['device']}; whole run {meta.get('total_seconds', 0):.0f} s "
-        f"(load average {meta['load_average_at_start']} at the start, {meta.get('load_average_at_end')} at the end).",
+        f"batch {settings['batch_size']} per branch, evaluated at steps {', '.join(map(str, settings['checkpoints']))} "
+        f"under the paper's sampler ({meta['samplers'][PAPER]}) and DDIM ({meta['samplers'][DDIM]}); a first step "
+        f"at the oracle's level under the paper's sampler re-read on {settings['confirm_samples']} samples; device "
+        f"{meta['device']}; whole run {meta.get('total_seconds', 0):.0f} s (load average "
+        f"{meta['load_average_at_start']} at the start, {meta.get('load_average_at_end')} at the end).",
         "",
-        f"Reaching the oracle: every T-shirt measure ({', '.join(FORGET_MEASURES)}) has an excess over the oracle "
-        f"of at most 0 (no more samples closer to the T-shirt than the oracle's 1 % quantile than 1 %), while "
-        f"{figure} (lower is better) is no worse than the worse of the oracle's and the pretrained model's. "
-        "Seconds are training seconds (k-NN search included, evaluation excluded).",
+        f"At the oracle's level (retrack.evaluation.at_oracle_level): every T-shirt measure ({', '.join(FORGET_MEASURES)}) "
+        f"has an excess over the oracle of at most 0 under that sampler, while {figure} (lower is better) is no worse "
+        "than the worse of the oracle's and the pretrained model's. Steps (training seconds in brackets: k-NN "
+        "search included, evaluation excluded). Forgotten = at the oracle's level under both samplers.",
         "",
-        "| method | steps to the oracle's level | seconds to the oracle's level | CPU seconds to it | "
-        f"T-shirt rate (L2) at the last step | excess (L2) at the last step | {figure} at the last step |",
-        "|---|---|---|---|---|---|---|",
+        "| method | paper's sampler: first step at the oracle's level | confirmed on | DDIM-50: first step | "
+        "both (forgotten) | T-shirt rate (L2) at the last step, paper / DDIM | excess (L2) at the last step, "
+        f"paper / DDIM | {figure} at the last step, paper / DDIM |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for method, points in data["methods"].items():
         last, hit = points[-1], reached[method]
-        lines.append(f"| {method} | {'never' if hit is None else hit['step']} | "
-                     f"{'never' if hit is None else format(hit['seconds'], '.1f')} | "
-                     f"{'never' if hit is None else _number(hit.get('cpu_seconds'))} | {last['rates']['l2']:.1%} | "
-                     f"{last['excess'].get('l2', float('nan')):+.1%} | {_number(last['quality'].get(figure))} |")
-    lines += ["", f"Oracle: T-shirt rates {_short(oracle['rates'])}, {figure} {_number(oracle['quality'].get(figure))}; "
-              f"pretrained: rates {_short(pretrained['rates'])}, {figure} {_number(pretrained['quality'].get(figure))}."]
+        ddim_hit, both = time_to_oracle(points, oracle, pretrained, DDIM), time_to_both(points, oracle, pretrained)
+        p, d = last["by_sampler"][PAPER], last["by_sampler"][DDIM]
+        lines.append(f"| {method} | {_when(hit)} | {'–' if hit is None or not hit['confirmed_on'] else hit['confirmed_on']} | "
+                     f"{_when(ddim_hit)} | {_when(both)} | {p['rates']['l2']:.1%} / {d['rates']['l2']:.1%} | "
+                     f"{p['excess'].get('l2', float('nan')):+.1%} / {d['excess'].get('l2', float('nan')):+.1%} | "
+                     f"{_number(p['quality'].get(figure))} / {_number(d['quality'].get(figure))} |")
+    for key, name in ((PAPER, "paper's sampler"), (DDIM, "DDIM")):
+        lines += ["", f"Under the {name}: oracle T-shirt rates {_short(oracle[key]['rates'])}, {figure} "
+                  f"{_number(oracle[key]['quality'].get(figure))}; pretrained rates "
+                  f"{_short(pretrained['by_sampler'][key]['rates'])}, {figure} "
+                  f"{_number(pretrained['by_sampler'][key]['quality'].get(figure))}."]
     if "retrack" in reached and "siss" in reached:
         retrack, siss = reached["retrack"], reached["siss"]
+        lines.append("")
         if retrack and siss and siss["seconds"] > 0:
-            lines.append(f"ReTrack reaches the oracle's level in {retrack['seconds']:.1f} s, SISS in {siss['seconds']:.1f} s: "
-                         f"ratio ReTrack / SISS = {retrack['seconds'] / siss['seconds']:.2f}"
+            lines.append(f"Under the paper's sampler ReTrack reaches the oracle's level in {retrack['seconds']:.1f} s "
+                         f"(step {retrack['step']}), SISS in {siss['seconds']:.1f} s (step {siss['step']}): ratio "
+                         f"ReTrack / SISS = {retrack['seconds'] / siss['seconds']:.2f}"
                          + (f" (in CPU time {retrack['cpu_seconds'] / siss['cpu_seconds']:.2f})."
                             if retrack.get("cpu_seconds") and siss.get("cpu_seconds") else "."))
         else:
-            lines.append(f"Time-to-forget ratio ReTrack / SISS: not defined (ReTrack "
+            lines.append(f"Time-to-forget ratio ReTrack / SISS under the paper's sampler: not defined (ReTrack "
                          f"{'never' if not retrack else format(retrack['seconds'], '.1f') + ' s'}, SISS "
                          f"{'never' if not siss else format(siss['seconds'], '.1f') + ' s'} within these checkpoints).")
     return "\n".join(lines) + "\n"
 
 
 def plot_curves(data: dict, path: Path) -> None:
-    """Three panels: the excess over the oracle by pixel L2 (solid; the share below the L2
-    threshold dashed) against training seconds and against steps, and the quality figure against
-    steps; the oracle (and the pretrained model's quality) as lines. The excess is drawn, not the
-    rate alone, because a model can leave no exact copy yet still draw blurred T-shirts that the
-    oracle never draws (ReTrack on the built-in model does)."""
+    """Three panels against steps: the excess over the oracle by pixel L2 under the paper's sampler
+    and under DDIM (solid; the share below the L2 threshold dashed), and the quality figure (solid:
+    paper's sampler, dashed: DDIM); the oracle (and the pretrained model's quality) as lines. The
+    excess is drawn, not the rate alone, because a model can leave no exact copy yet still draw
+    blurred T-shirts that the oracle never draws."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     oracle, pretrained = data["oracle"], data["pretrained"]
-    figure = quality_figure(pretrained["quality"])
+    figure = quality_figure(pretrained["by_sampler"][PAPER]["quality"])
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2), dpi=110)
     colours = {"retrack": "tab:red", "siss": "tab:purple", "vanilla": "tab:blue", "neggrad": "tab:orange",
                "erasediff": "tab:brown"}
     for method, points in data["methods"].items():
         style = dict(color=colours.get(method), marker="o", label=method, lw=2.5 if method == "retrack" else 1.5)
-        excess = [100 * p["excess"]["l2"] for p in points]  # what "forgotten" is judged by
-        rates = [100 * p["rates"]["l2"] for p in points]  # below the L2 threshold: exact copies only
-        for ax, x in ((axes[0], [p["seconds"] for p in points]), (axes[1], [p["step"] for p in points])):
-            ax.plot(x, excess, **style)
-            ax.plot(x, rates, color=style["color"], ls="--", lw=1, alpha=0.6)
+        steps = [p["step"] for p in points]
+        for ax, key in ((axes[0], PAPER), (axes[1], DDIM)):
+            ax.plot(steps, [100 * p["by_sampler"][key]["excess"]["l2"] for p in points], **style)
+            ax.plot(steps, [100 * p["by_sampler"][key]["rates"]["l2"] for p in points], color=style["color"],
+                    ls="--", lw=1, alpha=0.6)
         if figure is not None:
-            axes[2].plot([p["step"] for p in points], [p["quality"].get(figure) for p in points], **style)
+            for key, line in ((PAPER, "-"), (DDIM, "--")):
+                axes[2].plot(steps, [p["by_sampler"][key]["quality"].get(figure) for p in points],
+                             **{**style, "ls": line, "label": method if key == PAPER else None})
     for ax in axes[:2]:
         ax.axhline(0.0, color="tab:green", ls="--", label="oracle (excess 0 by definition)")
         ax.set_ylabel("excess over the oracle (pixel L2), %\n(dashed: share below the L2 threshold)", fontsize=8)
-    axes[0].set_xlabel("training seconds (evaluation excluded)")
-    axes[1].set_xlabel("steps")
+        ax.set_xlabel("steps")
+    axes[0].set_title(f"Paper's sampler ({data['meta']['samplers'][PAPER].split(', seeds')[0]})")
+    axes[1].set_title(f"Deterministic ({data['meta']['samplers'][DDIM].split(', seeds')[0]})")
     if figure is not None:
-        axes[2].axhline(oracle["quality"][figure], color="tab:green", ls="--", label="oracle")
-        axes[2].axhline(pretrained["quality"][figure], color="black", ls=":", label="pretrained")
+        for key, line in ((PAPER, "-"), (DDIM, "--")):
+            for value, colour, name in ((oracle[key]["quality"].get(figure), "tab:green", "oracle"),
+                                        (pretrained["by_sampler"][key]["quality"].get(figure), "black", "pretrained")):
+                if value is not None:  # (None: fewer than two non-copies to measure it on)
+                    axes[2].axhline(value, color=colour, ls=line, lw=1, label=name if key == PAPER else None)
         axes[2].set_ylabel(f"{figure} (lower: better digits)")
     axes[2].set_xlabel("steps")
-    axes[0].set_title("Memorisation vs training time")
-    axes[1].set_title("Memorisation vs steps")
-    axes[2].set_title("Quality vs steps")
+    axes[2].set_title("Quality (solid: paper's sampler, dashed: DDIM)")
     for ax in axes:
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=8)
-    fig.suptitle(f"{data['meta']['sampler']}; {data['meta']['device']}", fontsize=9)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{data['meta']['samplers'][PAPER]} / {data['meta']['samplers'][DDIM]}; {data['meta']['device']}",
+                 fontsize=9)
     fig.tight_layout()
     write_file_atomically(path, fig.savefig)
     plt.close(fig)

@@ -301,6 +301,18 @@ def paper_l2_rate(samples01: np.ndarray, forget01: np.ndarray, threshold: float 
     return float(l2_memorised(samples01, forget01, threshold).mean())
 
 
+def wilson_interval(count: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial rate count / n (95 % for z = 1.96). Unlike the
+    normal approximation it stays inside [0, 1] and is not empty at 0 copies: 0 of 1,000 gives
+    (0, 0.0038), the statement that the rate is below 0.4 %."""
+    if n < 1 or not 0 <= count <= n:
+        raise ValueError(f"need 0 <= count <= n and n >= 1, got {count} of {n}")
+    p, z2 = count / n, z * z
+    centre = (p + z2 / (2 * n)) / (1 + z2 / n)
+    half = z * np.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / (1 + z2 / n)
+    return max(0.0, float(centre - half)), min(1.0, float(centre + half))
+
+
 def distance_quantiles(distances: np.ndarray, quantiles: Sequence[float] = (0.0, 0.01, 0.05, 0.5)) -> dict[str, float]:
     """{"0.01": ...} quantiles of a distance distribution, for model cards and benchmark tables."""
     return {str(q): float(np.quantile(distances, q)) for q in quantiles}

@@ -16,6 +16,10 @@ PRESETS: dict[str, dict] = {
     "sd": dict(lam=0.5, lr=1e-5, betas=(0.9, 0.999), weight_decay=1e-2, batch_size=1, grad_accum=16, steps=30, eta=1e-2, siss_c=750.0),
 }
 
+# Per benchmark family: how the released code draws its evaluation samples (docs/METHOD.md,
+# "protocol"): diffusers' DDPMPipeline, i.e. ancestral DDPMScheduler sampling, with these steps.
+EVALUATION_STEPS: dict[str, int] = {"mnist": 50, "cifar": 1000, "celeba": 50, "sd": 50}
+
 # The same in every family: K = 10 neighbours everywhere, SISS's mixture weight 1/2, norm clip 1.
 COMMON: dict = dict(k=10, clip_norm=1.0, seed=0, siss_lambda=0.5)
 

@@ -2,8 +2,10 @@
 
 Sample i always starts from the noise of `torch.Generator().manual_seed(seed + i)`, whatever the
 batch size or device, so "before" and "after" grids of an unlearning run use the same noise and
-can be compared tile by tile. DDIM with eta = 0 and DPM-Solver++ are deterministic given that
-noise. DPM-Solver++ (second order, multistep) solves the same ODE in fewer steps: on an exact
+can be compared tile by tile. Ancestral DDPM sampling (the paper's evaluation sampler: diffusers'
+`DDPMScheduler`, fresh noise at every step) draws that fresh noise from the same per-sample
+generator, after the starting noise, so sample i is the same alone or in any batch. DDIM with
+eta = 0 and DPM-Solver++ are deterministic given the starting noise. DPM-Solver++ (second order, multistep) solves the same ODE in fewer steps: on an exact
 Gaussian model its 20 steps land 20x closer to the true end point than DDIM's 20. On the built-in
 model its rates differ from DDIM-50's by more than sampling noise (so does DDIM-25), which is why
 the evaluation keeps DDIM-50 (benchmarks/results/eval_sampler.md).
@@ -41,7 +43,18 @@ class Samples:
 
 def initial_noise(shape: Sequence[int], seeds: Sequence[int]) -> Tensor:
     """One noise tensor per seed, drawn on the CPU so every device sees the same numbers."""
-    return torch.stack([torch.randn(tuple(shape), generator=torch.Generator().manual_seed(s)) for s in seeds])
+    return seeded_noise(shape, sample_generators(seeds))
+
+
+def sample_generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """One CPU generator per sample: its first draw is the sample's starting noise, later draws
+    (ancestral sampling) its fresh noise at each step, so a sample never depends on its batch."""
+    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+
+
+def seeded_noise(shape: Sequence[int], generators: Sequence[torch.Generator]) -> Tensor:
+    """The next noise tensor of `shape` from each generator, stacked (N, *shape), on the CPU."""
+    return torch.stack([torch.randn(tuple(shape), generator=g) for g in generators])
 
 
 SAMPLERS = ("ddim", "ddpm", "dpm++")
@@ -148,16 +161,17 @@ def sample(
         for start in range(0, n, batch_size):
             chunk = seeds[start:start + batch_size]
             sched.set_timesteps(steps)  # DPM-Solver++ keeps earlier steps' outputs: each chunk starts afresh
-            x = initial_noise(backend.x0_shape, chunk).to(device) * sched.init_noise_sigma
-            # ancestral (DDPM) sampling draws fresh noise each step: seed it from the chunk
-            step_gen = torch.Generator(device=device).manual_seed(chunk[0] + 7_919)
+            generators = sample_generators(chunk)
+            x = seeded_noise(backend.x0_shape, generators).to(device) * sched.init_noise_sigma
             for t in timesteps:
                 t_in = t.to(device).reshape(1)
                 with autocast:
                     eps = denoise(sched.scale_model_input(x, t), t_in)
                 if precision == "bf16":
                     eps = eps.to(x.dtype)  # the scheduler steps in the samples' own precision
-                kwargs = {"generator": step_gen} if scheduler == "ddpm" else {}
+                # ancestral steps draw each sample's fresh noise from its own generator (diffusers'
+                # randn_tensor takes one generator per batch row, on the CPU, and moves the noise)
+                kwargs = {"generator": generators} if scheduler == "ddpm" else {}
                 x_in = x
                 out = sched.step(eps, t, x, **kwargs)
                 x = out.prev_sample

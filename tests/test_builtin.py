@@ -45,7 +45,8 @@ def test_training_set_rebuilds_exactly():
 
 def test_short_benchmark_writes_table_json_and_plot(tmp_path):
     settings = bench.BenchSettings(methods=("pretrained", "retrack", "siss", "oracle"), steps=1, batch_size=4,
-                                   samples=6, sample_steps=2, retain_reference=64, device="cpu")
+                                   samples=6, deterministic_samples=5, sample_steps=2, deterministic_steps=3,
+                                   retain_reference=64, device="cpu")
     rows = bench.run(settings, tmp_path, log=lambda line: None)
     assert [r.method for r in rows] == ["pretrained", "retrack", "siss", "oracle"]
     assert rows[1].seconds_per_step > 0 and rows[0].seconds_per_step is None
@@ -54,8 +55,26 @@ def test_short_benchmark_writes_table_json_and_plot(tmp_path):
     stored = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in stored["rows"]] == ["pretrained", "retrack", "siss", "oracle"]
     assert stored["meta"]["settings"]["samples"] == 6
+    # Every model under both samplers, with its count and interval; the oracle at its own level.
+    described = {key: sampler.describe("cpu") for key, sampler in settings.samplers().items()}
+    assert described["paper"].startswith("DDPM, 2 steps, seeds 0..5") and described["ddim"].startswith("DDIM, 3 steps, seeds 0..4")
+    assert stored["meta"]["samplers"] == described
+    for row in stored["rows"]:
+        assert [row["by_sampler"][key]["samples"] for key in ("paper", "ddim")] == [6, 5]
+        low, high = row["by_sampler"]["paper"]["intervals"]["l2"]
+        assert 0 <= low <= row["by_sampler"]["paper"]["rates"]["l2"] <= high <= 1
+    assert set(stored["verdicts"]["retrack"]) == {"paper", "ddim", "both"}
+    assert set(stored["oracle_levels"]) == {"paper", "ddim"}
     plot = Image.open(tmp_path / "tradeoff.png")
     assert plot.size[0] > 300 and np.asarray(plot).std() > 0
-    assert (tmp_path / "samples-retrack.png").is_file()
-    nearest = Image.open(tmp_path / "nearest-retrack.png")  # the 6 samples (of 6) nearest the T-shirt, one row
+    assert (tmp_path / "samples-retrack-paper.png").is_file() and (tmp_path / "samples-retrack-ddim.png").is_file()
+    nearest = Image.open(tmp_path / "nearest-retrack-paper.png")  # the 6 samples (of 6) nearest the T-shirt, one row
     assert nearest.size[0] > 5 * nearest.size[1] and np.asarray(nearest).std() > 0
+
+    # A stopped run resumes: methods measured with the same settings are kept, not redone.
+    stored["rows"][1]["unlearn_seconds"] = 1234.5  # a mark only a kept row carries
+    (tmp_path / "results.json").write_text(json.dumps(stored))
+    lines = []
+    bench.run(settings, tmp_path, log=lines.append)
+    assert "retrack: kept" in "\n".join(lines) and not any(line.startswith("oracle, ") for line in lines)
+    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["unlearn_seconds"] == 1234.5

@@ -10,7 +10,7 @@ from PIL import Image
 from retrack.backends import load_backend
 from retrack.builtin import builtin_sets
 from retrack.cli import main
-from retrack.curves import CurveSettings, curves_table, time_to_oracle
+from retrack.curves import CurveSettings, curves_table, time_to_both, time_to_oracle
 from retrack.engine import UnlearnConfig, unlearn
 from retrack.evaluation import OracleLevels, builtin_reference, evaluate
 from retrack.paths import BUILTIN_MODEL
@@ -28,19 +28,26 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
         assert seconds[0] == 0 and 0 < seconds[1] < seconds[2]
         cpu = [p["cpu_seconds"] for p in points]
         assert cpu[0] == 0 and 0 < cpu[1] < cpu[2]
-        assert set(points[-1]["rates"]) == {"l2", "clip", "classifier"} == set(points[-1]["excess"])
-        assert {"clip_fd", "confident_digit_rate", "classifier_fd"} <= set(points[-1]["quality"])
-    assert OracleLevels.from_dict(data["oracle"]).n_samples == 8
+        for key, n in (("paper", 8), ("ddim", 6)):  # both samplers at every checkpoint, with counts and intervals
+            last = points[-1]["by_sampler"][key]
+            assert last["samples"] == n
+            assert set(last["rates"]) == {"l2", "clip", "classifier"} == set(last["excess"]) == set(last["intervals"])
+            assert {"clip_fd", "confident_digit_rate", "classifier_fd"} <= set(last["quality"])
+    assert OracleLevels.from_dict(data["oracle"]["paper"]).n_samples == 8
+    assert OracleLevels.from_dict(data["oracle"]["ddim"]).n_samples == 6
+    assert OracleLevels.from_dict(data["oracle_confirming"]).n_samples == 12
     assert data["meta"]["command"].startswith("python -m retrack bench --curves --methods siss,retrack --checkpoints 0,1,2")
     table = (out / "curves.md").read_text()
-    assert "| retrack |" in table and "ReTrack / SISS" in table
+    assert "| retrack |" in table and "ReTrack / SISS" in table and "DDIM" in table
     plot = Image.open(out / "curves.png")
     assert plot.size[0] > 800 and np.asarray(plot).std() > 0
-    # The pictures behind the numbers: per method one row of nearest samples per checkpoint after 0
-    # (8 samples: the quick setting has fewer than 16), the oracle's and the pretrained model's apart.
-    rows = {name: Image.open(out / f"curves-nearest-{name}.png") for name in ("start", "siss", "retrack")}
-    assert rows["retrack"].size == rows["siss"].size == rows["start"].size  # two rows of 8 tiles each
-    assert rows["retrack"].size[0] > 3 * rows["retrack"].size[1]
+    # The pictures behind the numbers: per method and sampler one row of nearest samples per
+    # checkpoint after 0 (all 8 or 6 samples: the quick setting has fewer than 16), the oracle's
+    # and the pretrained model's apart.
+    for key in ("paper", "ddim"):
+        rows = {name: Image.open(out / f"curves-nearest-{name}-{key}.png") for name in ("start", "siss", "retrack")}
+        assert rows["retrack"].size == rows["siss"].size == rows["start"].size  # two rows each
+        assert rows["retrack"].size[0] > 2 * rows["retrack"].size[1]
 
     # Evaluating inside the run does not change it: step 2 of the curve is a 2-step run's model.
     backend = load_backend(BUILTIN_MODEL, device="cpu")
@@ -48,8 +55,8 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
     unlearn(backend, forget, retain, UnlearnConfig.preset("mnist", method="retrack", steps=2, batch_size=8, seed=0,
                                                           device="cpu"))
     settings = CurveSettings.quick()
-    straight = evaluate(backend, settings.sampler_settings(), builtin_reference("cpu", reference_size=64))
-    last = data["methods"]["retrack"][-1]
+    straight = evaluate(backend, settings.samplers()["paper"], builtin_reference("cpu", reference_size=64))
+    last = data["methods"]["retrack"][-1]["by_sampler"]["paper"]
     assert last["rates"] == straight.rates()
     assert last["quality"]["classifier_fd"] == pytest.approx(straight.quality_figures["classifier_fd"], rel=1e-6)
     assert last["quality"]["clip_fd"] == pytest.approx(straight.quality_figures["clip_fd"], rel=1e-6)
@@ -68,24 +75,38 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
     assert "comma-separated step counts" in capsys.readouterr().err
 
 
-def test_time_to_oracle_needs_no_excess_and_quality_in_range():
-    oracle = {"rates": {"l2": 0.0}, "quality": {"classifier_fd": 1.0}}
-    pretrained = {"rates": {"l2": 0.05}, "quality": {"classifier_fd": 2.0}}
+def test_time_to_oracle_needs_no_excess_and_quality_in_range_under_each_sampler():
+    oracle = {key: {"rates": {"l2": 0.0}, "quality": {"classifier_fd": 1.0}} for key in ("paper", "ddim")}
 
-    def at(step, seconds, excess_l2, excess_classifier, fd):
-        return {"step": step, "seconds": seconds, "rates": {"l2": excess_l2 + 0.01},
-                "excess": {"l2": excess_l2, "classifier": excess_classifier}, "quality": {"classifier_fd": fd}}
+    def at(step, seconds, excess_l2, excess_classifier, fd, ddim_excess=0.05, confirmed=None):
+        def reading(l2, classifier):
+            return {"samples": 8, "rates": {"l2": l2 + 0.01}, "excess": {"l2": l2, "classifier": classifier},
+                    "quality": {"classifier_fd": fd}}
+        return {"step": step, "seconds": seconds, "by_sampler": {"paper": reading(excess_l2, excess_classifier),
+                                                                 "ddim": reading(ddim_excess, ddim_excess)},
+                "confirmed": confirmed}
 
     points = [at(0, 0.0, 0.04, 0.05, 2.0), at(10, 5.0, 0.0, 0.01, 1.5), at(25, 12.0, -0.01, 0.0, 2.5),
-              at(50, 30.0, -0.01, -0.01, 1.9)]
-    # Step 10: the classifier still sees copies; step 25: quality (2.5) worse than both (max 2.0); step 50 passes.
-    assert time_to_oracle(points, oracle, pretrained) == {"step": 50, "seconds": 30.0, "cpu_seconds": None}
+              at(50, 30.0, -0.01, -0.01, 1.9), at(75, 40.0, -0.01, -0.01, 1.9, ddim_excess=0.0)]
+    pretrained = points[0]
+    # Step 10: the classifier still sees copies; step 25: quality (2.5) worse than both (max 2.0); step 50 passes
+    # the paper's sampler, but DDIM only from step 75, which is when it is forgotten.
+    assert time_to_oracle(points, oracle, pretrained) == {"step": 50, "seconds": 30.0, "cpu_seconds": None,
+                                                          "confirmed_on": None}
+    assert time_to_oracle(points, oracle, pretrained, "ddim")["step"] == 75
+    assert time_to_both(points, oracle, pretrained)["step"] == 75
     assert time_to_oracle(points[:3], oracle, pretrained) is None
-    data = {"meta": {"settings": {"batch_size": 8, "checkpoints": [0, 10, 25, 50], "samples": 8}, "sampler": "DDIM",
-                     "device": "CPU", "total_seconds": 1, "load_average_at_start": 0.5},
-            "oracle": oracle, "pretrained": points[0], "methods": {"siss": points[:3], "retrack": points}}
+    # A checkpoint that more samples do not confirm does not count.
+    failed = at(50, 30.0, -0.01, -0.01, 1.9, confirmed={"samples": 50, "at_oracle_level": False})
+    assert time_to_oracle([points[0], failed, points[4]], oracle, pretrained)["step"] == 75
+    data = {"meta": {"settings": {"batch_size": 8, "checkpoints": [0, 10, 25, 50, 75], "samples": 8,
+                                  "confirm_samples": 50},
+                     "samplers": {"paper": "DDPM", "ddim": "DDIM"}, "device": "CPU", "total_seconds": 1,
+                     "load_average_at_start": 0.5},
+            "oracle": oracle, "pretrained": pretrained, "methods": {"siss": points[:3], "retrack": points}}
     table = curves_table(data)
-    assert "| retrack | 50 | 30.0 |" in table and "| siss | never | never |" in table
+    assert "| retrack | 50 (30.0 s) | – | 75 (40.0 s) | 75 (40.0 s) |" in table
+    assert "| siss | never | – | never | never |" in table
     assert "ReTrack 30.0 s, SISS never" in table
     data["methods"]["siss"] = [points[0], at(100, 60.0, -0.02, -0.02, 1.0)]
     assert "ratio ReTrack / SISS = 0.50" in curves_table(data)

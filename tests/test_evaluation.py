@@ -138,11 +138,15 @@ def test_real_model_draws_the_same_seeds_and_reads_against_its_oracle(tiny_pixel
     np.testing.assert_allclose(first.l2, expected, rtol=1e-5)
 
     levels = oracle_levels(backend, settings, reference, source="tiny")
-    assert levels.source.startswith("tiny, DDIM, 2 steps, seeds 5..10")
+    assert levels.source.startswith("tiny, DDPM, 2 steps, seeds 5..10")
     assert levels.levels["l2"] == pytest.approx(float(np.quantile(first.l2, ORACLE_QUANTILE)))
     read = evaluate(backend, settings, reference, oracle=levels)
     assert read.summary()["excess_over_oracle"]["l2"] == pytest.approx(float((first.l2 < levels.levels["l2"]).mean()) - 0.01)
     assert isinstance(read, Evaluation)
+    summary = read.summary()  # every rate with its count and 95 % interval, and how it was drawn
+    assert summary["counts"]["l2"] == int((first.l2 < reference.l2_threshold).sum())
+    assert summary["intervals"]["l2"][0] <= summary["rates"]["l2"] <= summary["intervals"]["l2"][1]
+    assert summary["sampler"] == settings.describe("cpu")
 
 
 def test_the_live_curve_samples_like_the_evaluation_unless_told_otherwise():

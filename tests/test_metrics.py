@@ -188,3 +188,20 @@ def test_builtin_clip_counts_degraded_tshirt_copies_and_no_digit():
     assert copy_scores.min() >= threshold > digit_scores.max()
     probs = scorer.zero_shot(images[held_out], list(CLASS_NAMES))
     assert (probs.argmax(axis=1) == labels[held_out]).mean() > 0.9
+
+
+def test_wilson_interval_against_closed_forms():
+    """The 95 % Wilson interval: at 0 of n its upper end is z^2 / (n + z^2) (the "rule of three"
+    region, 0.38 % at n = 1,000); it contains the rate, stays in [0, 1] and narrows with n."""
+    from retrack.metrics import wilson_interval
+
+    z2 = 1.96 ** 2
+    assert wilson_interval(0, 1000) == (0.0, pytest.approx(z2 / (1000 + z2)))
+    assert wilson_interval(1000, 1000) == (pytest.approx(1000 / (1000 + z2)), 1.0)
+    low, high = wilson_interval(35, 5000)
+    assert low < 0.007 < high and high - low < wilson_interval(7, 1000)[1] - wilson_interval(7, 1000)[0]
+    # p = 1/2, n = 100: centre 1/2, half-width z sqrt(1/400 + z^2/40000) / (1 + z^2/100)
+    half = 1.96 * (1 / 400 + z2 / 40000) ** 0.5 / (1 + z2 / 100)
+    assert wilson_interval(50, 100) == (pytest.approx(0.5 - half), pytest.approx(0.5 + half))
+    with pytest.raises(ValueError):
+        wilson_interval(3, 2)

@@ -145,8 +145,43 @@ def test_auto_precision_is_bf16_only_where_the_cpu_has_it(monkeypatch):
 
     monkeypatch.setattr(sampling, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
     assert sampling.resolve_precision("auto", "cpu") == "bf16"
-    assert SamplerSettings(n_samples=4, precision="auto").describe("cpu") == "DDIM, 50 steps, seeds 0..3, bf16"
+    assert SamplerSettings(n_samples=4, precision="auto").describe("cpu") == "DDPM, 50 steps, seeds 0..3, bf16"
     monkeypatch.setattr(sampling, "cpu_flags", lambda: {"avx2"})
     assert sampling.resolve_precision("auto", "cpu") == "fp32"
-    assert SamplerSettings(n_samples=4, precision="auto").describe("cpu") == "DDIM, 50 steps, seeds 0..3"
+    assert SamplerSettings(n_samples=4, precision="auto").describe("cpu") == "DDPM, 50 steps, seeds 0..3"
     assert sampling.resolve_precision("fp32", "cpu") == "fp32" and sampling.resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_the_evaluation_samples_by_the_papers_protocol():
+    """The evaluation's default is the released code's sampler: ancestral DDPM, 50 steps for the
+    MNIST family (the built-in model), 1,000 for CIFAR-10; DDIM-50 is the second, deterministic one."""
+    from retrack.evaluation import SamplerSettings
+
+    default = SamplerSettings()
+    assert (default.sampler, default.steps) == ("ddpm", 50)
+    assert SamplerSettings.paper("mnist") == default
+    assert (SamplerSettings.paper("cifar").sampler, SamplerSettings.paper("cifar").steps) == ("ddpm", 1000)
+    assert [SamplerSettings.paper(family).steps for family in ("celeba", "sd")] == [50, 50]
+    second = SamplerSettings(n_samples=7, seed=3).deterministic()
+    assert (second.sampler, second.steps, second.n_samples, second.seed) == ("ddim", 50, 7, 3)
+
+
+def test_ancestral_samples_are_diffusers_ddpm_pipeline_and_independent_of_the_batch(tiny_pixel_model):
+    """Sample i under the paper's sampler is exactly what diffusers' DDPMPipeline (the released
+    code's sampler) draws with `torch.Generator().manual_seed(i)`, fresh noise included, and the
+    same alone, in another batch size, or among other seeds."""
+    from diffusers import DDPMPipeline
+
+    from retrack.backends import load_backend
+
+    backend = load_backend(tiny_pixel_model, device="cpu")
+    ours = sample(backend, 5, seed=10, steps=6, scheduler="ddpm", batch_size=2).images
+    pipeline = DDPMPipeline.from_pretrained(tiny_pixel_model)
+    theirs = pipeline(batch_size=5, generator=[torch.Generator().manual_seed(s) for s in range(10, 15)],
+                      num_inference_steps=6, output_type="np").images  # (N, H, W, C) in [0, 1]
+    assert torch.allclose((ours.permute(0, 2, 3, 1) + 1) / 2, torch.from_numpy(theirs), atol=1e-5)
+    alone = sample(backend, 1, seed=13, steps=6, scheduler="ddpm").images
+    assert torch.allclose(alone[0], ours[3], atol=1e-5)  # (batched convolutions round differently)
+    # the ancestral samples are not the deterministic ones from the same starting noise
+    ddim = sample(backend, 5, seed=10, steps=6, scheduler="ddim", batch_size=2).images
+    assert not torch.allclose(ddim, ours, atol=1e-3)
