@@ -137,8 +137,7 @@ def start_of(settings: CurveSettings, device: str, reference: Reference) -> Star
             full = evaluate(oracle_model, settings.confirming(), reference)
             confirming = OracleLevels.from_evaluation(full, source=f"{BUILTIN_ORACLE.name}, {full.sampler}")
             first = Samples(full.samples.images[:sampler.n_samples], full.samples.seeds[:sampler.n_samples])
-            oracle_result = evaluate_samples(first, reference)
-            oracle_result.sampler = sampler.describe(device)
+            oracle_result = evaluate_samples(first, reference, sampler=sampler.describe(device))
         else:
             oracle_result = evaluate(oracle_model, sampler, reference)
         levels[key] = OracleLevels.from_evaluation(oracle_result, source=f"{BUILTIN_ORACLE.name}, {oracle_result.sampler}")

@@ -110,8 +110,9 @@ class SamplerSettings:
 
 @dataclass(frozen=True)
 class EvalSettings:
-    """How an app job compares "before" and "after": the same seeds, sampler, step count and
-    prompt; the rate on `n_samples` samples, the grids showing the first `grid_samples` of them.
+    """How an app job compares "before" and "after": the same seeds, sampler (the paper's), step
+    count and prompt, and the same seeds under DDIM-50 beside it (`deterministic`); the rate on
+    `n_samples` samples, the grids showing the first `grid_samples` of them.
     During training the live memorisation curve evaluates `live_samples` samples (seeds from
     `seed`: few, and always the same ones) every `live_every` steps and at the last one, with the
     evaluation's own sampler steps unless `live_steps` says otherwise; `live_every` 0 turns it off.
@@ -131,6 +132,9 @@ class EvalSettings:
     live_every: int = 10
     live_samples: int = 32
     live_steps: Optional[int] = None  # None: the evaluation's `sampling_steps`
+    # Also read before, after and the oracle under the second, deterministic sampler (DDIM-50) on
+    # the same seeds: on the built-in model the paper's sampler and DDIM disagree several-fold.
+    deterministic: bool = True
 
     def validate(self) -> None:
         check_range("number of samples", self.n_samples, 1, MAX_EVAL_SAMPLES)
@@ -148,6 +152,10 @@ class EvalSettings:
         """The evaluation's draw: these seeds, steps and prompt with the default evaluation sampler."""
         return SamplerSettings(n_samples=self.n_samples, seed=self.seed, steps=self.sampling_steps,
                                prompt=self.prompt, guidance=self.guidance, batch_size=16)
+
+    def deterministic_sampler_settings(self) -> SamplerSettings:
+        """The same seeds under the second, deterministic sampler (DDIM-50)."""
+        return self.sampler_settings().deterministic()
 
     def live_sampler_settings(self) -> SamplerSettings:
         """The live curve's draw: the first `live_samples` seeds of the evaluation's draw."""
@@ -448,10 +456,11 @@ def save_nearest_rows(rows: Sequence[tuple[Optional[object], tuple[Tensor, list[
 
 # ============================================================================ evaluating
 def evaluate_samples(samples: Samples, reference: Reference, oracle: Optional[OracleLevels] = None,
-                     prompt: str = "") -> Evaluation:
-    """Every measure of already-drawn samples (the app's live curve, Stable Diffusion generations)."""
+                     prompt: str = "", sampler: str = "") -> Evaluation:
+    """Every measure of already-drawn samples (the app's live curve, Stable Diffusion generations);
+    `sampler` says how they were drawn (`SamplerSettings.describe`), for records."""
     images = samples.images
-    result = Evaluation(samples=samples, reference=reference, oracle=oracle,
+    result = Evaluation(samples=samples, reference=reference, oracle=oracle, sampler=sampler,
                         l2=metrics.nearest_l2_distances(unit_pixels(images), unit_pixels(reference.forget)))
     features = None
     if reference.scorer is not None:
@@ -494,9 +503,8 @@ def quality_of(result: Evaluation, features: Optional[Tensor], probs: Optional[n
 def evaluate(backend: Backend, settings: SamplerSettings, reference: Reference, oracle: Optional[OracleLevels] = None,
              on_batch: Optional[Callable[[int, int], None]] = None) -> Evaluation:
     """Draw the seeded samples of `settings` from a model and measure them (`evaluate_samples`)."""
-    result = evaluate_samples(draw(backend, settings, on_batch), reference, oracle, prompt=settings.prompt)
-    result.sampler = settings.describe(str(backend.device))
-    return result
+    return evaluate_samples(draw(backend, settings, on_batch), reference, oracle, prompt=settings.prompt,
+                            sampler=settings.describe(str(backend.device)))
 
 
 def oracle_levels(backend: Backend, settings: SamplerSettings, reference: Reference, source: str = "") -> OracleLevels:

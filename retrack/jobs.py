@@ -147,6 +147,8 @@ class JobState:
     before: Optional[Evaluation] = None
     after: Optional[Evaluation] = None
     oracle: Optional[Evaluation] = None  # the oracle's samples from the same seeds, when the model has one
+    # before, after and oracle under the second, deterministic sampler (DDIM-50), same seeds, when asked for
+    deterministic: dict[str, Optional[Evaluation]] = field(default_factory=dict)
     live: list[LivePoint] = field(default_factory=list)  # the live memorisation curve, step 0 first
     live_seconds: float = 0.0  # spent on the live curve during training (not in the training time)
     grid_samples: int = 64  # the grids show the first this many samples
@@ -306,9 +308,12 @@ class Job:
         self._phase("before", f"Sampling {settings.n_samples} images before unlearning"
                               + (" and from the oracle" if oracle_path else ""))
         sampling_started = time.perf_counter()
-        oracle, live_oracle = self._oracle(oracle_path, reference)
+        oracle, live_oracle = self._oracle(oracle_path, reference, settings.sampler_settings(),
+                                           settings.live_sampler_settings() if settings.live_every > 0 else None)
         levels, live_levels = (None if e is None else OracleLevels.from_evaluation(e) for e in (oracle, live_oracle))
-        before = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=True), reference, levels)
+        drawn_with = settings.sampler_settings().describe(self.device)
+        before = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=True), reference, levels,
+                                  sampler=drawn_with)
         teaching_seed, teaching_flagged = before.teaching_seed()
         before_path = trajectory_strip(backend, teaching_seed, settings, cond)
         live = None
@@ -338,12 +343,31 @@ class Job:
         self._set(model_dir=model_dir, archive=archive, progress=_PHASE_SPAN["saving"][1])
 
         self._phase("after", f"Sampling the same {settings.n_samples} seeds after unlearning")
-        after = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=False), reference, levels)
+        after = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=False), reference, levels,
+                                 sampler=drawn_with)
         after_path = trajectory_strip(backend, teaching_seed, settings, cond)
         after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
         self._set(after=after, trajectory=trajectory_image(before_path, after_path, teaching_flagged, after_flagged),
-                  teaching_note=_teaching_note(before, teaching_seed, teaching_flagged), phase="done", progress=1.0,
-                  message=_done_message(before, after, oracle, result, self._state.live_seconds, model_dir))
+                  teaching_note=_teaching_note(before, teaching_seed, teaching_flagged))
+        if settings.deterministic:
+            self._set(message=f"Sampling the same {settings.n_samples} seeds before and after with DDIM-50, the "
+                              "second, deterministic sampler")
+            self._set(deterministic=self._deterministic(backend, reference, oracle_path))
+        self._set(phase="done", progress=1.0, message=_done_message(
+            before, after, oracle, result, self._state.live_seconds, model_dir, self._state.deterministic))
+
+    def _deterministic(self, unlearned: Backend, reference: Reference, oracle_path: Optional[Path]) -> dict:
+        """Before (the untrained model's samples, cached), after and the oracle's under DDIM-50 on the
+        same seeds, read against the oracle's levels under that sampler."""
+        settings = self.evaluation.deterministic_sampler_settings()
+        oracle, _ = self._oracle(oracle_path, reference, settings, None)
+        levels = None if oracle is None else OracleLevels.from_evaluation(oracle)
+        untrained = lambda: load_backend(self.model.path, device=self.device)  # noqa: E731
+        drawn_with = settings.describe(self.device)
+        before = evaluate_samples(cached_samples(untrained, self.model.cache_key, self.device, settings,
+                                                 on_batch=self._check_cancel), reference, levels, sampler=drawn_with)
+        after = evaluate_samples(self._samples(unlearned, settings, cached=False), reference, levels, sampler=drawn_with)
+        return {"before": before, "after": after, "oracle": oracle}
 
     def _on_step(self, event: StepEvent, sampling_seconds: float, live: Optional[Callable[[StepEvent], None]]) -> None:
         """Record a training step (and evaluate the live curve when it is due); the message
@@ -392,9 +416,10 @@ class Job:
         self._check_cancel()
         return samples
 
-    def _oracle(self, path: Optional[Path], reference: Reference) -> tuple[Optional[Evaluation], Optional[Evaluation]]:
-        """The oracle's evaluations on the same seeds (the full set, and the live curve's when it is
-        on), each made once per process per (oracle, device, sampler, reference); (None, None)
+    def _oracle(self, path: Optional[Path], reference: Reference, settings: SamplerSettings,
+                live: Optional[SamplerSettings]) -> tuple[Optional[Evaluation], Optional[Evaluation]]:
+        """The oracle's evaluations on the same seeds (`settings`, and the live curve's `live` when
+        given), each made once per process per (oracle, device, sampler, reference); (None, None)
         when the model has no oracle. The oracle is loaded only when one is not cached yet."""
         if path is None:
             return None, None
@@ -414,8 +439,7 @@ class Job:
                 ORACLE_EVALUATIONS.put(key, result)
             return result
 
-        live = evaluation_of(self.evaluation.live_sampler_settings()) if self.evaluation.live_every > 0 else None
-        return evaluation_of(self.evaluation.sampler_settings()), live
+        return evaluation_of(settings), None if live is None else evaluation_of(live)
 
 
 def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:
@@ -428,11 +452,17 @@ def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:
 
 
 def _done_message(before: Evaluation, after: Evaluation, oracle: Optional[Evaluation], result: UnlearnResult,
-                  live_seconds: float, model_dir: Path) -> str:
-    """The status line of a finished job: the training time excludes the live curve's evaluations."""
+                  live_seconds: float, model_dir: Path, deterministic: dict) -> str:
+    """The status line of a finished job: the training time excludes the live curve's evaluations;
+    the rates under the paper's sampler, then under DDIM-50 when it was drawn."""
     quality = "" if after.quality is None or before.quality is None else \
         f" · quality (CLIP Fréchet distance to the retain set) {before.quality:.3g} → {after.quality:.3g}"
     reading = "" if oracle is None else f" (the oracle: {oracle.rate:.0%})"
+    second = ""
+    if deterministic.get("after") is not None:
+        d_oracle = deterministic.get("oracle")
+        second = (f"; under DDIM-50 {deterministic['before'].rate:.0%} → {deterministic['after'].rate:.0%}"
+                  + ("" if d_oracle is None else f" (the oracle: {d_oracle.rate:.0%})"))
     live = f" (+ {_seconds(live_seconds)} for the live memorisation curve)" if live_seconds else ""
     return (f"Done in {_seconds(result.seconds - live_seconds)}{live}: memorisation rate {before.rate:.0%} → "
-            f"{after.rate:.0%}{reading}{quality} · saved to {model_dir}")
+            f"{after.rate:.0%}{reading} with the paper's sampler{second}{quality} · saved to {model_dir}")

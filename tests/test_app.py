@@ -203,7 +203,9 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
         assert Path(picture).is_file()
     # The oracle's column: its own rate and each model's excess over it.
     assert "| | before | after | oracle |" in metrics and "excess over the oracle" in metrics
-    assert "memorisation rate" in metrics and len(re.findall(r"\d+% \(\d+ of 4\)", metrics)) == 3
+    # before, after and the oracle under the paper's sampler, and again under DDIM-50 on the same seeds
+    assert "memorisation rate" in metrics and len(re.findall(r"\d+% \(\d+ of 4\)", metrics)) == 6
+    assert "Rates with the paper's sampler (DDPM" in metrics and "under DDIM-50" in metrics
     assert "Seed" in note
     with zipfile.ZipFile(archive) as bundle:
         names = bundle.namelist()

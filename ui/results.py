@@ -141,6 +141,16 @@ def metrics_table(state: JobState) -> str:
         rows.append(row("excess over the oracle (share closer than the oracle's 1 % quantile, minus 1 %)", excess))
     rows += [row("highest memorisation score", top),
              row("quality: CLIP Fréchet distance to the retain set (lower is better)", quality)]
+    second = state.deterministic
+    if second:  # the same seeds under DDIM-50: a verdict that holds under one sampler only is not a verdict
+        columns = [second.get("before"), second.get("after")] + ([second.get("oracle")] if oracle is not None else [])
+        rows += [row("**under DDIM-50** (deterministic, same seeds): memorisation rate", rate),
+                 row("DDIM-50: pixel-L2 copies", pixel_rate)]
+        if oracle is not None:
+            rows.append(row("DDIM-50: excess over the oracle (its DDIM-50 samples)", excess))
     note = f"\n\n*{state.scorer_note}*" if state.scorer_note else ""
+    sampler = f" ({before.sampler})" if before.sampler else ""
     header = "| | before | after |" + (" oracle |" if oracle is not None else "")
-    return "\n".join([header, "|---" * (len(columns) + 1) + "|", *rows]) + note
+    lead = (f"Rates with the paper's sampler{sampler}"
+            + (", then with DDIM-50 on the same seeds." if second else ".") + "\n\n")
+    return lead + "\n".join([header, "|---" * (len(columns) + 1) + "|", *rows]) + note
