@@ -20,13 +20,14 @@ gradient, clipped to norm 1 and normalised by AdamW, sets the step's direction.
 
 Part 2 (runs): the published run (preset "mnist": 50 steps, batch 128 per branch, seed 0) with the
 forget branch's t drawn from U{t_min..T-1} for each --t-min; the retain branch is unchanged. t_min
-0 is the library's own `retrack` objective. Every model is evaluated like the curves (same sampler,
-seeds and the oracle's levels, read from curves.json) and the 16 samples nearest the T-shirt of
+0 is the library's own `retrack` objective. Every model is evaluated with --sampler on the same
+seeds, read against the oracle's levels under that sampler (drawn here), and the 16 samples nearest the T-shirt of
 each are drawn in one grid. This is an experiment, not a method: METHOD.md is the specification
 and the library keeps t ~ U{0..T-1}.
 
 Part 3 (switch): where along the sampling trajectory the trained model makes the extra T-shirts.
-The published run's model U of --method (ReTrack by default) and the pretrained model P share the DDIM sampler and seeds; a hybrid
+The published run's model U of --method (ReTrack by default) and the pretrained model P share the sampler (--sampler:
+the paper's ancestral DDPM by default, or DDIM) and seeds; a hybrid
 runs one model's network at the sampler's timesteps above tau and the other's at and below it. If
 "U above tau, P below" makes the extra T-shirts, the change that matters acts early in sampling
 (high noise); if "P above, U below" does, it acts late.
@@ -59,11 +60,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from retrack.backends import load_backend  # noqa: E402
 from retrack.builtin import builtin_sets  # noqa: E402
 from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
-from retrack.evaluation import OracleLevels, SamplerSettings, builtin_reference, evaluate, save_nearest_rows  # noqa: E402
+from retrack.evaluation import (  # noqa: E402
+    DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, OracleLevels, SamplerSettings, builtin_reference, evaluate, oracle_levels,
+    save_nearest_rows,
+)
 from retrack.neighbours import nearest_neighbours  # noqa: E402
 from retrack.objectives import (METHODS, Batch, NoiseSchedule, Params, Terms, retrack_targets,  # noqa: E402
                                 retrack_unlearn_loss, sum_sq)
-from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.paths import BUILTIN_MODEL, BUILTIN_ORACLE  # noqa: E402
 from retrack.sampling import save_grid  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "builtin"
@@ -241,6 +245,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--method", default="retrack", choices=sorted(METHODS), help="parts 3 and 4: the unlearned model")
     parser.add_argument("--x0-timesteps", default="980,900,800,700,500,250", help="part 4: timesteps")
     parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim"),
+                        help="parts 2 and 3: ddpm (ancestral, the paper's; default) or ddim (deterministic)")
+    parser.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLER_STEPS)
     parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -254,11 +261,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.part in ("shares", "all"):
         data["shares"] = gradient_shares(args.batches, seed=0)
         print(json.dumps(data["shares"], indent=1), flush=True)
-    curves = json.loads((RESULTS / "curves.json").read_text())
-    oracle = OracleLevels.from_dict(curves["oracle"])
-    sampler = SamplerSettings(n_samples=args.samples)
-    data["sampler"], data["oracle"] = sampler.describe("cpu"), curves["oracle"]["source"]
+    sampler = SamplerSettings(n_samples=args.samples, sampler=args.sampler, steps=args.sample_steps)
     reference = builtin_reference("cpu") if args.part in ("runs", "switch", "all") else None
+    oracle = None
+    if reference is not None:  # the oracle's levels under this very sampler and seeds
+        oracle = oracle_levels(load_backend(BUILTIN_ORACLE, device="cpu"), sampler, reference, BUILTIN_ORACLE.name)
+    data["sampler"], data["oracle"] = sampler.describe("cpu"), None if oracle is None else oracle.source
     if args.part in ("runs", "all"):
         data["runs"], nearest = [], []
         for t_min in (int(v) for v in args.t_min.split(",")):
