@@ -251,7 +251,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))  # one thread when others run
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data = dict(argv=argv if argv is not None else sys.argv[1:], beside=args.beside, load_average_at_start=os.getloadavg(),
