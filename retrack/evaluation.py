@@ -122,9 +122,9 @@ class EvalSettings:
     n_samples: int = 256
     grid_samples: int = 64
     seed: int = 0
-    # Steps of the evaluation sampler: the one default, as in the benchmark and the model cards. At
-    # 25 steps the built-in model's T-shirt rates differ (benchmarks/results/eval_sampler.md), and a
-    # before/after read there missed ReTrack's rise that 50 steps show (README, app cost).
+    # Steps of the evaluation sampler (the paper's): the one default, as in the benchmark. Fewer
+    # steps change the rates (benchmarks/results/eval_sampler.md, measured for DDIM), and a live or
+    # before/after reading with fewer steps than the evaluation's misled before (docs/RESULTS.md, app cost).
     sampling_steps: int = DEFAULT_SAMPLER_STEPS
     trajectory_points: int = 6  # predicted clean images shown in the teaching view
     prompt: str = ""  # text-to-image models: the prompt whose memorised images are forgotten

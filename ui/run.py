@@ -116,7 +116,7 @@ def method_settings(first: dict, limits: Optional[SpaceLimits]) -> dict[str, gr.
                                               maximum=limits.samples if limits else MAX_EVAL_SAMPLES,
                                               info="Drawn before and after from the same seeds; the memorisation "
                                                    "rate is measured on all of them.")
-            controls["sampling_steps"] = gr.Number(first["sampling_steps"], label="DDIM steps",
+            controls["sampling_steps"] = gr.Number(first["sampling_steps"], label="Sampler steps",
                                                    elem_id="sampling-steps", precision=0, minimum=1,
                                                    maximum=limits.sampling_steps if limits else None,
                                                    info="Sampler steps per sample.")

@@ -33,8 +33,9 @@ class SpaceLimits:
     """What one visitor may ask of a shared public server (a Hugging Face Space), in one place.
 
     Every published preset fits within them (the longest is CIFAR-10's 60 steps of 128 rows); the
-    MNIST preset's 50 steps take about 130 s on a 2-core CPU (README's benchmark), the size of a
-    free CPU Space. The DDIM steps allow the evaluation's default (50): fewer change the rates. The page shows them, its number boxes stop at them, and `check` refuses a run
+    MNIST preset's 50 steps take about 130 s on a 2-core CPU (docs/RESULTS.md), the size of a
+    free CPU Space. The sampler steps allow the evaluation's default (50, the paper's for MNIST-like
+    models): fewer change the rates. The page shows them, its number boxes stop at them, and `check` refuses a run
     over them before it starts.
     """
 
@@ -43,7 +44,7 @@ class SpaceLimits:
     steps: int  # optimiser steps per job
     rows_per_step: int  # batch size x gradient accumulation
     samples: int  # before/after samples per job
-    sampling_steps: int  # DDIM steps per sample
+    sampling_steps: int  # sampler steps per sample (the paper's ancestral sampler, and DDIM-50 beside it)
     generations: int  # text-to-image: generations to split
     gpu_seconds: int  # ZeroGPU: how long one unlearning job may hold a GPU
     generate_gpu_seconds: int  # ZeroGPU: the same for one "Generate & split"
@@ -63,12 +64,12 @@ class SpaceLimits:
         check_range("on this Space, batch size × gradient accumulation", config.batch_size * config.grad_accum,
                     1, self.rows_per_step)
         check_range("on this Space, samples to compare", n_samples, 1, self.samples)
-        check_range("on this Space, DDIM steps", sampling_steps, 1, self.sampling_steps)
+        check_range("on this Space, sampler steps", sampling_steps, 1, self.sampling_steps)
 
     def describe(self) -> str:
         """One line of Markdown for the page."""
         return (f"**Limits of this Space:** up to {self.steps} steps of {self.rows_per_step} rows "
-                f"(batch size × accumulation), {self.samples} samples with {self.sampling_steps} DDIM steps, "
+                f"(batch size × accumulation), {self.samples} samples with {self.sampling_steps} sampler steps, "
                 f"{self.generations} generations to split; {self.queue_size} visitors in the queue"
                 + (f"; a job holds a ZeroGPU for at most {self.gpu_seconds} s." if zero_gpu() else "."))
 
@@ -121,8 +122,9 @@ class AppSettings:
     def run_defaults(self, preset: str) -> dict:
         """Training and evaluation defaults for a model family: the published training settings;
         the evaluation's defaults (`EvalSettings`: 256 samples, the first 64 in the grids, a live
-        curve of 32 samples every 10 steps; fewer DDIM steps than a paper would use, so a CPU run
-        stays short; benchmarks/results/app_cost.md has the cost).
+        curve of 32 samples every 10 steps; the paper's sampler with 50 steps and DDIM-50 beside it,
+        fewer samples than a paper would use, so a CPU run stays short; benchmarks/results/app_cost.md
+        has the cost).
         Text-to-image splits start from the paper's 128 generations on a GPU, 16 on a CPU."""
         training = UnlearnConfig.preset(preset)  # the one source of training defaults
         device = resolve_device("auto")
