@@ -106,7 +106,7 @@ def test_time_to_oracle_needs_no_excess_and_quality_in_range_under_each_sampler(
             "oracle": oracle, "pretrained": pretrained, "methods": {"siss": points[:3], "retrack": points}}
     table = curves_table(data)
     assert "| retrack | 50 (30.0 s) | – | 25 (12.0 s) | 75 (40.0 s) | 75 (40.0 s) |" in table
-    assert "| siss | never | – | never | never | never |" in table
+    assert "| siss | never | – | 25 (12.0 s) | never | never |" in table
     # the T-shirt measures alone: step 25 has no excess, only its quality (2.5) is out of range
     assert time_to_oracle(points, oracle, pretrained, quality=False)["step"] == 25
     assert "ReTrack 30.0 s, SISS never" in table
