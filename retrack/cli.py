@@ -317,7 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50, help="sampler steps")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "dpm++"])  # sampling.SAMPLERS (torch loads lazily)
+    p.add_argument("--sampler", default="ddpm", choices=["ddim", "ddpm", "dpm++"],  # sampling.SAMPLERS (torch loads lazily)
+                   help="ddpm: ancestral, the paper's evaluation sampler and the evaluation's default; ddim: "
+                        "deterministic; dpm++: DPM-Solver++")
     p.add_argument("--prompt", help="text prompt (Stable Diffusion models)")
     p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (Stable Diffusion)")
     p.add_argument("--ncol", type=int, default=8)

@@ -135,9 +135,10 @@ def neighbour_weights(forget_x0: Tensor, neighbours_x0: Tensor, backend: Backend
 
 
 def trajectory_strip(backend: Backend, seed: int, settings: EvalSettings, cond: Optional[Tensor]) -> Samples:
-    """One sample's denoising path: predicted clean image at evenly spaced timesteps."""
-    return sample(backend, 1, seed=seed, steps=settings.sampling_steps, trajectory_points=settings.trajectory_points,
-                  cond=cond, guidance=settings.guidance)
+    """One sample's denoising path: predicted clean image at evenly spaced timesteps, under the
+    evaluation's sampler (so the path ends at the very sample the before/after grids show)."""
+    return sample(backend, 1, seed=seed, steps=settings.sampling_steps, scheduler=settings.sampler_settings().sampler,
+                  trajectory_points=settings.trajectory_points, cond=cond, guidance=settings.guidance)
 
 
 def trajectory_image(before: Samples, after: Samples, before_flagged: bool, after_flagged: bool) -> Image.Image:
