@@ -43,7 +43,6 @@ from retrack.backends import load_backend  # noqa: E402
 from retrack.builtin import builtin_sets  # noqa: E402
 from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
 from retrack.evaluation import SamplerSettings, builtin_reference, evaluate, save_nearest_rows  # noqa: E402
-from retrack.metrics import wilson_interval  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -59,9 +58,8 @@ def models() -> dict:
 
 def cell(result, seconds: float) -> dict:
     """One model under one sampler: T-shirt rates with counts and 95 % intervals, seconds per sample."""
-    counts = result.counts()
-    return dict(sampler=result.sampler, samples=result.n, rates=result.rates(), counts=counts,
-                intervals={k: list(wilson_interval(c, result.n)) for k, c in counts.items()},
+    return dict(sampler=result.sampler, samples=result.n, rates=result.rates(), counts=result.counts(),
+                intervals={k: list(bounds) for k, bounds in result.intervals().items()},
                 seconds_per_sample=round(seconds / result.n, 4))
 
 
