@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import paths
+from .loading import MODEL_LOADING
 from .images import to_unit_nchw
 
 CONFIG_NAME = "config.json"
@@ -72,7 +73,8 @@ class DigitClassifier:
             raise FileNotFoundError(f"{folder} holds no classifier ({CONFIG_NAME} + {WEIGHTS_NAME}); "
                                     "build it with `python scripts/train_classifier.py`")
         config = json.loads((folder / CONFIG_NAME).read_text())
-        net = DigitTshirtNet(**{key: config[key] for key in DEFAULT_CONFIG})
+        with MODEL_LOADING:
+            net = DigitTshirtNet(**{key: config[key] for key in DEFAULT_CONFIG})
         net.load_state_dict(load_file(folder / WEIGHTS_NAME))
         return cls(net, config, device)
 

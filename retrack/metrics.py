@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import paths
 from .images import to_unit_nchw
+from .loading import MODEL_LOADING
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +89,8 @@ class ClipScorer:
                 raise ValueError(f"{folder}: no .safetensors weights in this CLIP folder; retrack loads "
                                  "safetensors only (a pickle file can run code when it is loaded)")
 
-        clip_model = open_clip.create_model(model, pretrained=pretrained, device=device)
+        with MODEL_LOADING:
+            clip_model = open_clip.create_model(model, pretrained=pretrained, device=device)
         tokenizer = open_clip.get_tokenizer(model)
         preprocess = clip_model.visual.preprocess_cfg
         size = preprocess["size"]

@@ -292,3 +292,31 @@ def test_the_gpu_checks_gradient_comparison_at_tiny_size():
     assert scaled["finite"] and scaled["relative L2 error"] < 1e-2 and scaled["cosine"] > 0.9999
     assert scaled["loss scale"] < 2.0**16 and scaled["attempts"] > 1  # it backed off from an overflow
     assert rows["bf16"]["relative L2 error"] < 0.1 and rows["bf16"]["cosine"] > 0.99
+
+
+def test_models_load_in_parallel_threads(tiny_sd_model):
+    """The app opens a model while a job or the scorer loads another. diffusers and transformers
+    patch torch process-wide while they build a model; without retrack's loading lock every SD load
+    here came back with meta parameters ("Cannot copy out of meta tensor")."""
+    import threading
+
+    from retrack.metrics import ClipScorer
+    from retrack.paths import BUILTIN_MODEL
+
+    errors = []
+
+    def load_repeatedly(load, times):
+        for _ in range(times):
+            try:
+                load()
+            except Exception as exc:  # collected: an exception in a thread would not fail the test
+                errors.append(repr(exc))
+
+    loads = [(lambda: load_backend(tiny_sd_model), 3), (lambda: load_backend(BUILTIN_MODEL), 8),
+             (lambda: ClipScorer.load("builtin"), 2)]
+    threads = [threading.Thread(target=load_repeatedly, args=pair) for pair in loads]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []

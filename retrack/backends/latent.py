@@ -35,6 +35,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import Tensor
 
+from ..loading import MODEL_LOADING
 from .base import Backend
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' LoRA loaders look for
@@ -114,7 +115,8 @@ class LatentBackend(Backend):
                 # A Hub id: fetch (or find in the cache) the snapshot once, then load it like a folder,
                 # so the components can later be copied file by file.
                 local = Path(StableDiffusionPipeline.download(str(path), local_files_only=local_files_only, use_safetensors=True))
-            pipeline = StableDiffusionPipeline.from_pretrained(local, local_files_only=True, use_safetensors=True)
+            with MODEL_LOADING:
+                pipeline = StableDiffusionPipeline.from_pretrained(local, local_files_only=True, use_safetensors=True)
             backend = cls(pipeline, source=str(path), components_dir=local)
         if lora_rank is not None:
             backend.add_lora(lora_rank, lora_alpha)
@@ -128,7 +130,8 @@ class LatentBackend(Backend):
         reference = json.loads((folder / LORA_REFERENCE_FILE).read_text())
         base = cls.from_pretrained(reference["base_model"], local_files_only=local_files_only)
         pipeline = base.pipeline()
-        pipeline.load_lora_weights(str(folder), adapter_name="retrack", weight_name=LORA_WEIGHTS_FILE, use_safetensors=True)
+        with MODEL_LOADING:
+            pipeline.load_lora_weights(str(folder), adapter_name="retrack", weight_name=LORA_WEIGHTS_FILE, use_safetensors=True)
         pipeline.fuse_lora()
         pipeline.unload_lora_weights()  # the merged weights stay; the adapter layers go
         base.source = str(folder)
@@ -145,8 +148,9 @@ class LatentBackend(Backend):
         alpha = float(rank if alpha is None else alpha)
         self.unet.requires_grad_(False)
         # init_lora_weights=True starts B at zero: the adapted UNet equals the original at step 0.
-        self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
-                                         target_modules=list(LORA_TARGET_MODULES)))
+        with MODEL_LOADING:  # builds new layers
+            self.unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
+                                             target_modules=list(LORA_TARGET_MODULES)))
         self.lora_rank, self.lora_alpha = rank, alpha
 
     def to(self, device: Union[str, torch.device]) -> "LatentBackend":

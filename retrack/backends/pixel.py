@@ -15,6 +15,7 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from torch import Tensor
 
+from ..loading import MODEL_LOADING
 from .base import Backend
 
 
@@ -33,7 +34,8 @@ class PixelBackend(Backend):
     def from_pretrained(cls, path: Union[str, Path], device: Union[str, torch.device] = "cpu", local_files_only: bool = True) -> "PixelBackend":
         """Load a DDPM pipeline folder (or Hub id when online); safetensors only, no remote code."""
         kwargs = dict(local_files_only=local_files_only, use_safetensors=True)
-        unet = UNet2DModel.from_pretrained(path, subfolder="unet", **kwargs)
+        with MODEL_LOADING:
+            unet = UNet2DModel.from_pretrained(path, subfolder="unet", **kwargs)
         scheduler = DDPMScheduler.from_pretrained(path, subfolder="scheduler", local_files_only=local_files_only)
         pipeline_class = "DDPMPipeline"
         index = Path(path) / "model_index.json"
