@@ -219,9 +219,13 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
     out.mkdir(parents=True, exist_ok=True)
     started, load_start = time.perf_counter(), _load_average()
     reference = builtin_reference(device, reference_size=settings.retain_reference)
-    start = start_of(settings, device, reference)
-    for key, rows in start.nearest.items():
-        save_nearest_rows(rows, out / f"curves-nearest-start-{key}.png")
+    start = stored_start(out / "curves.json", settings)
+    if start is None:
+        start = start_of(settings, device, reference)
+        for key, rows in start.nearest.items():
+            save_nearest_rows(rows, out / f"curves-nearest-start-{key}.png")
+    else:
+        log(f"start: kept from {out / 'curves.json'}")
     log("start: " + "; ".join(f"{key}: oracle rates {_short(start.oracle[key].rates)}, pretrained rates "
                               f"{_short(start.pretrained.by_sampler[key]['rates'])}" for key in start.oracle))
     data = {"meta": {"settings": asdict(settings), "device": machine(device),
@@ -251,17 +255,33 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
     return data
 
 
+def _settings_but_methods(meta: dict) -> dict:
+    """A run's settings as stored in JSON, without the list of methods: no curve depends on it."""
+    return {k: v for k, v in json.loads(json.dumps(meta.get("settings", {}))).items() if k != "methods"}
+
+
+def stored_start(path: Path, settings: CurveSettings) -> Optional[Start]:
+    """The oracle's levels and the pretrained model's point from an earlier run in `path` with the
+    same settings (the list of methods aside), so a run that adds methods does not redraw them
+    (the confirmation's 5,000 oracle samples alone take minutes); None otherwise."""
+    if not path.exists():
+        return None
+    old = json.loads(path.read_text())
+    if _settings_but_methods(old.get("meta", {})) != _settings_but_methods({"settings": asdict(settings)}):
+        return None
+    confirming = old.get("oracle_confirming")
+    return Start({key: OracleLevels.from_dict(levels) for key, levels in old["oracle"].items()},
+                 Point(**old["pretrained"]), OracleLevels.from_dict(confirming) if confirming else None)
+
+
 def finished_methods(path: Path, data: dict) -> dict:
     """The method curves already in `path` from a run with the same settings (the list of methods
     aside) and starting measurements, so a stopped run resumes with the methods it has not
     measured, in any order; {} otherwise."""
     if not path.exists():
         return {}
-    def settings(meta: dict) -> dict:  # as stored in JSON, without the list of methods: a curve does not depend on it
-        return {k: v for k, v in json.loads(json.dumps(meta.get("settings", {}))).items() if k != "methods"}
-
     old = json.loads(path.read_text())
-    same = (settings(old.get("meta", {})) == settings(data["meta"])
+    same = (_settings_but_methods(old.get("meta", {})) == _settings_but_methods(data["meta"])
             and old.get("oracle") == json.loads(json.dumps(data["oracle"]))
             and old.get("pretrained") == json.loads(json.dumps(data["pretrained"])))
     return old.get("methods", {}) if same else {}
