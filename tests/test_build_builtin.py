@@ -63,17 +63,65 @@ def test_snapshot_copies_a_checkpoint_as_an_evaluated_intermediate_model(build_b
     _train(build_builtin, tmp_path / "out", tmp_path / "ckpt", steps=1)
     assert build_builtin.main(["--setting", "v2", "--what", "snapshot", "--checkpoint-dir", str(tmp_path / "ckpt"),
                                "--out", str(tmp_path / "wip"), "--eval-samples", "4", "--eval-steps", "2",
+                               "--eval-ddim-samples", "3", "--eval-ddim-steps", "2",
                                "--threads", "1", "--device", "cpu"]) == 0
     folder = tmp_path / "wip" / "oracle-wip"
     assert not (folder / build_builtin.TRAINING_STATE).exists() and not (tmp_path / "wip" / "model-wip").exists()
     evaluation = json.loads((folder / "retrack.json").read_text())["evaluation"]
+    # The paper's sampler under the keys older readers know; both samplers with counts and intervals.
     assert evaluation["samples"] == 4 and 0.0 <= evaluation["tshirt_rate_paper_l2"] <= 1.0
+    assert evaluation["sampler"].startswith("DDPM, 2 steps, seeds 0..3")
     assert evaluation["retain_distance_to_tshirt_quantiles"]["0.0"] == pytest.approx(10.586, abs=1e-3)
-    assert (folder / "samples.png").is_file()
-    assert "**Intermediate, 1 training steps: not yet the built-in model.**" in (folder / "README.md").read_text()
+    paper, ddim = evaluation["by_sampler"]["paper"], evaluation["by_sampler"]["ddim"]
+    assert paper["sampler"] == evaluation["sampler"] and ddim["sampler"].startswith("DDIM, 2 steps, seeds 0..2")
+    assert [paper["samples"], ddim["samples"]] == [4, 3]
+    assert paper["counts"]["l2"] == round(4 * evaluation["tshirt_rate_paper_l2"])
+    for record in (paper, ddim):
+        assert set(record["counts"]) == set(record["intervals"]) >= {"l2", "classifier"}
+        low, high = record["intervals"]["l2"]
+        assert 0 <= low <= record["rates"]["l2"] <= high <= 1
+    assert (folder / "samples.png").is_file() and (folder / "samples-ddim.png").is_file()
+    card = (folder / "README.md").read_text()
+    assert "**Intermediate, 1 training steps: not yet the built-in model.**" in card
+    assert "DDPM, 2 steps, seeds 0..3" in card and "DDIM, 2 steps, seeds 0..2" in card
+    assert f"L2 < 10: {paper['counts']['l2']} of 4 (" in card and "samples-ddim.png" in card
 
     assert build_builtin.main(["--what", "describe", "--out", str(folder), "--observed", "grey noise."]) == 0
-    assert "- Seen by eye in the grid: grey noise." in (folder / "README.md").read_text()
+    assert "- Seen by eye in the grids: grey noise." in (folder / "README.md").read_text()
+
+
+def test_evaluation_defaults_to_the_papers_sampler_with_ddim_beside_it(build_builtin):
+    from retrack.presets import EVALUATION_STEPS
+
+    args = build_builtin.parse_args([])
+    assert (args.eval_samples, args.eval_steps, args.eval_ddim_samples, args.eval_ddim_steps) == (
+        5000, EVALUATION_STEPS["mnist"], 1000, 50)
+
+
+def _record(l2: int, n: int = 5000, classifier: tuple = (0, 0), confident: float = 0.95) -> dict:
+    by_sampler = {key: {"samples": samples, "counts": {"l2": 0, "classifier": count}}
+                  for key, samples, count in (("paper", n, classifier[0]), ("ddim", 1000, classifier[1]))}
+    return {"tshirt_rate_paper_l2": l2 / n, "confident_digit_rate": confident, "by_sampler": by_sampler}
+
+
+def test_v2_criteria_allow_an_oracle_digit_within_l2_10_but_no_tshirt(build_builtin):
+    from builtin_build.evaluate import v2_failures
+
+    model = _record(52)  # the shipped model under the paper's sampler: 52 of 5,000
+    assert v2_failures(model, _record(1)) == []  # the oracle's bold 8 at L2 9.8: a digit, not a copy
+    assert v2_failures(model, _record(0)) == []
+
+    def failing(model, oracle):
+        return " ".join(v2_failures(model, oracle))
+
+    assert "model: L2 < 10 T-shirt rate 0.20%" in failing(_record(10), _record(0))  # under 0.5 %
+    assert "not within 0.5-5 %" in failing(_record(300), _record(0))  # 6 %
+    assert "above a tenth of the model's" in failing(model, _record(6))  # 0.12 % > 0.104 %
+    assert "oracle (ddim): the classifier counts 1 T-shirts" in failing(model, _record(0, classifier=(0, 1)))
+    assert "oracle (paper)" in failing(model, _record(0, classifier=(2, 0)))
+    assert "confident digits" in failing(model, _record(0, confident=0.89))
+    assert "no model to compare" in failing(None, _record(0))
+    assert v2_failures(model, None) == []
 
 
 def test_clip_scorer_fine_tunes_on_degraded_images_from_a_given_scorer(build_builtin, tmp_path):
@@ -105,3 +153,11 @@ def test_augmented_batch_degrades_digits_and_tshirts_within_the_pixel_range(buil
     shirts = images[DIGITS_PER_BATCH:]
     assert not torch.equal(shirts[0], shirts[1])  # each copy degraded its own way
     assert (shirts - tshirt).abs().flatten(1).mean(1).min() > 0.005  # none left exact
+
+
+def test_card_counts_read_as_count_of_samples_with_the_wilson_interval(build_builtin):
+    from builtin_build.cards import _count
+
+    from retrack.metrics import wilson_interval
+
+    assert _count(52, 5000, wilson_interval(52, 5000)) == "52 of 5,000 (1.04 %, 95 % CI 0.79–1.36 %)"
