@@ -42,6 +42,7 @@ from .backends.base import Backend
 from .neighbours import DEFAULT_CACHE, check_neighbour_count, nearest_neighbours
 from .objectives import METHODS, Batch, Params
 from .presets import DEFAULTS, PRESETS
+from .runrecord import timestamp
 
 # Mixed precision: the autocast dtype of each mode ("no" = fp32 throughout, the published setting).
 AUTOCAST_DTYPES = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -206,7 +207,7 @@ class UnlearnResult:
             "mixed_precision": self.config.mixed_precision,
             "fp16_overflow_skips": self.overflow_skips,
             **({"weights_sha256_per_process": self.process_digests} if self.process_digests else {}),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "created": timestamp(),
             **extra,
         }
 
