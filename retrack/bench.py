@@ -33,7 +33,6 @@ the forget image's bits/dim toward the oracle's while the retain images' stay.
 from __future__ import annotations
 
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -55,6 +54,7 @@ from .evaluation import (
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import DEFAULTS, EVALUATION_STEPS, PRESETS
+from .runrecord import NOT_RECORDED, RunRecord, describe_run, write_json_and_markdown
 from .sampling import save_grid
 
 ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack", "oracle")
@@ -84,6 +84,13 @@ class BenchSettings:
     def quick(cls) -> "BenchSettings":
         return cls(steps=3, batch_size=16, samples=32, deterministic_samples=16, sample_steps=10, deterministic_steps=10,
                    retain_reference=256)
+
+    def command(self) -> str:
+        """The command line that runs these settings (the DDIM steps and the retain reference have no
+        option: `--quick` sets them)."""
+        return (f"python -m retrack bench --methods {','.join(self.methods)} --steps {self.steps} "
+                f"--batch {self.batch_size} --samples {self.samples} --ddim-samples {self.deterministic_samples} "
+                f"--sample-steps {self.sample_steps} --seed {self.seed} --device {self.device}")
 
 
 @dataclass
@@ -170,13 +177,14 @@ def method_model(method: str, settings: BenchSettings, device: str, forget: torc
                          seconds_per_step=result.seconds_per_step, final_loss=result.events[-1].loss)
 
 
-def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) -> list[Row]:
+def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print, beside: str = NOT_RECORDED) -> list[Row]:
     """Run every method in one process and write the results under `out` after each method; a
-    stopped run with the same settings resumes, keeping the methods (and oracle levels) it measured."""
+    stopped run with the same settings resumes, keeping the methods (and oracle levels) it measured.
+    `beside`: what else ran on the machine, for the run record (`runrecord`)."""
     check_methods(settings)
     device = resolve_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
-    started, load_start = time.perf_counter(), _load_average()
+    record = RunRecord.start(settings.command(), beside, device)
     reference = builtin_reference(device, reference_size=settings.retain_reference)
     log(f"thresholds: {reference.thresholds()}")
     kept_rows, kept_levels = finished_rows(out / "results.json", settings)
@@ -205,7 +213,7 @@ def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print) 
                 f"(counts {result.counts()}), excess over the oracle {_percentages(result.excess(levels[key]))}, "
                 f"quality {_figures(result.quality_figures)} ({seconds:.1f} s sampling)")
         rows.append(Row(method=method, by_sampler=by_sampler, **extra))
-        write_results(rows, settings, out, time.perf_counter() - started, device, reference, levels, load_start)
+        write_results(rows, settings, out, record, device, reference, levels)
     return rows
 
 
@@ -255,12 +263,6 @@ def _fmt(value: Optional[float], spec: str) -> str:
     return "–" if value is None or (isinstance(value, float) and np.isnan(value)) else format(value, spec)
 
 
-def machine(device: str) -> str:
-    """The device in words, for records: a GPU's name, or the CPU and its thread count."""
-    return torch.cuda.get_device_name(0) if device.startswith("cuda") else \
-        f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def rate_with_interval(measured: dict, measure: str = "l2") -> str:
     """'0.7 % (35/5000; 0.5–1.0 %)': the rate, its count and its 95 % Wilson interval."""
     if measure not in measured["rates"]:
@@ -274,25 +276,18 @@ def _verdict(value: Optional[bool]) -> str:
     return "–" if value is None else ("yes" if value else "no")
 
 
-def write_results(rows: list[Row], settings: BenchSettings, out: Path, seconds: float, device: str,
-                  reference: Reference, levels: dict, load_start: Optional[float]) -> None:
+def write_results(rows: list[Row], settings: BenchSettings, out: Path, record: RunRecord, device: str,
+                  reference: Reference, levels: dict) -> None:
     """results.json, results.md and tradeoff.png."""
-    where, samplers = machine(device), settings.samplers()
+    samplers = settings.samplers()
     decided = verdicts(rows)
-    meta = dict(settings=asdict(settings), device=where, total_seconds=round(seconds, 1),
-                thresholds=reference.thresholds(),
-                samplers={key: sampler.describe(device) for key, sampler in samplers.items()},
-                load_average_at_start=load_start, load_average_at_end=_load_average(),
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    write_file_atomically(out / "results.json", json.dumps(dict(
-        meta=meta, oracle_levels={key: value.to_dict() for key, value in levels.items()},
-        rows=[asdict(r) for r in rows], verdicts=decided), indent=2))
+    meta = dict(settings=asdict(settings), thresholds=reference.thresholds(),
+                samplers={key: sampler.describe(device) for key, sampler in samplers.items()}, **record.finish())
     lines = [
         f"Built-in digits + T-shirt model; {settings.steps} steps x batch {settings.batch_size} per branch; "
         f"every model drawn under the paper's sampler ({samplers[PAPER].describe(device)}) and under the "
-        f"deterministic DDIM ({samplers[DDIM].describe(device)}), the same seeds for every model; "
-        f"device: {where}; whole benchmark {seconds:.0f} s (load average {load_start} at the start, "
-        f"{meta['load_average_at_end']} at the end).",
+        f"deterministic DDIM ({samplers[DDIM].describe(device)}), the same seeds for every model. "
+        + describe_run(meta),
         "",
         "| method | T-shirt rate, paper's sampler (L2 < 10; count; 95 % CI) | excess over oracle (L2 / classifier) | "
         "digit FD ↓ | T-shirt rate, DDIM-50 (L2 < 10; count; 95 % CI) | excess over oracle, DDIM (L2 / classifier) | "
@@ -316,7 +311,9 @@ def write_results(rows: list[Row], settings: BenchSettings, out: Path, seconds: 
               "'At the oracle's level' (evaluation.at_oracle_level): no excess by pixel L2 or the classifier, and the "
               "digit FD no worse than the oracle's and the pretrained model's. Quality on the samples that are not "
               "pixel-L2 copies."]
-    write_file_atomically(out / "results.md", "\n".join(lines) + "\n")
+    data = dict(meta=meta, oracle_levels={key: value.to_dict() for key, value in levels.items()},
+                rows=[asdict(r) for r in rows], verdicts=decided)
+    write_json_and_markdown(out / "results.json", data, "\n".join(lines))
     plot_tradeoff(rows, out / "tradeoff.png")
 
 
@@ -364,17 +361,19 @@ def likelihood_images(seed: int, n_retain: int) -> tuple[list[tuple[str, str]], 
 
 
 def run_likelihood(settings: BenchSettings, out: Path, nll: NLLSettings = NLLSettings(), n_retain: int = 3,
-                   log: Callable[[str], None] = print) -> list[LikelihoodRow]:
+                   log: Callable[[str], None] = print, beside: str = NOT_RECORDED) -> list[LikelihoodRow]:
     """Bits/dim of the T-shirt and `n_retain` digits under each method's model; nll.json, nll.md in `out`.
 
     The same images get the same dequantisation and probes under every model (seeded per image).
     The files are rewritten after each method, so an interrupted run keeps what it measured.
+    `beside`: what else ran on the machine, for the run record (`runrecord`).
     """
     check_methods(settings)
     nll.validate()
     device = resolve_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
-    started, load_before = time.perf_counter(), _load_average()
+    record = RunRecord.start(f"{settings.command()} --nll --nll-retain {n_retain} --nll-tol {nll.rtol:g} "
+                             f"--nll-repeats {nll.repeats}", beside, device)
     forget, retain = builtin_sets()
     names, images = likelihood_images(settings.seed, n_retain)
     rows: list[LikelihoodRow] = []
@@ -383,28 +382,15 @@ def run_likelihood(settings: BenchSettings, out: Path, nll: NLLSettings = NLLSet
         for (name, role), result in zip(names, model_likelihoods(backend, images, nll)):
             rows.append(LikelihoodRow(method, name, role, result))
             log(f"{method}: {name}: {result} ({result.evaluations} evaluations, {result.seconds:.0f} s)")
-        write_likelihood(rows, settings, nll, out, time.perf_counter() - started, device, load_before)
+        write_likelihood(rows, settings, nll, out, record)
     return rows
 
 
-def _load_average() -> Optional[float]:
-    try:
-        import os
-
-        return round(os.getloadavg()[0], 2)
-    except (AttributeError, OSError):  # not on every platform
-        return None
-
-
-def write_likelihood(rows: list[LikelihoodRow], settings: BenchSettings, nll: NLLSettings, out: Path, seconds: float,
-                     device: str, load_before: Optional[float]) -> None:
+def write_likelihood(rows: list[LikelihoodRow], settings: BenchSettings, nll: NLLSettings, out: Path,
+                     record: RunRecord) -> None:
     """nll.json (every repeat, evaluations and seconds per image) and nll.md (the table)."""
-    where = machine(device)
     per_image = [row.result.seconds for row in rows]
-    meta = dict(settings=asdict(settings), likelihood=asdict(nll), device=where, total_seconds=round(seconds, 1),
-                load_average_at_start=load_before, load_average_at_end=_load_average(),
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    write_file_atomically(out / "nll.json", json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=2))
+    meta = dict(settings=asdict(settings), likelihood=asdict(nll), **record.finish())
     methods = list(dict.fromkeys(row.model for row in rows))
     lines = [
         f"Likelihood of the built-in model's forget image and {len({r.image for r in rows}) - 1} retain digits "
@@ -420,9 +406,8 @@ def write_likelihood(rows: list[LikelihoodRow], settings: BenchSettings, nll: NL
         f"error is not in it). Bits/dim on the 8-bit scale (-log p / (D ln 2) + 7), an upper bound on the "
         f"discrete negative log-likelihood.",
         "",
-        f"Device: {where}; {min(per_image):.0f}–{max(per_image):.0f} s per image "
-        f"({min(r.result.evaluations for r in rows)}–{max(r.result.evaluations for r in rows)} network "
-        f"evaluations with their vector-Jacobian products); whole run {seconds:.0f} s, on a shared machine "
-        f"(load average {load_before} at the start, {meta['load_average_at_end']} at the end).",
+        f"{min(per_image):.0f}–{max(per_image):.0f} s per image ({min(r.result.evaluations for r in rows)}–"
+        f"{max(r.result.evaluations for r in rows)} network evaluations with their vector-Jacobian products). "
+        + describe_run(meta),
     ]
-    write_file_atomically(out / "nll.md", "\n".join(lines) + "\n")
+    write_json_and_markdown(out / "nll.json", dict(meta=meta, rows=[asdict(r) for r in rows]), "\n".join(lines))

@@ -36,7 +36,6 @@ import numpy as np
 
 from .atomic import write_file_atomically
 from .backends import load_backend
-from .bench import _load_average, machine
 from .builtin import builtin_sets
 from .engine import StepEvent, UnlearnConfig, resolve_device, unlearn
 from .evaluation import (
@@ -45,6 +44,7 @@ from .evaluation import (
 )
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import EVALUATION_STEPS
+from .runrecord import NOT_RECORDED, RunRecord, describe_run, write_json_and_markdown
 from .sampling import Samples
 
 CURVE_METHODS = ("vanilla", "neggrad", "erasediff", "siss", "retrack")
@@ -211,13 +211,15 @@ def confirmation(backend, settings: CurveSettings, reference: Reference, start: 
     return figures
 
 
-def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = print) -> dict:
+def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = print,
+               beside: str = NOT_RECORDED) -> dict:
     """Evaluate the oracle and the pretrained model, then each method's curve; write the files
-    after each method (an interrupted run keeps what it measured). Returns the curves.json data."""
+    after each method (an interrupted run keeps what it measured). Returns the curves.json data.
+    `beside`: what else ran on the machine, for the run record (`runrecord`)."""
     settings.validate()
     device = resolve_device(settings.device)
     out.mkdir(parents=True, exist_ok=True)
-    started, load_start = time.perf_counter(), _load_average()
+    record = RunRecord.start(settings.command(), beside, device)
     reference = builtin_reference(device, reference_size=settings.retain_reference)
     start = stored_start(out / "curves.json", settings)
     if start is None:
@@ -228,13 +230,13 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
         log(f"start: kept from {out / 'curves.json'}")
     log("start: " + "; ".join(f"{key}: oracle rates {_short(start.oracle[key].rates)}, pretrained rates "
                               f"{_short(start.pretrained.by_sampler[key]['rates'])}" for key in start.oracle))
-    data = {"meta": {"settings": asdict(settings), "device": machine(device),
+    data = {"meta": {"settings": asdict(settings),
                      "samplers": {key: s.describe(device) for key, s in settings.samplers().items()},
                      "confirming": settings.confirming().describe(device) if settings.confirm_samples else None,
-                     "thresholds": reference.thresholds(), "load_average_at_start": load_start,
-                     "command": settings.command(),
+                     "thresholds": reference.thresholds(),
                      "how": "one process; training seconds exclude evaluation; every method from the built-in "
-                            "model with the same seed (rows and noise per branch) and the same sample seeds"},
+                            "model with the same seed (rows and noise per branch) and the same sample seeds",
+                     **record.finish()},
             "oracle": {key: levels.to_dict() for key, levels in start.oracle.items()},
             "oracle_confirming": start.oracle_confirming.to_dict() if start.oracle_confirming else None,
             "pretrained": asdict(start.pretrained), "methods": {}}
@@ -249,8 +251,7 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
                                                                     nearest)]
         for key, rows in nearest.items():
             save_nearest_rows(rows, out / f"curves-nearest-{method}-{key}.png")
-        data["meta"].update(total_seconds=round(time.perf_counter() - started, 1), load_average_at_end=_load_average(),
-                            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        data["meta"].update(record.finish())
         write_curves(data, out)
     return data
 
@@ -315,8 +316,7 @@ def time_to_both(points: Sequence[dict], oracle: dict, pretrained: dict) -> Opti
 
 def write_curves(data: dict, out: Path) -> None:
     """curves.json, curves.md (the time-to-oracle table) and curves.png."""
-    write_file_atomically(out / "curves.json", json.dumps(data, indent=2) + "\n")
-    write_file_atomically(out / "curves.md", curves_table(data))
+    write_json_and_markdown(out / "curves.json", data, curves_table(data))
     plot_curves(data, out / "curves.png")
 
 
@@ -333,9 +333,8 @@ def curves_table(data: dict) -> str:
         f"Forgetting curves on the built-in digits + T-shirt model: each method from the same start and seed, "
         f"batch {settings['batch_size']} per branch, evaluated at steps {', '.join(map(str, settings['checkpoints']))} "
         f"under the paper's sampler ({meta['samplers'][PAPER]}) and DDIM ({meta['samplers'][DDIM]}); a first step "
-        f"at the oracle's level under the paper's sampler re-read on {settings['confirm_samples']} samples; device "
-        f"{meta['device']}; whole run {meta.get('total_seconds', 0):.0f} s (load average "
-        f"{meta['load_average_at_start']} at the start, {meta.get('load_average_at_end')} at the end).",
+        f"at the oracle's level under the paper's sampler re-read on {settings['confirm_samples']} samples. "
+        + describe_run(meta),
         "",
         f"At the oracle's level (retrack.evaluation.at_oracle_level): every T-shirt measure ({', '.join(FORGET_MEASURES)}) "
         f"has an excess over the oracle of at most 0 under that sampler, while {figure} (lower is better) is no worse "
