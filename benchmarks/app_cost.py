@@ -13,8 +13,8 @@ oracle's samples (cold caches), the second finds them cached, as every later job
 does. A phase's seconds are the wall time between the job's phase changes; "live curve" is the
 time the live memorisation curve took inside training (the training seconds reported exclude it).
 
-The machine is shared (load average recorded at the start and the end): read the ratios, e.g.
-the live curve's share of the training phase, more than the seconds.
+The machine is shared (the load average at the start and the end and `--beside` are recorded): read
+the ratios, e.g. the live curve's share of the training phase, more than the seconds.
 
 Writes benchmarks/results/app_cost.json and app_cost.md.
 """
@@ -22,21 +22,21 @@ Writes benchmarks/results/app_cost.json and app_cost.md.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from retrack.atomic import write_file_atomically  # noqa: E402
-from retrack.bench import _load_average, machine  # noqa: E402
 from retrack.engine import UnlearnConfig  # noqa: E402
 from retrack.evaluation import EvalSettings  # noqa: E402
 from retrack.forget_set import build_forget_set, default_picks, parse_picks  # noqa: E402
 from retrack.jobs import Job  # noqa: E402
 from retrack.models import open_model  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.runrecord import (  # noqa: E402
+    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+)
 from ui.settings import AppSettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -77,12 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--modes", default="quick,default", help="comma-separated: quick, default")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    add_beside_argument(parser)
     args = parser.parse_args(argv)
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
     model = open_model(str(BUILTIN_MODEL))
     forget = build_forget_set(model, parse_picks(default_picks(model)))
-    data = {"meta": {"device": machine("cpu"), "load_average_at_start": _load_average(),
-                     "command": "python benchmarks/app_cost.py --modes " + args.modes,
-                     "how": "one process; real jobs on the built-in model, T-shirt picked; each mode twice "
+    data = {"meta": {"how": "one process; real jobs on the built-in model, T-shirt picked; each mode twice "
                             "(first: cold sample caches, second: cached before/oracle samples)"},
             "modes": {}}
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,16 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
             for attempt in ("first job (cold caches)", "second job (cached)"):
                 runs.append({"job": attempt} | timed_job(model, forget, config, evaluation, Path(tmp)))
                 print(mode, runs[-1], flush=True)
-                data["meta"].update(load_average_at_end=_load_average(),
-                                    created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-                write_results(data, args.out)  # after every job: a stopped run keeps what it measured
+                data["meta"].update(record.finish())
+                # after every job: a stopped run keeps what it measured
+                write_json_and_markdown(args.out / "app_cost.json", data, table(data))
     return data
-
-
-def write_results(data: dict, out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    write_file_atomically(out / "app_cost.json", json.dumps(data, indent=2) + "\n")
-    write_file_atomically(out / "app_cost.md", table(data))
 
 
 def table(data: dict) -> str:
@@ -111,8 +105,7 @@ def table(data: dict) -> str:
     meta = data["meta"]
     columns = [(mode, run) for mode, entry in data["modes"].items() for run in entry["runs"]]
     phases = list(columns[0][1]["seconds"])
-    lines = [f"App job cost on {meta['device']} (load average {meta['load_average_at_start']} at the start, "
-             f"{meta.get('load_average_at_end')} at the end): `{meta['command']}`; {meta['how']}.", ""]
+    lines = [f"App job cost: {meta['how']}. {describe_run(meta)}", ""]
     for mode, entry in data["modes"].items():
         s = entry["settings"]
         lines.append(f"- **{mode}**: {s['steps']} ReTrack steps of {s['batch_size']} rows; {s['n_samples']} samples "

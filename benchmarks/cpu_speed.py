@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -39,6 +38,9 @@ from retrack.classifier import DigitClassifier  # noqa: E402
 from retrack.data import TSHIRT_LABEL  # noqa: E402
 from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.runrecord import (  # noqa: E402
+    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+)
 from retrack.sampling import pixel_l2, sample  # noqa: E402
 
 
@@ -166,12 +168,11 @@ def time_training(rounds: int, steps: int, batch: int, compile_too: bool) -> dic
                          for name in variants}}
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def markdown(result: dict) -> str:
     s, ag = result["sampling"], result["sample_agreement"]
     lines = ["# CPU speed options on the built-in model", "",
-             f"Made by `python benchmarks/cpu_speed.py {' '.join(result['argv'])}` on {result['created']}. Machine: "
-             f"{result['machine']}; CPU flags {result['cpu_flags']}. Beside it: {result['beside']}. Each variant took its "
-             "turn with the others in shuffled rounds in one process; medians. Compare the ratios, not the seconds.", "",
+             f"{describe_run(result)} CPU flags {result['cpu_flags']}. Each variant took its turn with the others in "
+             "shuffled rounds in one process; medians. Compare the ratios, not the seconds.", "",
              f"## Sampling: one UNet forward, batch {s['batch']}, no grad ({s['rounds']} rounds)", "",
              "| variant | s/forward | × fp32 | max abs Δeps vs fp32 (eps std ≈ 1) |", "|---|---|---|---|"]
     lines += [f"| {k} | {v['seconds']:.4f} | {v['ratio_to_fp32']:.2f} | {v['max_abs_eps_difference']:.2e} |"
@@ -202,7 +203,7 @@ def write_markdown(path: Path, result: dict) -> None:
                 f"{k} {', '.join(f'{s:.1f}' for s in v)}" for k, v in tr["first_step_seconds"].items())
                 + " (torch.compile compiles forward and backward there)."]
     lines += ["", "## Conclusion", "", result.get("conclusion", "(see the report)"), ""]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,26 +214,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=2)
     parser.add_argument("--agreement-n", type=int, default=32)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
-    parser.add_argument("--beside", default="not recorded")
+    add_beside_argument(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    result = dict(argv=argv if argv is not None else sys.argv[1:], cpu_flags=cpu_flags(), beside=args.beside,
-                  machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}")
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
+    result: dict = {"cpu_flags": cpu_flags()}
     result["sampling"] = time_sampling(args.batch, args.rounds, args.compile)
     result["sample_agreement"] = sample_agreement(args.agreement_n, 15, args.compile)
-    write_results(Path(args.out), result)  # the sampling part stands on its own if the training part is cut short
+    write_results(Path(args.out), result, record)  # the sampling part stands on its own if training is cut short
     result["training"] = time_training(args.train_rounds, args.train_steps, 128, args.compile)
-    write_results(Path(args.out), result)
+    write_results(Path(args.out), result, record)
     return 0
 
 
-def write_results(out: Path, result: dict) -> None:
-    result["load_average_at_end"] = os.getloadavg()
-    result["created"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cpu_speed.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(out / "cpu_speed.md", result)
+def write_results(out: Path, result: dict, record: RunRecord) -> None:
+    result.update(record.finish())
+    write_json_and_markdown(out / "cpu_speed.json", result, markdown(result))
     print(json.dumps(result, indent=1), flush=True)
 
 

@@ -23,9 +23,7 @@ into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -40,6 +38,9 @@ from retrack import metrics  # noqa: E402
 from retrack.backends import load_backend  # noqa: E402
 from retrack.evaluation import Evaluation, builtin_reference, evaluate_samples  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.runrecord import (  # noqa: E402
+    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+)
 from retrack.sampling import Samples, image_grid, pixel_l2, sample, save_png  # noqa: E402
 
 # (sampler, steps, precision of the network call)
@@ -114,18 +115,18 @@ def reference_agreement(backend, images: dict, ref_n: int, ref_steps: int) -> di
     return {name: float(pixel_l2(drawn[:ref_n], reference).median()) for name, drawn in images.items()}
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def markdown(result: dict) -> str:
     s = result["settings"]
     rates = list(s[BASELINE]["rates"])
     quality = list(s[BASELINE]["quality"])
     lines = [
         "# Evaluation sampler: DDIM-50 against DPM-Solver++ on the built-in model",
         "",
-        f"Made by `python benchmarks/eval_sampler.py {' '.join(result['argv'])}` on {result['created']}.",
+        describe_run(result),
         f"{result['n']} samples per setting, seeds {result['seed']}..{result['seed'] + result['n'] - 1} (sample i starts from",
         "the noise of seed i under every setting), batches of "
-        f"{result['batch']}, every setting taking a turn on each batch in shuffled order. Machine: {result['machine']}.",
-        f"Beside it: {result['beside']}. Seconds are medians over batches; compare the ratios, not the absolute times.",
+        f"{result['batch']}, every setting taking a turn on each batch in shuffled order.",
+        "Seconds are medians over batches; compare the ratios, not the absolute times.",
         "DPM-Solver++ is `sampling.sample(scheduler=\"dpm++\")`: 2nd-order multistep, steps uniform in log-SNR, the",
         "model's x0 clip applied as DDIM applies it. Every figure comes from `retrack.evaluation.evaluate_samples` with",
         f"the built-in reference (thresholds: {result['thresholds']}).",
@@ -151,7 +152,7 @@ def write_markdown(path: Path, result: dict) -> None:
                       f"{k} {v:.2f}" for k, v in result["reference_agreement"].items()) + "."]
     lines += ["", "Same-seed samples: `eval_sampler.png` (one row per setting).", "",
               "## Recommendation", "", result["recommendation"], ""]
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 def _number(value: float | None) -> str:
@@ -183,10 +184,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ref-n", type=int, default=16, help="seeds also drawn with fine DDIM (0: none)")
     parser.add_argument("--ref-steps", type=int, default=200)
-    parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
+    add_beside_argument(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
     backend = load_backend(BUILTIN_MODEL, device="cpu")
     reference = builtin_reference("cpu")
 
@@ -201,16 +203,11 @@ def main(argv: list[str] | None = None) -> int:
                           **summarise(results[name], results[BASELINE], pixel_l2(drawn, images[BASELINE]).numpy())}
     fastest, recommendation = recommend(settings)
     out = Path(args.out)
-    result = dict(argv=argv if argv is not None else sys.argv[1:], n=args.n, batch=args.batch, seed=args.seed,
-                  machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                  beside=args.beside, load_average_at_end=os.getloadavg(), thresholds=reference.thresholds(),
+    result = dict(n=args.n, batch=args.batch, seed=args.seed, thresholds=reference.thresholds(),
                   ref_n=args.ref_n, ref_steps=args.ref_steps,
                   reference_agreement=reference_agreement(backend, images, args.ref_n, args.ref_steps),
-                  settings=settings, recommended=fastest, recommendation=recommendation,
-                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "eval_sampler.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(out / "eval_sampler.md", result)
+                  settings=settings, recommended=fastest, recommendation=recommendation, **record.finish())
+    write_json_and_markdown(out / "eval_sampler.json", result, markdown(result))
     tiles = torch.cat([drawn[:10] for drawn in images.values()])
     labels = [f"{name} s{args.seed + i}" for name in images for i in range(10)]
     save_png(image_grid(tiles, ncol=10, labels=labels), out / "eval_sampler.png")

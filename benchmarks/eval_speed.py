@@ -13,21 +13,18 @@ Writes eval_speed.json and eval_speed.md into --out.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from retrack.atomic import write_file_atomically  # noqa: E402
 from retrack.backends import load_backend  # noqa: E402
 from retrack.evaluation import SamplerSettings, builtin_reference, draw, evaluate_samples  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.runrecord import (  # noqa: E402
+    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -35,11 +32,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=SamplerSettings().batch_size)
     parser.add_argument("--precision", default=SamplerSettings().precision, choices=("fp32", "bf16", "auto"))
-    parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
+    add_beside_argument(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     settings = SamplerSettings(n_samples=args.n, batch_size=args.batch, precision=args.precision)
-    load_start = os.getloadavg()
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
     reference = builtin_reference("cpu")
     backend = load_backend(BUILTIN_MODEL, device="cpu")
     t0 = time.perf_counter()
@@ -47,23 +44,16 @@ def main(argv: Optional[list[str]] = None) -> int:
     t1 = time.perf_counter()
     result = evaluate_samples(samples, reference, sampler=settings.describe("cpu"))
     t2 = time.perf_counter()
-    data = dict(argv=argv if argv is not None else sys.argv[1:], sampler=result.sampler, batch_size=args.batch,
-                samples=args.n, drawing_seconds=round(t1 - t0, 1), measuring_seconds=round(t2 - t1, 1),
-                total_seconds=round(t2 - t0, 1), seconds_per_sample=round((t2 - t0) / args.n, 4),
-                rates=result.rates(), counts=result.counts(), beside=args.beside,
-                machine=f"{platform.machine()} CPU ({platform.processor() or 'unknown'}), {torch.get_num_threads()} "
-                        f"threads, torch {torch.__version__}",
-                load_average_at_start=load_start, load_average_at_end=os.getloadavg(),
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    out = Path(args.out)
-    write_file_atomically(out / "eval_speed.json", json.dumps(data, indent=2) + "\n")
-    write_file_atomically(out / "eval_speed.md", (
-        f"One evaluation of the built-in model: {args.n} samples ({result.sampler}, batch {args.batch}) took "
-        f"{data['total_seconds']:.0f} s: {data['drawing_seconds']:.0f} s drawing, {data['measuring_seconds']:.0f} s "
-        f"measuring ({data['seconds_per_sample']} s per sample). T-shirt counts {data['counts']}. {data['machine']}; "
-        f"load average {load_start[0]:.2f} at the start, {data['load_average_at_end'][0]:.2f} at the end; beside "
-        f"it: {args.beside}. Command: `python benchmarks/eval_speed.py {' '.join(data['argv'])}`.\n"))
-    print((out / "eval_speed.md").read_text())
+    data = dict(sampler=result.sampler, batch_size=args.batch, samples=args.n, drawing_seconds=round(t1 - t0, 1),
+                measuring_seconds=round(t2 - t1, 1), evaluation_seconds=round(t2 - t0, 1),
+                seconds_per_sample=round((t2 - t0) / args.n, 4), rates=result.rates(), counts=result.counts(),
+                **record.finish())
+    text = (f"One evaluation of the built-in model: {args.n} samples ({result.sampler}, batch {args.batch}) took "
+            f"{data['evaluation_seconds']:.0f} s: {data['drawing_seconds']:.0f} s drawing, "
+            f"{data['measuring_seconds']:.0f} s measuring ({data['seconds_per_sample']} s per sample). T-shirt counts "
+            f"{data['counts']}. {describe_run(data)}\n")
+    write_json_and_markdown(Path(args.out) / "eval_speed.json", data, text)
+    print(text)
     return 0
 
 

@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import PixelBackend  # noqa: E402
 from retrack.engine import OutOfMemory, UnlearnConfig, unlearn  # noqa: E402
+from retrack.runrecord import describe_machine  # noqa: E402
 
 LIMIT_BYTES = 2**30
 failures: list[str] = []
@@ -112,8 +113,7 @@ def main() -> int:
         return 0
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction(LIMIT_BYTES / total)
-    print(f"{torch.cuda.get_device_name(0)}, torch {torch.__version__}, limited to {LIMIT_BYTES / 2**30:.0f} GiB "
-          f"of {total / 2**30:.0f} GiB", flush=True)
+    print(f"{describe_machine('cuda')}, limited to {LIMIT_BYTES / 2**30:.0f} GiB of {total / 2**30:.0f} GiB", flush=True)
     engine_checks()
     with tempfile.TemporaryDirectory() as folder:
         app_job_checks(Path(folder))

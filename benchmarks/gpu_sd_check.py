@@ -29,7 +29,6 @@ Prints one row per run and exits with status 1 if any check failed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import statistics
 import sys
@@ -43,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from retrack import objectives  # noqa: E402
 from retrack.backends.latent import LatentBackend  # noqa: E402
 from retrack.engine import AUTOCAST_DTYPES, PRESETS, UnlearnConfig  # noqa: E402
+from retrack.runrecord import RunRecord, add_beside_argument, script_command, write_json_and_markdown  # noqa: E402
 from retrack.sampling import sample  # noqa: E402
 from retrack.split import unlearn_prompt  # noqa: E402
 from retrack.testing import build_tiny_sd_pipeline, clip_tokenizer  # noqa: E402
@@ -201,13 +201,15 @@ def main() -> int:
                         help="also run the SD v1-size model (auto: on a GPU only)")
     parser.add_argument("--sd-steps", type=int, default=3)
     parser.add_argument("--out", help="also write every row to this JSON file")
+    add_beside_argument(parser)
     args = parser.parse_args()
 
     on_gpu = args.device.startswith("cuda")
     if on_gpu and not torch.cuda.is_available():
         print("no CUDA device here; use --device cpu", file=sys.stderr)
         return 2
-    print(f"device {torch.cuda.get_device_name() if on_gpu else 'cpu'}, torch {torch.__version__}", flush=True)
+    record = RunRecord.start(script_command(__file__), args.beside, args.device)
+    print(f"device {record.device}", flush=True)
     published = dict(accum=PRESETS["sd"]["grad_accum"], lr=PRESETS["sd"]["lr"])
 
     tiny = lambda: build_tiny_sd_pipeline(seed=0, image_size=64)  # noqa: E731
@@ -258,9 +260,7 @@ def main() -> int:
     # The scaled fp16 gradient must be finite; without scaling it may lose entries, which is the point.
     failed += [r for r in comparisons if r.get("precision") == "fp16 + scaler" and not r.get("finite")]
     if args.out:
-        Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if on_gpu else "cpu",
-                                              "torch": torch.__version__, "runs": rows, "gradients": comparisons},
-                                             indent=2, default=str))
+        write_json_and_markdown(args.out, {**record.finish(), "runs": rows, "gradients": comparisons})
     print(f"{len(rows) + len(comparisons) - len(failed)}/{len(rows) + len(comparisons)} checks passed in "
           f"{time.perf_counter() - started:.0f} s")
     return 1 if failed else 0

@@ -15,20 +15,17 @@ machine: wall time there depends on what else runs (the load average is recorded
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
-
-import torch
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
 from retrack.builtin import builtin_sets  # noqa: E402
 from retrack.likelihood import NLLSettings, model_likelihoods  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.runrecord import RunRecord, add_beside_argument, script_command, write_json_and_markdown  # noqa: E402
 
 SETTINGS = {
     "song (default)": NLLSettings(),
@@ -37,14 +34,15 @@ SETTINGS = {
 }
 
 
-def main() -> None:
+def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", help="also write the numbers to this JSON file")
-    args = parser.parse_args()
+    add_beside_argument(parser)
+    args = parser.parse_args(argv)
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
     backend = load_backend(BUILTIN_MODEL, device="cpu")
     forget, retain = builtin_sets()
     images = {"t-shirt": forget[:1], "retain #0": retain[:1]}
-    load_before = os.getloadavg()[0]
     rows = []
     for setting, nll in SETTINGS.items():
         for name, image in images.items():
@@ -57,12 +55,9 @@ def main() -> None:
                              bits_per_dim=round(result.bits_per_dim, 4), std_error=round(result.std_error, 4)))
             print(f"{setting:>15} {name:>10}: {result} | {cpu:6.1f} s CPU, {wall:6.1f} s wall, "
                   f"{result.evaluations} evaluations", flush=True)
-    where = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread(s))"
     if args.out:
-        Path(args.out).write_text(json.dumps(dict(
-            device=where, image="28x28x1 built-in model (0.69 M parameters)", rows=rows,
-            load_average_at_start=round(load_before, 2), load_average_at_end=round(os.getloadavg()[0], 2),
-            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), indent=2) + "\n")
+        write_json_and_markdown(args.out, dict(image="28x28x1 built-in model (0.69 M parameters)", rows=rows,
+                                               **record.finish()))
 
 
 if __name__ == "__main__":

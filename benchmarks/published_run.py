@@ -24,9 +24,7 @@ Writes published_run.json and published_run.md into --out.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -41,6 +39,9 @@ from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
 from retrack.evaluation import Evaluation, SamplerSettings, builtin_reference, evaluate  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.presets import PRESETS  # noqa: E402
+from retrack.runrecord import (  # noqa: E402
+    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+)
 
 ORDER = ("no", "bf16", "bf16", "no")  # training precisions, ABBA
 BEFORE, AFTER, ALL_BF16 = ("no", "fp32"), ("no", "bf16"), ("bf16", "bf16")  # (training, sampling) precision
@@ -70,11 +71,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=PRESETS["mnist"]["steps"], help="the published 50; fewer to try the script")
-    parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
+    add_beside_argument(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
     torch.set_num_threads(os.cpu_count() or 1)
-    load_start = os.getloadavg()
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
     models, train_seconds = {}, {p: [] for p in set(ORDER)}
     for precision in ORDER:
         backend, seconds = train(precision, args.steps)
@@ -96,30 +97,25 @@ def main(argv: list[str] | None = None) -> int:
 
     base = evaluations[BEFORE]
     result = dict(
-        argv=argv if argv is not None else sys.argv[1:], samples=args.samples, sampler=SamplerSettings(
-            n_samples=args.samples, precision="fp32").describe() + " (precision per row)", beside=args.beside, load_average_at_start=load_start,
-        load_average_at_end=os.getloadavg(),
-        machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        training_seconds=train_seconds, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        samples=args.samples,
+        sampler=SamplerSettings(n_samples=args.samples, precision="fp32").describe() + " (precision per row)",
+        training_seconds=train_seconds,
         runs={f"training {t}, sampling {s}": {"training_seconds": float(np.mean(train_seconds[t])),
                                               "evaluation_seconds": eval_seconds[t, s], "total_seconds": seconds((t, s)),
                                               "rates_vs_before": paired(evaluations[t, s], base),
                                               "quality": evaluations[t, s].quality_figures}
               for t, s in evaluations},
-        before_seconds=seconds(BEFORE), after_seconds=seconds(AFTER), after_over_before=seconds(AFTER) / seconds(BEFORE))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "published_run.json").write_text(json.dumps(result, indent=2) + "\n")
-    write_markdown(out / "published_run.md", result)
-    print((out / "published_run.md").read_text())
+        before_seconds=seconds(BEFORE), after_seconds=seconds(AFTER), after_over_before=seconds(AFTER) / seconds(BEFORE),
+        **record.finish())
+    text = markdown(result)
+    write_json_and_markdown(Path(args.out) / "published_run.json", result, text)
+    print(text)
     return 0
 
 
-def write_markdown(path: Path, result: dict) -> None:
+def markdown(result: dict) -> str:
     lines = ["# The published ReTrack run: wall time and results before and after the CPU speed options", "",
-             f"Made by `python benchmarks/published_run.py {' '.join(result['argv'])}` on {result['created']}. Machine: "
-             f"{result['machine']}. Beside it: {result['beside']} (load average {result['load_average_at_start'][0]:.2f} "
-             f"at the start, {result['load_average_at_end'][0]:.2f} at the end). One process; training runs in the "
+             f"{describe_run(result)} One process; training runs in the "
              f"order {', '.join(ORDER)} (seconds per run: " + "; ".join(
                  f"{p} {', '.join(f'{s:.1f}' for s in v)}" for p, v in result["training_seconds"].items()) + "). "
              f"Evaluation: {result['sampler']} ({result['samples']} samples, the same seeds for every model).", "",
@@ -136,7 +132,7 @@ def write_markdown(path: Path, result: dict) -> None:
         lines.append(f"| {name} | {run['training_seconds']:.1f} | {run['evaluation_seconds']:.1f} | "
                      f"{run['total_seconds']:.1f} | " + " | ".join(cells) + f" | {'n/a' if fd is None else f'{fd:.1f}'} |")
     lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

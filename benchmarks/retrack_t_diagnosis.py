@@ -46,9 +46,7 @@ import copy
 import dataclasses
 import json
 import os
-import platform
 import sys
-import time
 from pathlib import Path
 from typing import Optional
 
@@ -68,6 +66,9 @@ from retrack.neighbours import nearest_neighbours  # noqa: E402
 from retrack.objectives import (METHODS, Batch, NoiseSchedule, Params, Terms, retrack_targets,  # noqa: E402
                                 retrack_unlearn_loss, sum_sq)
 from retrack.paths import BUILTIN_MODEL, BUILTIN_ORACLE  # noqa: E402
+from retrack.runrecord import (  # noqa: E402
+    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+)
 from retrack.sampling import save_grid  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "builtin"
@@ -248,15 +249,14 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=("ddpm", "ddim"),
                         help="parts 2 and 3: ddpm (ancestral, the paper's; default) or ddim (deterministic)")
     parser.add_argument("--sample-steps", type=int, default=DEFAULT_SAMPLER_STEPS)
-    parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
+    add_beside_argument(parser)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", os.cpu_count() or 1)))  # one thread when others run
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data = dict(argv=argv if argv is not None else sys.argv[1:], beside=args.beside, load_average_at_start=os.getloadavg(),
-                machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    data: dict = {}
     neighbours_picture(out / "retrack_t_diagnosis-neighbours.png")
     if args.part in ("shares", "all"):
         data["shares"] = gradient_shares(args.batches, seed=0)
@@ -284,18 +284,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.part in ("x0", "all"):
         data["x0_method"] = args.method
         data["x0"] = high_noise_predictions(args.method, [int(v) for v in args.x0_timesteps.split(",")])
-    data["load_average_at_end"] = os.getloadavg()
-    (out / "retrack_t_diagnosis.json").write_text(json.dumps(data, indent=2) + "\n")
-    write_markdown(out / "retrack_t_diagnosis.md", data)
-    print((out / "retrack_t_diagnosis.md").read_text())
+    data.update(record.finish())
+    text = markdown(data)
+    write_json_and_markdown(out / "retrack_t_diagnosis.json", data, text)
+    print(text)
     return 0
 
 
-def write_markdown(path: Path, data: dict) -> None:
-    lines = ["# ReTrack on the built-in model: where the update comes from, by timestep", "",
-             f"Made by `python benchmarks/retrack_t_diagnosis.py {' '.join(data['argv'])}` on {data['created']}. "
-             f"Machine: {data['machine']}. Beside it: {data['beside']} (load average "
-             f"{data['load_average_at_start'][0]:.2f} at the start, {data['load_average_at_end'][0]:.2f} at the end).", ""]
+def markdown(data: dict) -> str:
+    lines = ["# ReTrack on the built-in model: where the update comes from, by timestep", "", describe_run(data), ""]
     if "shares" in data:
         lines += ["## Part 1: the published batch's gradient, split by the forget rows' t", "",
                   "| part | rows per batch | share of the forget loss | gradient norm / whole | cosine with whole |",
@@ -346,7 +343,7 @@ def write_markdown(path: Path, data: dict) -> None:
             lines.append(f"| {r['t']} | {p['l2_to_tshirt']:.2f} | {u['l2_to_tshirt']:.2f} | {p['l2_to_neighbour_mean']:.2f} | "
                          f"{u['l2_to_neighbour_mean']:.2f} | {p['brightness']:.3f} | {u['brightness']:.3f} |")
         lines.append("")
-    path.write_text("\n".join(lines))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

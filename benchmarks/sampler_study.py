@@ -26,24 +26,22 @@ Writes sampler_study-<part>.json, .md and -nearest.png into --out.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
-from retrack.atomic import write_file_atomically  # noqa: E402
 from retrack.backends import load_backend  # noqa: E402
 from retrack.builtin import builtin_sets  # noqa: E402
 from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
 from retrack.evaluation import SamplerSettings, builtin_reference, evaluate, save_nearest_rows  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.runrecord import (  # noqa: E402
+    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -99,11 +97,8 @@ def bf16_part(backends: dict, reference, n: int) -> tuple[list[dict], list]:
     return rows, nearest
 
 
-def write_markdown(path: Path, data: dict) -> None:
-    lines = [f"Built-in model, pretrained and after the published ReTrack run; {data['machine']}; "
-             f"{data['seconds']:.0f} s in all (load average {data['load_average_at_start'][0]:.2f} at the start, "
-             f"{data['load_average_at_end'][0]:.2f} at the end; beside it: {data['beside']}). "
-             f"Command: `python benchmarks/sampler_study.py {' '.join(data['argv'])}`.", "",
+def markdown(data: dict) -> str:
+    lines = [f"Built-in model, pretrained and after the published ReTrack run. {describe_run(data)}", "",
              "| model | sampler | T-shirt rate, L2 < 10 (count; 95 % CI) | classifier rate | s/sample |",
              "|---|---|---|---|---|"]
     for row in data["rows"]:
@@ -120,7 +115,7 @@ def write_markdown(path: Path, data: dict) -> None:
                 lines.append(f"- {row['model']}, {measure}: {c['difference']:+.2%} ± {c['paired_se']:.2%} "
                              f"({c['samples_that_change']} samples change; one binomial SE {c['binomial_se_of_fp32']:.2%}: "
                              f"{'within' if c['within_one_binomial_se'] else 'OUTSIDE'})")
-    write_file_atomically(path, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -128,27 +123,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--part", choices=("steps", "bf16"), required=True)
     parser.add_argument("--n", type=int, help="samples per cell (default: steps 200, bf16 1000)")
     parser.add_argument("--steps", default="50,250,1000", help="part steps: step counts")
-    parser.add_argument("--beside", default="not recorded", help="what ran beside it, for the .md")
+    add_beside_argument(parser)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    started, load_start = time.perf_counter(), os.getloadavg()
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
     reference = builtin_reference("cpu")
     backends = models()
     if args.part == "steps":
         rows, nearest = steps_part(backends, reference, args.n or 200, [int(v) for v in args.steps.split(",")])
     else:
         rows, nearest = bf16_part(backends, reference, args.n or 1000)
-    data = dict(argv=argv if argv is not None else sys.argv[1:], beside=args.beside, rows=rows,
-                machine=f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}",
-                load_average_at_start=load_start, load_average_at_end=os.getloadavg(),
-                seconds=time.perf_counter() - started, created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    data = dict(rows=rows, **record.finish())
     stem = out / f"sampler_study-{args.part}"
-    write_file_atomically(stem.with_suffix(".json"), json.dumps(data, indent=2) + "\n")
-    write_markdown(stem.with_suffix(".md"), data)
+    write_json_and_markdown(f"{stem}.json", data, markdown(data))
     save_nearest_rows(nearest, Path(f"{stem}-nearest.png"))
-    print(stem.with_suffix(".md").read_text())
+    print(markdown(data))
     return 0
 
 

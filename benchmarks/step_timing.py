@@ -18,8 +18,6 @@ but not on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import random
 import statistics
 import sys
@@ -33,6 +31,7 @@ from retrack.backends import load_backend  # noqa: E402
 from retrack.builtin import builtin_sets  # noqa: E402
 from retrack.engine import UnlearnConfig, resolve_device, unlearn  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.runrecord import RunRecord, add_beside_argument, script_command, write_json_and_markdown  # noqa: E402
 
 METHODS = ("vanilla", "neggrad", "erasediff", "siss", "retrack")
 
@@ -100,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="also write the numbers to this JSON file")
+    add_beside_argument(parser)
     args = parser.parse_args(argv)
     device = resolve_device(args.device)
-    where = torch.cuda.get_device_name(0) if device.startswith("cuda") else \
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
-    print(f"device: {where}")
+    record = RunRecord.start(script_command(__file__, argv), args.beside, device)
+    print(f"device: {record.device}")
 
     shapes = network_shapes(device, args.rounds)
     print("\nnetwork call                 median s")
@@ -116,11 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, s in sorted(steps.items(), key=lambda kv: kv[1]):
         print(f"  {name:<12} {s:8.3f}")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(dict(device=where, rounds=args.rounds, steps=args.steps,
-                                                  batch_size=args.batch_size, network_calls=shapes,
-                                                  seconds_per_step=steps,
-                                                  created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())), indent=2))
+        write_json_and_markdown(args.out, dict(rounds=args.rounds, steps=args.steps, batch_size=args.batch_size,
+                                               network_calls=shapes, seconds_per_step=steps, **record.finish()))
     return 0
 
 
