@@ -35,8 +35,9 @@ def _model_path(name: str) -> Path:
     return BUILTIN_MODEL if name == "builtin" else resolve_model_path(name)
 
 
-def load_sets(args: argparse.Namespace, backend) -> tuple:
-    """Forget and retain x0 for a run: the built-in sets, or images the user names."""
+def load_sets(args: argparse.Namespace, backend, model_path: Path) -> tuple:
+    """Forget and retain x0 for a run: the built-in sets, or images the user names (the retain
+    images without the near-duplicates of the forget images: `leave_out_near_duplicates`)."""
     from .images import expand_paths, load_images
 
     if args.model == "builtin" and not args.forget:
@@ -51,14 +52,49 @@ def load_sets(args: argparse.Namespace, backend) -> tuple:
     if args.retain:
         retain_files = expand_paths([args.retain])
         retain_images = load_images(retain_files, backend.image_size, backend.channels).tensor
+        retain_names = [f.name for f in retain_files]
     elif args.model == "builtin":
         from .builtin import builtin_sets
 
         retain_images = builtin_sets()[1]
+        retain_names = [f"digit #{i}" for i in range(len(retain_images))]
     else:
         raise ValueError("--retain is required: a folder of the images to keep (the model's training data)")
     forget = load_images(expand_paths(args.forget), backend.image_size, backend.channels)
-    return backend.encode(forget.tensor), backend.encode(retain_images), forget.notes
+    retain_images, left_out = leave_out_near_duplicates(args, backend, model_path, forget.tensor, retain_images,
+                                                        retain_names)
+    return backend.encode(forget.tensor), backend.encode(retain_images), forget.notes + left_out
+
+
+def leave_out_near_duplicates(args: argparse.Namespace, backend, model_path: Path, forget: "Tensor", retain: "Tensor",
+                              names: Sequence[str]) -> tuple["Tensor", list[str]]:
+    """The retain images without the near-duplicates of a forget image unless
+    --keep-near-duplicates (`near_duplicates.search`: pixel L2, and CLIP when the model has its
+    own scorer beside it), and a note naming each one. Exact copies stay for the engine to
+    refuse (`engine.check_sets`: the user removes them)."""
+    import numpy as np
+
+    from .images import tensor_to_uint8
+    from .metrics import load_scorer
+    from .models import own_scorer
+    from .near_duplicates import search
+
+    folder = own_scorer(model_path)
+    scorer = None if folder is None else load_scorer(str(folder), str(backend.device))[0]
+    found = search(tensor_to_uint8(forget), tensor_to_uint8(retain), scorer)
+    notes = list(found.notes)
+    if not found.items:
+        return retain, notes
+    listing = found.summary(limit=None, names=names)
+    if args.keep_near_duplicates:
+        return retain, notes + [f"kept in the retain set (--keep-near-duplicates): {listing}"]
+    keep = np.ones(len(retain), dtype=bool)
+    keep[found.indices] = False
+    if not keep.any():
+        raise ValueError("every retain image is a near-duplicate of a forget image: nothing would be left to keep "
+                         "(--keep-near-duplicates keeps them)")
+    return retain[np.flatnonzero(keep)], notes + [f"left out of the retain set (keep them with "
+                                                  f"--keep-near-duplicates): {listing}"]
 
 
 def cmd_unlearn(args: argparse.Namespace) -> int:
@@ -87,7 +123,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     config = UnlearnConfig.preset(preset, method=args.method, device=args.device,
                                   mixed_precision=args.mixed_precision, **overrides)
     config.validate()
-    forget, retain, notes = load_sets(args, backend)
+    forget, retain, notes = load_sets(args, backend, model_path)
     main_process = PartialState().is_main_process  # (training_device started accelerate's state)
     for note in notes if main_process else []:
         print(f"note: {note}", file=sys.stderr)
@@ -250,6 +286,9 @@ def add_unlearn_command(sub) -> None:
                    help="diffusers model folder, Hub id (when online) or 'builtin' (default)")
     p.add_argument("--forget", nargs="+", help="images or folders to forget (default for builtin: the T-shirt)")
     p.add_argument("--retain", help="folder of images to keep (the training data without the forget images)")
+    p.add_argument("--keep-near-duplicates", action="store_true",
+                   help="keep retain images that are a forget image up to small changes (brightness, a pixel's shift; "
+                        "found by calibrated pixel-L2 and CLIP search); by default they are left out like exact copies")
     p.add_argument("--method", default="retrack", choices=sorted(METHODS))
     p.add_argument("--preset", choices=list(PRESETS),
                    help="published settings (default: sd for Stable Diffusion; for pixel models by image size: "

@@ -5,8 +5,10 @@
   T-shirt is one image copied hundreds of times).
 - The picks are a text of item numbers (`parse_picks`, `toggle_pick`), the single source of truth
   the gallery clicks edit.
-- `build_forget_set` turns picks and uploaded files (`load_uploads`) into the forget set and
-  the retain set (the training data minus every copy of a forget image).
+- `build_forget_set` turns picks and uploaded files (`load_uploads`: the usable ones, each
+  unusable file named with why) into the forget set and the retain set: the training data minus
+  every copy of a forget image and, unless the caller keeps them, its near-duplicates
+  (`near_duplicates`: calibrated pixel-L2 and CLIP search).
 - `generate_split` is the text-to-image route when the training data is unknown: generations
   of a memorised prompt, split into the copies (to forget) and the rest (to keep), saved as a
   folder that then serves as training data; `split_items` shows it as two sides.
@@ -18,7 +20,7 @@ import hashlib
 import json
 import re
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
@@ -29,8 +31,9 @@ from .atomic import write_folder_atomically
 from .backends import load_backend
 from .devices import device_queue
 from .engine import resolve_device
-from .images import load_images, tensor_to_pil, tensor_to_uint8
+from .images import ImageError, load_images, tensor_to_pil, tensor_to_uint8
 from .models import ModelInfo, TrainingData, oracle_folder, read_json
+from .near_duplicates import NearDuplicateIndex, NearDuplicates, duplicate_groups
 
 GALLERY_SIZE = 48  # training items shown to pick from
 
@@ -41,14 +44,6 @@ class GalleryItem:
     image: np.ndarray  # uint8 (H, W, C)
     copies: int  # how many identical images the training data holds
     caption: str
-
-
-def duplicate_groups(images: np.ndarray) -> dict[bytes, list[int]]:
-    """Identical images grouped by their bytes, in order of first appearance."""
-    groups: dict[bytes, list[int]] = {}
-    for index in range(len(images)):
-        groups.setdefault(images[index].tobytes(), []).append(index)
-    return groups
 
 
 def gallery_items(data: TrainingData, limit: int = GALLERY_SIZE, seed: int = 0) -> list[GalleryItem]:
@@ -96,6 +91,11 @@ class ForgetSet:
     sources: list[str]  # one per forget image: "#17 t-shirt" or an uploaded file's name
     notes: list[str]  # conversions applied to uploads, copies removed from the retain set
     retain_index: np.ndarray  # indices into the training data kept as the retain set
+    # Training items near a forget image (indices, distances, the measure that found them); out of
+    # the retain set unless `near_duplicates_kept`.
+    near_duplicates: NearDuplicates = field(default_factory=lambda: NearDuplicates(np.zeros(0, np.int64), [], {}))
+    near_duplicates_kept: bool = False
+    refused: list[str] = field(default_factory=list)  # uploads that could not be used, each named with why
 
     def __len__(self) -> int:
         return len(self.images)
@@ -129,16 +129,41 @@ def default_picks(model: ModelInfo) -> str:
     return format_picks([first[0].index]) if first and first[0].copies > 1 else ""
 
 
-def load_uploads(files: Sequence[str], model: ModelInfo) -> tuple[np.ndarray, list[str], list[str]]:
-    """Uploaded image files converted to the model's format: (uint8 NHWC, names, notes)."""
-    paths_ = [Path(f) for f in files]
-    loaded = load_images(paths_, model.image_size, model.channels)
-    return tensor_to_uint8(loaded.tensor), [p.name for p in paths_], loaded.notes
+def load_uploads(files: Sequence[str], model: ModelInfo) -> tuple[np.ndarray, list[str], list[str], list[str]]:
+    """Uploaded image files converted to the model's format, each on its own so one bad file
+    does not cost the others: (uint8 NHWC of the usable ones, their names, notes, refused: one
+    message per unusable file, naming it and why)."""
+    arrays, names, notes, refused = [], [], [], []
+    for file in files:
+        path = Path(file)
+        try:
+            loaded = load_images([path], model.image_size, model.channels)
+        except ImageError as exc:
+            refused.append(str(exc))
+            continue
+        arrays.append(tensor_to_uint8(loaded.tensor)[0])
+        names.append(path.name)
+        notes.extend(loaded.notes)
+    empty = np.zeros((0, model.image_size, model.image_size, model.channels), dtype=np.uint8)
+    return (np.stack(arrays) if arrays else empty), names, notes, refused
 
 
-def build_forget_set(model: ModelInfo, picks: Sequence[int], uploads: Sequence[str] = ()) -> ForgetSet:
-    """Forget = picked training items plus uploads (each distinct image once); retain = the
-    training data minus every copy of a forget image. Raises ValueError/ImageError."""
+def near_duplicate_scorer(model: ModelInfo):
+    """The CLIP scorer the near-duplicate search uses: the model's own when it lies on disk (the
+    built-in model's tiny CLIP, trained on its data); None otherwise (pixels only: a named CLIP
+    is not downloaded for a preview, and the tiny one knows nothing of other data)."""
+    if not Path(model.scorer).is_dir():
+        return None
+    return load_scorer(model.scorer, "cpu")[0]
+
+
+def build_forget_set(model: ModelInfo, picks: Sequence[int], uploads: Sequence[str] = (),
+                     keep_near_duplicates: bool = False, clip: bool = True) -> ForgetSet:
+    """Forget = picked training items plus the usable uploads (each distinct image once; every
+    unusable upload is named in `refused`); retain = the training data minus every copy of a
+    forget image and minus its near-duplicates (`near_duplicates.search`: pixel L2, and CLIP
+    when `clip` and the model has its own scorer), which `keep_near_duplicates` keeps instead.
+    Raises ValueError/ImageError."""
     data = model.training_data
     if data is None:
         raise ValueError("this model's training data is unknown: name the folder of images it was trained on")
@@ -148,12 +173,15 @@ def build_forget_set(model: ModelInfo, picks: Sequence[int], uploads: Sequence[s
     images = [data.images[i] for i in picks]
     sources = [f"#{i} {data.names[i]}" for i in picks]
     notes: list[str] = []
+    refused: list[str] = []
     if uploads:
-        uploaded, names, upload_notes = load_uploads(uploads, model)
+        uploaded, names, upload_notes, refused = load_uploads(uploads, model)
         images.extend(uploaded)
         sources.extend(names)
         notes.extend(upload_notes)
     if not images:
+        if refused:
+            raise ImageError(f"no usable image to forget: {'; '.join(refused)}")
         raise ValueError("the forget set is empty: pick training items in the gallery or upload images")
 
     # One entry per distinct image: copies add nothing but weight.
@@ -161,15 +189,26 @@ def build_forget_set(model: ModelInfo, picks: Sequence[int], uploads: Sequence[s
     for position, image in enumerate(images):
         distinct.setdefault(image.tobytes(), position)
     keep = sorted(distinct.values())
-    forget_bytes = set(distinct)
-    in_forget = np.fromiter((data.images[i].tobytes() in forget_bytes for i in range(len(data))), bool, len(data))
-    retain_index = np.flatnonzero(~in_forget)
-    if in_forget.any():
-        notes.append(f"{int(in_forget.sum())} training item(s) identical to a forget image are left out of the retain set")
+    forget_images = np.stack([images[i] for i in keep])
+    found = NearDuplicateIndex.for_training(data.images, near_duplicate_scorer(model) if clip else None) \
+        .search(forget_images)
+    leave_out = np.zeros(len(data), dtype=bool)
+    leave_out[found.identical] = True
+    if len(found.identical):
+        notes.append(f"{len(found.identical)} training item(s) identical to a forget image are left out of the "
+                     "retain set")
+    if found.items:
+        if not keep_near_duplicates:
+            leave_out[found.indices] = True
+        notes.append(found.summary() + (": kept in the retain set, as asked" if keep_near_duplicates
+                                        else ": left out of the retain set"))
+    notes.extend(found.notes)
+    retain_index = np.flatnonzero(~leave_out)
     if len(retain_index) == 0:
-        raise ValueError("every training item is a forget image: nothing would be left to keep")
-    return ForgetSet(images=np.stack([images[i] for i in keep]), sources=[sources[i] for i in keep],
-                     notes=notes, retain_index=retain_index)
+        raise ValueError("every training item is a forget image or a near-duplicate of one: nothing would be left "
+                         "to keep")
+    return ForgetSet(images=forget_images, sources=[sources[i] for i in keep], notes=notes, retain_index=retain_index,
+                     near_duplicates=found, near_duplicates_kept=keep_near_duplicates, refused=refused)
 
 
 # ============================================================================ text-to-image split

@@ -86,9 +86,7 @@ def open_model(spec: str, data_folder: str = "") -> ModelInfo:
     if data is not None and data.images.shape[1:] != (image_size, image_size, channels):
         raise ValueError(f"the training data has images of shape {data.images.shape[1:]}, "
                          f"but the model makes {image_size}×{image_size}×{channels}")
-    own_scorer = None if home is None else home / "clip"
-    scorer = str(own_scorer) if own_scorer is not None and (own_scorer / "open_clip_config.json").is_file() \
-        else DEFAULT_SCORER
+    scorer = str(own_scorer(path) or DEFAULT_SCORER)
     return ModelInfo(spec=spec.strip(), path=path, family=family, image_size=image_size, channels=channels,
                      preset=preset, training_data=data, scorer=scorer)
 
@@ -114,6 +112,14 @@ def companion_folder(model_path: Path) -> Optional[Path]:
         if source.is_dir() and source.resolve() != model_path.resolve():
             return companion_folder(source.resolve())
     return None
+
+
+def own_scorer(model_path: Path) -> Optional[Path]:
+    """The CLIP scorer trained on a model's data (`clip/` among its companions, as the built-in
+    model's is), when it has one."""
+    home = companion_folder(model_path)
+    folder = None if home is None else home / "clip"
+    return folder if folder is not None and (folder / "open_clip_config.json").is_file() else None
 
 
 def oracle_folder(model_path: Path) -> Optional[Path]:
