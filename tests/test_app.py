@@ -251,7 +251,7 @@ def test_bad_upload_and_bad_settings_give_messages_and_the_server_keeps_serving(
 
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not a PNG at all")
-    summary, preview = client.predict(str(MODEL), "", "", [handle_file(str(broken))],
+    summary, preview, _ = client.predict(str(MODEL), "", "", [handle_file(str(broken))],
                                       api_name="/preview_forget")
     assert summary.startswith("⚠") and "broken.png" in summary and preview is None
 
@@ -274,9 +274,35 @@ def test_bad_upload_and_bad_settings_give_messages_and_the_server_keeps_serving(
 
     photo = tmp_path / "photo.png"
     Image.new("RGB", (64, 48), (200, 30, 30)).save(photo)
-    summary, preview = client.predict(str(MODEL), "", "", [handle_file(str(photo))],
+    summary, preview, _ = client.predict(str(MODEL), "", "", [handle_file(str(photo))],
                                       api_name="/preview_forget")
     assert "1 image(s) to forget" in summary and "resized" in summary and Path(preview).is_file()
+
+
+@pytestmark_server
+def test_a_dimmed_tshirt_upload_lists_its_near_duplicates_and_names_every_bad_file(client, tmp_path):
+    """The preview lists the 50 T-shirt copies a 90 %-brightness T-shirt upload leaves out of the
+    retain set (one tile, ×50), keeps them when the box is ticked, and names each unusable file of
+    the batch while using the good one (files named as images: gradio itself refuses a batch
+    holding another type, and the page's file picker offers images only)."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    from retrack.builtin import builtin_dataset
+
+    dim = tmp_path / "dim-tshirt.png"
+    Image.fromarray((builtin_dataset().tshirt * 0.9).round().astype(np.uint8)).save(dim)
+    (tmp_path / "notes.png").write_text("not an image")
+    (tmp_path / "empty.png").write_bytes(b"")
+    files = [handle_file(str(tmp_path / name)) for name in ("notes.png", "dim-tshirt.png", "empty.png")]
+    summary, preview, near = client.predict(str(MODEL), "", "", files, api_name="/preview_forget")
+    assert "**1 image(s) to forget**; 5,000 training images kept" in summary and Path(preview).is_file(), summary
+    assert "50 near-duplicate(s)" in summary and "left out of the retain set" in summary
+    assert "notes.png: not an image" in summary and "empty.png: the file is empty" in summary
+    assert len(near) == 1 and "t-shirt ×50" in near[0]["caption"] and "(left out)" in near[0]["caption"]
+
+    summary, _, near = client.predict(str(MODEL), "", "", files, True, api_name="/preview_forget")
+    assert "5,050 training images kept" in summary and "(kept)" in near[0]["caption"], summary
 
 
 @pytest.fixture(scope="module")

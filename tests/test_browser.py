@@ -195,3 +195,38 @@ def test_noise_and_denoise_view_shows_before_and_after_for_a_chosen_t(app_url, t
         assert all(f"{name} " in note for name in ("before", "after", "oracle")), note
         width = page.locator("#renoise-grid img").first.evaluate("img => img.naturalWidth")
         assert width == 5 * (3 * 28 + 2) + 2  # image, noised, before, after, oracle: 28 px tiles x 3
+
+
+def test_a_dimmed_tshirt_upload_lists_and_excludes_the_50_copies(app_url, tmp_path):
+    """A T-shirt uploaded at 90 % brightness is no byte copy of the training T-shirt, yet its 50
+    copies are listed (one tile, ×50) and leave the retain set; ticking "keep near-duplicates"
+    keeps them."""
+    import numpy as np
+    from PIL import Image
+
+    from retrack.builtin import builtin_dataset
+
+    dim = tmp_path / "dim-tshirt.png"
+    Image.fromarray((builtin_dataset().tshirt * 0.9).round().astype(np.uint8)).save(dim)
+    with open_page(app_url) as page:
+        page.wait_for_selector("#training-gallery img", timeout=120_000)
+        picks = page.locator("#forget-picks textarea, #forget-picks input").first
+        page.wait_for_function("el => /#\\d+/.test(el.value)", arg=picks.element_handle(), timeout=60_000)
+        page.wait_for_selector("#forget-preview img", timeout=60_000)  # the opening pick's preview first
+        picks.fill("")  # forget the upload alone
+        page.wait_for_function("() => document.querySelector('#forget-summary').innerText.includes('Nothing picked')",
+                               timeout=60_000)
+        page.locator("#forget-upload input[type='file']").set_input_files(str(dim))
+        summary = page.locator("#forget-summary")
+        page.wait_for_function("() => document.querySelector('#forget-summary').innerText.includes('near-duplicate')",
+                               timeout=120_000)
+        text = summary.inner_text()
+        assert "1 image(s) to forget" in text and "5,000 training images kept" in text, text
+        assert "50 near-duplicate(s)" in text and "left out of the retain set" in text, text
+        tiles = page.locator("#near-duplicates button.thumbnail-item")
+        assert tiles.count() == 1 and "t-shirt ×50" in tiles.first.inner_text()
+
+        page.locator("#keep-near-duplicates input[type='checkbox']").check()
+        page.wait_for_function("() => document.querySelector('#forget-summary').innerText.includes('5,050 training')",
+                               timeout=60_000)
+        assert "kept in the retain set" in summary.inner_text()

@@ -2,7 +2,9 @@
 
 The picks text box is the single source of truth for the forget set: a click on a gallery tile
 toggles that training item in it (`pick`), and the preview (`preview`) shows the forget set
-`retrack.forget_set.build_forget_set` makes of the picks and the uploads. Text-to-image models
+`retrack.forget_set.build_forget_set` makes of the picks and the uploads, with the training
+items found near a forget image (left out of the retain set unless "keep near-duplicates" is
+ticked) and every upload that could not be used. Text-to-image models
 get "Generate & split" (`generate`): generations of the memorised prompt become the training
 data, the copies are picked, and `show_split` shows both sides.
 """
@@ -14,8 +16,9 @@ from typing import Optional
 import gradio as gr
 
 from retrack.forget_set import (
-    build_forget_set, format_picks, generate_split, parse_picks, split_items, toggle_pick,
+    ForgetSet, GalleryItem, build_forget_set, format_picks, generate_split, parse_picks, split_items, toggle_pick,
 )
+from retrack.models import TrainingData
 from retrack.sampling import display_grid
 from retrack.split import PAPER_GENERATIONS
 
@@ -27,6 +30,18 @@ from .settings import gpu_task
 def pick(positions: list[int], picks: str, event: gr.SelectData) -> str:
     """A click on a tile: toggle the training item it shows in the picks."""
     return toggle_pick(picks, positions[event.index])
+
+
+def near_duplicate_items(data: TrainingData, forget: ForgetSet, limit: int = 16) -> list[GalleryItem]:
+    """One tile per distinct near-duplicate image (the first `limit`), captioned with its number,
+    copies, distances and whether it stays in the retain set."""
+    fate = "kept" if forget.near_duplicates_kept else "left out"
+    items = []
+    for item, copies in forget.near_duplicates.distinct()[:limit]:
+        clip = "" if item.clip_similarity is None else f" CLIP {item.clip_similarity:.3f}"
+        caption = f"#{item.index} {data.names[item.index]} ×{copies} L2 {item.pixel_l2:.2f}{clip} ({fate})"
+        items.append(GalleryItem(item.index, data.images[item.index], copies, caption))
+    return items
 
 
 class ForgetSection:
@@ -75,9 +90,16 @@ class ForgetSection:
                                             info="Numbers of training items (click the gallery, or type them).")
                 self.uploads = gr.File(label="Or upload images to forget", elem_id="forget-upload",
                                        file_count="multiple", file_types=["image"], type="filepath")
+                self.keep_near_duplicates = gr.Checkbox(
+                    False, label="Keep near-duplicates in the retain set", elem_id="keep-near-duplicates",
+                    info="Training items that are a forget image up to small changes (brightness, a pixel's shift) "
+                         "leave the retain set with its exact copies; tick to keep them.")
                 self.forget_summary = gr.Markdown(elem_id="forget-summary")
                 self.forget_preview = gr.Image(label="Forget set", elem_id="forget-preview", format="png",
                                                interactive=False)
+                self.near_duplicates = gr.Gallery(label="Near-duplicates found in the training data",
+                                                  elem_id="near-duplicates", columns=8, height=120,
+                                                  allow_preview=False, format="png", object_fit="contain")
 
     @readable_errors
     def show_split(self, spec: str, data_folder: str, picks: str) -> tuple:
@@ -93,17 +115,20 @@ class ForgetSection:
                 tiles(kept_side), [item.index for item in kept_side])
 
     @readable_errors
-    def preview(self, spec: str, data_folder: str, picks: str, files: Optional[list[str]]) -> tuple:
-        """The forget set as it will be used, or why it cannot be."""
+    def preview(self, spec: str, data_folder: str, picks: str, files: Optional[list[str]],
+                keep_near_duplicates: bool = False) -> tuple:
+        """The forget set as it will be used (summary, grid, near-duplicate tiles), or why it cannot be."""
         try:
             model = self.page.open_model(spec, data_folder)
-            forget = build_forget_set(model, parse_picks(picks), files or [])
+            forget = build_forget_set(model, parse_picks(picks), files or [],
+                                      keep_near_duplicates=bool(keep_near_duplicates))
         except USER_ERRORS as exc:
-            return (f"⚠ {exc}" if parse_picks(picks) or files else "Nothing picked yet."), None
+            return (f"⚠ {exc}" if parse_picks(picks) or files else "Nothing picked yet."), None, []
         grid = display_grid(forget.images[:32], labels=[source[:14] for source in forget.sources[:32]])
         lines = [f"**{len(forget)} image(s) to forget**; {len(forget.retain_index):,} training images kept."]
+        lines += [f"- ⚠ not used: {reason}" for reason in forget.refused]
         lines += [f"- {note}" for note in forget.notes]
-        return "\n".join(lines), grid
+        return "\n".join(lines), grid, tiles(near_duplicate_items(model.training_data, forget))
 
     @readable_errors
     def generate(self, spec: str, prompt: str, files: Optional[list[str]], count, sampling_value, guidance_value,
@@ -133,10 +158,11 @@ class ForgetSection:
         split_inputs = [model_box, data_box, self.picks_box]
         split_outputs = [self.split_forget, self.split_forget_indices, self.split_retain, self.split_retain_indices]
         self.picks_box.change(self.show_split, split_inputs, split_outputs, api_name="split_view")
-        preview_inputs = [model_box, data_box, self.picks_box, self.uploads]
-        preview_outputs = [self.forget_summary, self.forget_preview]
+        preview_inputs = [model_box, data_box, self.picks_box, self.uploads, self.keep_near_duplicates]
+        preview_outputs = [self.forget_summary, self.forget_preview, self.near_duplicates]
         self.picks_box.change(self.preview, preview_inputs, preview_outputs, api_name="preview_forget")
-        self.uploads.change(self.preview, preview_inputs, preview_outputs, api_visibility="private")
+        for source in (self.uploads, self.keep_near_duplicates):
+            source.change(self.preview, preview_inputs, preview_outputs, api_visibility="private")
         generate_inputs = [model_box, self.prompt_box, self.uploads, self.n_generations, sampling_steps, guidance]
         self.generate_button.click(gpu_task(generate_seconds)(self.generate), generate_inputs,
                                    [data_box, self.split_note] + view_outputs, api_name="generate_split") \

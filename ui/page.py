@@ -48,7 +48,8 @@ def build_app(settings: AppSettings) -> gr.Blocks:
                        run.controls["guidance"], generate_seconds=limits.generate_gpu_seconds if limits else 60)
         form_sources = {"model": model.model_box, "data_folder": model.data_box, "picks": forget.picks_box,
                         "uploads": forget.uploads, "prompt": forget.prompt_box,
-                        "training_prompt": forget.training_prompt_box}
+                        "training_prompt": forget.training_prompt_box,
+                        "keep_near_duplicates": forget.keep_near_duplicates}
         # A job streams into components of three sections, named by ui.results.JOB_OUTPUTS.
         components = {**vars(run), **vars(results), **vars(teaching)}
         run.connect(form_sources, [components[name] for name in JOB_OUTPUTS])

@@ -27,7 +27,9 @@ from .settings import SpaceLimits, gpu_task, zero_gpu
 @dataclass
 class RunForm:
     """The run form's values in page order (sections 1 to 3): the inputs of /unlearn. Number
-    boxes send floats, or None when empty through the API; `number` and `whole` check them."""
+    boxes send floats, or None when empty through the API; `number` and `whole` check them.
+    Section 2's "keep near-duplicates" box comes last, with its default, so that callers of the
+    API from before it existed keep working."""
 
     model: str
     data_folder: str
@@ -53,6 +55,7 @@ class RunForm:
     eval_seed: Optional[float]
     trajectory_points: Optional[float]
     guidance: Optional[float]
+    keep_near_duplicates: bool = False
 
     def unlearn_config(self) -> UnlearnConfig:
         """The training settings (checked by the Job)."""
@@ -171,7 +174,8 @@ class RunSection:
         form = RunForm(*values)
         try:
             model = self.page.open_model(form.model, form.data_folder)
-            forget = build_forget_set(model, parse_picks(form.picks), form.uploads or [])
+            forget = build_forget_set(model, parse_picks(form.picks), form.uploads or [],
+                                      keep_near_duplicates=bool(form.keep_near_duplicates))
             config = form.unlearn_config()
             evaluation = form.evaluation(model.family, self.page.settings.run_defaults(model.preset))
             if self.page.settings.limits is not None:
