@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from .models import ModelInfo, TrainingData, oracle_folder, read_json
 from .near_duplicates import NearDuplicateIndex, NearDuplicates, duplicate_groups
 
 GALLERY_SIZE = 48  # training items shown to pick from
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -154,7 +156,21 @@ def near_duplicate_scorer(model: ModelInfo):
     is not downloaded for a preview, and the tiny one knows nothing of other data)."""
     if not Path(model.scorer).is_dir():
         return None
-    return load_scorer(model.scorer, "cpu")[0]
+    try:
+        return load_scorer(model.scorer, "cpu")[0]
+    except Exception as exc:  # a broken scorer costs the CLIP measure, not the forget set
+        log.warning("near-duplicates are searched in pixels only: the scorer %s cannot be loaded (%s)",
+                    model.scorer, exc)
+        return None
+
+
+def near_duplicate_index(model: ModelInfo, clip: bool = True) -> NearDuplicateIndex:
+    """The near-duplicate index of a model's training data, with its CLIP measure when `clip` and
+    the model has its own scorer: built once per process (seconds for the built-in set, its CLIP
+    features cached on disk), which the app does when it starts."""
+    if model.training_data is None:
+        raise ValueError("this model's training data is unknown: name the folder of images it was trained on")
+    return NearDuplicateIndex.for_training(model.training_data.images, near_duplicate_scorer(model) if clip else None)
 
 
 def build_forget_set(model: ModelInfo, picks: Sequence[int], uploads: Sequence[str] = (),
@@ -190,8 +206,7 @@ def build_forget_set(model: ModelInfo, picks: Sequence[int], uploads: Sequence[s
         distinct.setdefault(image.tobytes(), position)
     keep = sorted(distinct.values())
     forget_images = np.stack([images[i] for i in keep])
-    found = NearDuplicateIndex.for_training(data.images, near_duplicate_scorer(model) if clip else None) \
-        .search(forget_images)
+    found = near_duplicate_index(model, clip).search(forget_images)
     leave_out = np.zeros(len(data), dtype=bool)
     leave_out[found.identical] = True
     if len(found.identical):

@@ -178,3 +178,15 @@ def test_cli_leaves_out_near_duplicates_and_keeps_them_when_asked(tiny_pixel_mod
     assert main([*args, "--keep-near-duplicates", "--out", str(tmp_path / "b")]) == 0
     err = capsys.readouterr().err
     assert "1 forget / 302 retain items" in err and "kept in the retain set (--keep-near-duplicates)" in err
+
+
+def test_a_scorer_that_cannot_be_loaded_leaves_the_pixel_search(tmp_path):
+    broken = tmp_path / "clip"
+    broken.mkdir()
+    (broken / "open_clip_config.json").write_text("{}")  # no weights beside it
+    images = np.random.default_rng(0).integers(0, 256, (MIN_CALIBRATION_ITEMS, 4, 4, 1)).astype(np.uint8)
+    model = ModelInfo(spec="toy", path=tmp_path, family="pixel", image_size=4, channels=1, preset="mnist",
+                      training_data=TrainingData(images, [f"item{i}" for i in range(len(images))], "toy"),
+                      scorer=str(broken))
+    forget = build_forget_set(model, [0])
+    assert list(forget.near_duplicates.gaps) == ["pixel"] and len(forget.retain_index) == len(images) - 1

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gradio as gr
 
 from retrack.devices import describe_device
+from retrack.forget_set import near_duplicate_index
 
 from .common import USER_ERRORS, Page, cached_model, log
 from .forget_set import ForgetSection
@@ -61,7 +62,9 @@ def launch(settings: AppSettings, host: str = "127.0.0.1", port: int = 7860, blo
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     try:  # open the default model now, so the first page view is quick (and problems show here)
         log.info("opening %s", settings.model)
-        cached_model(settings.model.strip(), settings.data.strip())
+        model = cached_model(settings.model.strip(), settings.data.strip())
+        if model.training_data is not None:  # and its near-duplicate search, which the first preview uses
+            near_duplicate_index(model)
     except USER_ERRORS as exc:
         log.warning("the default model cannot be opened: %s", exc)
     demo = build_app(settings)
