@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from . import __version__
+from .runrecord import add_beside_argument
 
 if TYPE_CHECKING:  # torch is imported inside the commands, so that --help answers at once
     from torch import Tensor
@@ -246,10 +247,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         overrides = {name: value for name, value in (("rtol", args.nll_tol), ("atol", args.nll_tol),
                                                      ("repeats", args.nll_repeats)) if value is not None}
         nll = NLLSettings(**{**nll.__dict__, **overrides})
-        bench.run_likelihood(settings, Path(args.out), nll, n_retain=args.nll_retain, log=log)
+        bench.run_likelihood(settings, Path(args.out), nll, n_retain=args.nll_retain, log=log, beside=args.beside)
         print(f"wrote {args.out}/nll.md, nll.json")
         return 0
-    bench.run(settings, Path(args.out), log=log)
+    bench.run(settings, Path(args.out), log=log, beside=args.beside)
     print(f"wrote {args.out}/results.md, results.json, tradeoff.png")
     return 0
 
@@ -270,7 +271,7 @@ def cmd_curves(args: argparse.Namespace) -> int:
         except ValueError:
             raise ValueError(f"--checkpoints must be comma-separated step counts, got {args.checkpoints!r}") from None
     settings = CurveSettings(**{**settings.__dict__, **overrides, "device": args.device})
-    run_curves(settings, Path(args.out), log=lambda line: print(line, flush=True))
+    run_curves(settings, Path(args.out), log=lambda line: print(line, flush=True), beside=args.beside)
     print(f"wrote {args.out}/curves.json, curves.md, curves.png")
     return 0
 
@@ -339,6 +340,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--nll-tol", type=float, help="ODE rtol = atol for --nll (default 1e-5, Song et al.'s)")
     p.add_argument("--nll-repeats", type=int, help="dequantisation + probe draws per image for --nll (default 4)")
     p.add_argument("--out", default="benchmarks/results/builtin", help="folder for the table, JSON and plots")
+    add_beside_argument(p)
     p.set_defaults(run=cmd_bench)
 
 
