@@ -34,7 +34,10 @@ from .engine import (
     Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, UnlearnResult, check_request, is_out_of_memory,
     resolve_device, save_model, unlearn,
 )
-from .evaluation import EvalSettings, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate_samples
+from .evaluation import (
+    EvalSettings, Evaluation, OracleLevels, Reference, Return, SamplerSettings, draw, evaluate_samples,
+    noise_and_denoise_return,
+)
 from .images import uint8_to_tensor
 from .metrics import load_scorer
 from .models import ModelInfo, oracle_folder, weights_stamp
@@ -74,10 +77,12 @@ class _Cache:
 
 
 # Samples of an unchanged model per (weights, device, sampler settings): "before" (the full set and
-# the live curve's) and the oracle's; the oracle's evaluations per reference; forget-set references.
+# the live curve's) and the oracle's; the oracle's evaluations per reference; forget-set references;
+# the noise-and-denoise returns of an unchanged model (untrained, oracle) per forget set.
 SAMPLES = _Cache(capacity=16)
 ORACLE_EVALUATIONS = _Cache()
 REFERENCES = _Cache()
+RETURNS = _Cache()
 
 
 def reference_key(model: ModelInfo, forget: ForgetSet, device: str) -> tuple:
@@ -128,12 +133,15 @@ FINISHED_PHASES = ("done", "cancelled", "failed")
 @dataclass
 class LivePoint:
     """One point of the live memorisation curve: the live samples' copy rates after `step`
-    training steps and, when the model has an oracle, their excess over the oracle's live samples."""
+    training steps and, when the model has an oracle, their excess over the oracle's live samples;
+    and how the forget images come back from noise (`evaluation.noise_and_denoise_return`, per t),
+    a signal that moves where a rate of a few dozen samples sits at 0."""
 
     step: int
     rates: dict[str, float]
     excess: dict[str, float]
     seconds: float  # training seconds to this step (the live curve's own evaluations excluded)
+    returns: dict[int, Return] = field(default_factory=dict)
 
 
 @dataclass
@@ -150,6 +158,7 @@ class JobState:
     # before, after and oracle under the second, deterministic sampler (DDIM-50), same seeds, when asked for
     deterministic: dict[str, Optional[Evaluation]] = field(default_factory=dict)
     live: list[LivePoint] = field(default_factory=list)  # the live memorisation curve, step 0 first
+    oracle_returns: dict[int, Return] = field(default_factory=dict)  # the oracle's noise-and-denoise return
     live_seconds: float = 0.0  # spent on the live curve during training (not in the training time)
     grid_samples: int = 64  # the grids show the first this many samples
     neighbours: Optional[Image.Image] = None  # each forget image, then its K nearest retain images
@@ -308,8 +317,9 @@ class Job:
         self._phase("before", f"Sampling {settings.n_samples} images before unlearning"
                               + (" and from the oracle" if oracle_path else ""))
         sampling_started = time.perf_counter()
-        oracle, live_oracle = self._oracle(oracle_path, reference, settings.sampler_settings(),
-                                           settings.live_sampler_settings() if settings.live_every > 0 else None)
+        oracle, live_oracle, oracle_returns = self._oracle(
+            oracle_path, reference, settings.sampler_settings(),
+            settings.live_sampler_settings() if settings.live_every > 0 else None)
         levels, live_levels = (None if e is None else OracleLevels.from_evaluation(e) for e in (oracle, live_oracle))
         drawn_with = settings.sampler_settings().describe(self.device)
         before = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=True), reference, levels,
@@ -318,8 +328,10 @@ class Job:
         before_path = trajectory_strip(backend, teaching_seed, settings, cond)
         live = None
         if settings.live_every > 0:  # step 0 of the live curve: the untrained model's live samples
+            self._set(oracle_returns=oracle_returns or {})
             self._add_live_point(0, 0.0, self._samples(backend, settings.live_sampler_settings(), cached=True),
-                                 reference, live_levels)
+                                 self._returns(lambda: backend, self.model.cache_key, reference), reference,
+                                 live_levels)
             live = lambda event: self._live_point(event, backend, reference, live_levels)  # noqa: E731
         sampling_seconds = time.perf_counter() - sampling_started
         self._set(before=before, oracle=oracle, progress=_PHASE_SPAN["before"][1])
@@ -353,14 +365,17 @@ class Job:
             self._set(message=f"Sampling the same {settings.n_samples} seeds before and after with DDIM-50, the "
                               "second, deterministic sampler")
             self._set(deterministic=self._deterministic(backend, reference, oracle_path))
+        returned = (return_sentence(self._state.live[-1].returns, self._state.oracle_returns, len(self.forget))
+                    if self._state.live else "")
         self._set(phase="done", progress=1.0, message=_done_message(
-            before, after, oracle, result, self._state.live_seconds, model_dir, self._state.deterministic))
+            before, after, oracle, result, self._state.live_seconds, model_dir, self._state.deterministic)
+            + (f"\n{returned} (after training)" if returned else ""))
 
     def _deterministic(self, unlearned: Backend, reference: Reference, oracle_path: Optional[Path]) -> dict:
         """Before (the untrained model's samples, cached), after and the oracle's under DDIM-50 on the
         same seeds, read against the oracle's levels under that sampler."""
         settings = self.evaluation.deterministic_sampler_settings()
-        oracle, _ = self._oracle(oracle_path, reference, settings, None)
+        oracle, _, _ = self._oracle(oracle_path, reference, settings, None)
         levels = None if oracle is None else OracleLevels.from_evaluation(oracle)
         untrained = lambda: load_backend(self.model.path, device=self.device)  # noqa: E731
         drawn_with = settings.describe(self.device)
@@ -383,28 +398,51 @@ class Job:
         per_live = state.live_seconds / max(1, len(state.live) - 1)
         left = (event.steps - event.step) * per_step + live_left * per_live + sampling_seconds
         start, end = _PHASE_SPAN["training"]
+        returned = return_sentence(state.live[-1].returns, state.oracle_returns, len(self.forget)) if state.live else ""
         self._set(progress=start + (end - start) * event.step / event.steps,
                   message=f"Training step {event.step}/{event.steps} · loss {event.loss:.4g} "
                           f"(unlearn {event.unlearn:.4g}, retain {event.retain:.4g}) · "
-                          f"{event.step_seconds:.2f} s/step · about {_seconds(left)} left")
+                          f"{event.step_seconds:.2f} s/step · about {_seconds(left)} left"
+                          + (f"\n{returned} (step {state.live[-1].step})" if returned else ""))
 
     def _live_point(self, event: StepEvent, backend: Backend, reference: Reference,
                     levels: Optional[OracleLevels]) -> None:
-        """The live curve after this step: the same live seeds drawn from the model as it is now.
-        Its cost is kept out of the training time the curve and the status report."""
+        """The live curve after this step: the same live seeds drawn from the model as it is now,
+        and the forget images' noise-and-denoise return. Its cost is kept out of the training time
+        the curve and the status report."""
         started = time.perf_counter()
         samples = self._samples(backend, self.evaluation.live_sampler_settings(), cached=False)
-        self._add_live_point(event.step, event.seconds - self._state.live_seconds, samples, reference, levels,
-                             started=started)
+        returns = self._returns(lambda: backend, None, reference)
+        self._add_live_point(event.step, event.seconds - self._state.live_seconds, samples, returns, reference,
+                             levels, started=started)
 
-    def _add_live_point(self, step: int, seconds: float, samples: Samples, reference: Reference,
-                        levels: Optional[OracleLevels], started: Optional[float] = None) -> None:
-        """Measure one point's samples and publish it; the time since `started` (when the
-        samples were drawn for it) counts as the live curve's cost."""
+    def _add_live_point(self, step: int, seconds: float, samples: Samples, returns: dict[int, Return],
+                        reference: Reference, levels: Optional[OracleLevels], started: Optional[float] = None) -> None:
+        """Measure one point's samples and publish it with its `returns`; the time since `started`
+        (when the samples were drawn for it) counts as the live curve's cost."""
         result = evaluate_samples(samples, reference, levels)
         spent = 0.0 if started is None else time.perf_counter() - started
-        point = LivePoint(step=step, rates=result.rates(), excess=result.excess(), seconds=round(seconds, 3))
+        point = LivePoint(step=step, rates=result.rates(), excess=result.excess(), seconds=round(seconds, 3),
+                          returns=returns)
         self._set(live=self._state.live + [point], live_seconds=self._state.live_seconds + spent)
+
+    def _returns(self, backend_of: Callable[[], Backend], weights: Optional[str],
+                 reference: Reference) -> dict[int, Return]:
+        """The forget images' noise-and-denoise return under a model, kept per process for an
+        unchanged one (`weights`: its stamp; None for the model in training, never kept)."""
+        copies = self.evaluation.live_return_copies
+        if copies == 0:
+            return {}
+        key = None if weights is None else (weights, self.device, copies,
+                                            reference_key(self.model, self.forget, self.device))
+        returns = None if key is None else RETURNS.get(key)
+        if returns is None:
+            returns = noise_and_denoise_return(backend_of(), uint8_to_tensor(self.forget.images, channels_last=True),
+                                               reference.l2_threshold, copies=copies)
+            if key is not None:
+                RETURNS.put(key, returns)
+        self._check_cancel()
+        return returns
 
     def _samples(self, backend: Backend, settings: SamplerSettings, cached: bool) -> Samples:
         """The model's samples of `settings`: from the cache when `cached` (the untrained model)."""
@@ -417,12 +455,13 @@ class Job:
         return samples
 
     def _oracle(self, path: Optional[Path], reference: Reference, settings: SamplerSettings,
-                live: Optional[SamplerSettings]) -> tuple[Optional[Evaluation], Optional[Evaluation]]:
+                live: Optional[SamplerSettings]) -> tuple[Optional[Evaluation], Optional[Evaluation], Optional[dict]]:
         """The oracle's evaluations on the same seeds (`settings`, and the live curve's `live` when
-        given), each made once per process per (oracle, device, sampler, reference); (None, None)
-        when the model has no oracle. The oracle is loaded only when one is not cached yet."""
+        given, with the oracle's noise-and-denoise return of the forget images), each made once per
+        process per (oracle, device, sampler, reference); (None, None, None) when the model has no
+        oracle. The oracle is loaded only when one is not cached yet."""
         if path is None:
-            return None, None
+            return None, None, None
         weights, loaded = weights_stamp(path), []
 
         def backend_of() -> Backend:
@@ -439,7 +478,32 @@ class Job:
                 ORACLE_EVALUATIONS.put(key, result)
             return result
 
-        return evaluation_of(settings), None if live is None else evaluation_of(live)
+        if live is None:
+            return evaluation_of(settings), None, None
+        return evaluation_of(settings), evaluation_of(live), self._returns(backend_of, weights, reference)
+
+
+def return_sentence(returns: dict[int, Return], oracle: dict[int, Return], images: int) -> str:
+    """The noise-and-denoise return in words, for the status: 'Noise and denoise: of 16 noisy copies
+    of the forget image, 16 come back as the image from t = 240 and 15 from t = 500 (the oracle: 16
+    and 6); on average they land 4.9 and 7.4 from it (pixel L2; the oracle: 5.5 and 10.4)'."""
+    if not returns:
+        return ""
+    values, both = list(returns.values()), " and ".join
+    which, image = ("the forget image", "the image") if images == 1 else (f"the {images} forget images", "their image")
+    distances = both(f"{r.distance:.1f}" for r in values)
+    if oracle:
+        distances += f" from it (pixel L2; the oracle: {both(f'{oracle[r.t].distance:.1f}' for r in values)})"
+    else:
+        distances += " from it (pixel L2)"
+    if values[0].returned is None:  # no copy threshold to count them by
+        return (f"Noise and denoise: {values[0].copies} noisy copies of {which}, noised to t = "
+                f"{both(str(r.t) for r in values)}, land on average {distances}")
+    counts = both([f"{values[0].returned} come back as {image} from t = {values[0].t}",
+                   *(f"{r.returned} from t = {r.t}" for r in values[1:])])
+    if oracle:
+        counts += f" (the oracle: {both(str(oracle[r.t].returned) for r in values)})"
+    return f"Noise and denoise: of {values[0].copies} noisy copies of {which}, {counts}; on average they land " + distances
 
 
 def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:

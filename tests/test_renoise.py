@@ -16,6 +16,7 @@ from PIL import Image
 from retrack.backends import load_backend
 from retrack.backends.pixel import PixelBackend
 from retrack.cli import main
+from retrack.evaluation import noise_and_denoise_return
 from retrack.sampling import nearest_renoise_t, pixel_l2, renoise, renoise_grid
 
 
@@ -85,3 +86,47 @@ def test_real_unet_grid_and_cli(backend, tiny_pixel_model, tmp_path, capsys):
     assert printed.out.count("L2") == 4
     assert main(["renoise", "--model", str(tiny_pixel_model), "--t", "300", "--out", str(out)]) == 2
     assert "--image is required" in capsys.readouterr().err
+
+
+# ============================================================================ the live curve's return
+def test_return_of_a_memorising_model_is_every_copy_at_distance_zero(backend):
+    """`noise_and_denoise_return` in closed form: a model that memorised image a brings each of a's
+    16 noisy copies back exactly (16 of 16, distance 0); the copies of another image b come back as
+    a too, each at distance L2(a, b) from b, so over both images 16 of 32 and the mean L2(a, b) / 2."""
+    a, b = images(0), images(1)
+    memorised_a = PointMassModel(backend, a)
+    alone = noise_and_denoise_return(memorised_a, a, threshold=1.0)
+    assert list(alone) == [240, 500]
+    for result in alone.values():
+        assert (result.copies, result.returned, result.share) == (16, 16, 1.0) and result.distance < 1e-4
+    both = noise_and_denoise_return(memorised_a, torch.cat([a, b]), threshold=1.0, timesteps=(700,), copies=4)
+    apart = float(pixel_l2(a, b)[0])
+    assert apart > 1.0 and (both[700].copies, both[700].returned) == (8, 4)
+    assert both[700].distance == pytest.approx(apart / 2, abs=1e-4)
+    unthresholded = noise_and_denoise_return(memorised_a, a, threshold=None, timesteps=(500,))[500]
+    assert unthresholded.returned is None and unthresholded.share is None
+
+
+def test_app_job_live_points_carry_the_return(tiny_app_model, tmp_path):
+    """Every live point of a job (step 0, then every step here) carries the return at both t, for
+    16 noisy copies of each of the 2 forget images; the status names it in words while training."""
+    from retrack.engine import UnlearnConfig
+    from retrack.evaluation import EvalSettings
+    from retrack.forget_set import build_forget_set
+    from retrack.jobs import Job
+    from retrack.models import open_model
+
+    model = open_model(*map(str, tiny_app_model))
+    evaluation = EvalSettings(n_samples=2, sampling_steps=2, trajectory_points=2, live_every=1, live_samples=2,
+                              deterministic=False)
+    job = Job(model, build_forget_set(model, [0, 1]), UnlearnConfig(k=3, steps=2, batch_size=4), evaluation,
+              tmp_path / "app-output").start()
+    messages = [state.message for state in job.watch(timeout=300)]
+    state = job.snapshot()
+    assert state.phase == "done", state.message
+    assert [point.step for point in state.live] == [0, 1, 2]
+    for point in state.live:
+        assert sorted(point.returns) == [240, 500]
+        assert all(r.copies == 32 and 0 <= r.returned <= 32 and r.distance >= 0 for r in point.returns.values())
+    assert state.oracle_returns == {}  # the tiny model has no oracle beside it
+    assert any("of 32 noisy copies of the 2 forget images" in message for message in messages), messages
