@@ -180,7 +180,7 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     job = client.submit(*run_args(tshirt_pick(client), steps=4), api_name="/unlearn")
     progress = follow(job)
     outputs = job.outputs()
-    status, plot, before, after, metrics, nearest, archive, note, trajectory, live, oracle = merged(outputs)
+    status, plot, before, after, metrics, nearest, archive, note, trajectory, live, oracle, returns = merged(outputs)
     assert status.startswith("Done"), status
     assert re.search(r"\(\+ \d+ s for the live memorisation curve\)", status), status
     assert progress, "progress updates reach the client while the job runs"
@@ -198,6 +198,17 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     step, measure = live["columns"].index("step"), live["columns"].index("measure")
     assert sorted({row[step] for row in live["data"]}) == [0, 1, 2, 3, 4]
     assert {row[measure] for row in live["data"]} == {"pixel L2", "CLIP"}
+    # Beside it, the noise-and-denoise curve: the T-shirt's noisy copies at both t at every live
+    # point, and the oracle's level as a flat line over the same steps.
+    step, curve, distance = (returns["columns"].index(name) for name in ("step", "curve", "distance"))
+    by_curve = {}
+    for row in returns["data"]:
+        by_curve.setdefault(row[curve], []).append((row[step], row[distance]))
+    assert sorted(by_curve) == ["oracle, t = 240", "oracle, t = 500", "t = 240", "t = 500"]
+    assert [s for s, _ in by_curve["t = 500"]] == [0, 1, 2, 3, 4]
+    oracle_line = by_curve["oracle, t = 500"]
+    assert [s for s, _ in oracle_line] == [0, 4] and len({d for _, d in oracle_line}) == 1
+    assert by_curve["t = 500"][0][1] < by_curve["oracle, t = 500"][0][1]  # the untrained model brings it back
 
     for picture in (before, after, nearest, trajectory, oracle):
         assert Path(picture).is_file()

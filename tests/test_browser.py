@@ -1,7 +1,9 @@
 """The app in a real browser: headless Chromium opens the page, which opens with the built-in
 model's T-shirt picked, starts a short run, watches the live memorisation curve gain points while
 the run goes on, waits for the after-grid (and the oracle's), checks the live loss plot drew
-points, and saves a screenshot (tmp folder; also to $RETRACK_SCREENSHOT when set, e.g. docs/app.png).
+points and the live noise-and-denoise curve rose from the T-shirt towards the oracle's level
+(the image comes back less and less), and saves a screenshot (tmp folder; also to
+$RETRACK_SCREENSHOT when set, e.g. docs/app.png).
 
 The server is `python app.py --quick` in a subprocess, exactly as a user starts it. Needs
 /usr/bin/chromium (`apt-get install -y chromium`; CI installs it) and is skipped without it.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -20,6 +23,7 @@ import pytest
 
 from helpers import app_server
 from retrack import paths
+from ui.run import RETURN_COLOURS
 
 # The built-in model, or another with the same companions (dataset.json, clip/) beside it; the
 # app reads the same variable.
@@ -115,6 +119,21 @@ def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
         # The live curve ends with one point per evaluation: steps 0..steps in quick mode.
         if not full:
             assert [line.get_attribute("d").count("L") + 1 for line in live.all()] == [steps + 1] * 2
+        # The noise-and-denoise curve: the T-shirt's noisy copies at two t, one point per live
+        # evaluation, and the oracle's level as a flat grey line at each t. The copies land
+        # farther from the T-shirt as training goes on (SVG y grows downwards: up is farther).
+        returns = {line.get_attribute("stroke"): path_points(line.get_attribute("d"))
+                   for line in page.locator("#return-plot [aria-roledescription='line mark']").all()}
+        assert set(returns) == set(RETURN_COLOURS.values()), returns
+        high, oracle_high = returns[RETURN_COLOURS["t = 500"]], returns[RETURN_COLOURS["oracle, t = 500"]]
+        if not full:
+            assert len(high) == steps + 1 and len(returns[RETURN_COLOURS["t = 240"]]) == steps + 1, returns
+        assert len({y for _, y in oracle_high}) == 1, oracle_high
+        first, last, oracle_level = high[0][1], high[-1][1], oracle_high[0][1]
+        assert oracle_level < first and last < first, (high, oracle_high)  # the return fell as it trained
+        if full:  # the published 50 steps: most of the way to the oracle's level
+            assert first - last > (first - oracle_level) / 3, (high, oracle_high)
+        assert "noisy copies of the forget image" in status, status
         # The teaching views now compare against the model this run saved.
         after = page.locator("#teach-after-model textarea, #teach-after-model input").first
         page.wait_for_function("el => /-retrack$/.test(el.value)", arg=after.element_handle(), timeout=30_000)
@@ -126,6 +145,12 @@ def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
         assert shot.stat().st_size > 10_000
         if os.environ.get("RETRACK_SCREENSHOT"):
             shutil.copy(shot, os.environ["RETRACK_SCREENSHOT"])
+
+
+def path_points(d: str) -> list[tuple[float, float]]:
+    """The (x, y) points of an SVG line path as Vega writes it ('M1,2L3,4L5,6')."""
+    numbers = [float(n) for n in re.findall(r"-?\d+(?:\.\d+)?(?:e-?\d+)?", d)]
+    return list(zip(numbers[::2], numbers[1::2]))
 
 
 def test_text_to_image_split_shows_two_galleries_and_a_click_moves_an_image(app_url, tmp_path):

@@ -3,7 +3,8 @@
 `render` turns one `JobState` into the outputs of the /unlearn event, in the order
 `JOB_OUTPUTS` names: status, loss plot (`loss_frame`), before and after grids, the metrics table
 (`metrics_table`), the neighbour picture, the zip, the teaching note, the trajectory, the live
-memorisation curve (`live_frame`) and the oracle's grid.
+memorisation curve (`live_frame`), the oracle's grid and the live noise-and-denoise curve
+(`return_frame`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ from typing import Callable
 import gradio as gr
 import pandas as pd
 
+from retrack.evaluation import Return
 from retrack.jobs import JobState
 
 # The outputs of /unlearn, in order: `render` returns one value for each.
 JOB_OUTPUTS = ("status", "loss_plot", "before_grid", "after_grid", "metrics", "neighbours", "download",
-               "teaching_note", "trajectory", "memorisation_plot", "oracle_grid")
+               "teaching_note", "trajectory", "memorisation_plot", "oracle_grid", "return_plot")
 
 
 class ResultsSection:
@@ -61,9 +63,10 @@ def render(state: JobState, sent: dict[str, object]) -> tuple:
     table = metrics_table(state) or gr.skip()
     losses = loss_frame(state) if state.losses else gr.skip()  # an empty frame would fix the axes as categories
     live = live_frame(state) if state.live else gr.skip()
+    returns = return_frame(state) if state.live and state.live[0].returns else gr.skip()
     shown = dict(status=state.message, loss_plot=losses, before_grid=before, after_grid=after, metrics=table,
                  neighbours=nearest, download=archive, teaching_note=state.teaching_note or gr.skip(),
-                 trajectory=picture, memorisation_plot=live, oracle_grid=oracle)
+                 trajectory=picture, memorisation_plot=live, oracle_grid=oracle, return_plot=returns)
     return tuple(shown[name] for name in JOB_OUTPUTS)
 
 
@@ -104,6 +107,27 @@ def live_frame(state: JobState) -> pd.DataFrame:
                 rows.append(dict(step=point.step, percent=100 * value, measure=label, rate=point.rates[name],
                                  seconds=point.seconds))
     return pd.DataFrame(rows, columns=["step", "percent", "measure", "rate", "seconds"])
+
+
+def return_frame(state: JobState) -> pd.DataFrame:
+    """The live noise-and-denoise curve in long form, one row per (step, t): the mean distance from
+    the forget image at which its noisy copies land after denoising (near 0: the model brings it
+    back; rising: forgetting), with how many of them come back within the copy threshold; the
+    oracle's distance as a flat line over the same steps (its value at the first and last step)."""
+    rows = []
+    for point in state.live:
+        for r in point.returns.values():
+            rows.append(dict(step=point.step, distance=r.distance, curve=f"t = {r.t}", back=returned_text(r)))
+    steps = (state.live[0].step, state.live[-1].step)
+    for r in state.oracle_returns.values():
+        rows += [dict(step=step, distance=r.distance, curve=f"oracle, t = {r.t}", back=returned_text(r))
+                 for step in steps]
+    return pd.DataFrame(rows, columns=["step", "distance", "curve", "back"])
+
+
+def returned_text(r: Return) -> str:
+    """'15 of 16 come back' (within the copy threshold), or '' without a threshold."""
+    return "" if r.returned is None else f"{r.returned} of {r.copies} come back"
 
 
 def metrics_table(state: JobState) -> str:

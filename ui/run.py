@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 
 import gradio as gr
 
-from retrack.evaluation import MAX_EVAL_SAMPLES, EvalSettings
+from retrack.evaluation import MAX_EVAL_SAMPLES, RETURN_TIMESTEPS, EvalSettings
 from retrack.engine import UnlearnConfig
 from retrack.forget_set import build_forget_set, parse_picks
 from retrack.jobs import Job
@@ -75,7 +75,7 @@ class RunForm:
 
 
 # Evaluation settings the page does not ask for: the server's defaults (AppSettings.run_defaults).
-LIVE_DEFAULTS = ("grid_samples", "live_every", "live_samples", "live_steps")
+LIVE_DEFAULTS = ("grid_samples", "live_every", "live_samples", "live_steps", "live_return_copies")
 
 
 def method_settings(first: dict, limits: Optional[SpaceLimits]) -> dict[str, gr.components.Component]:
@@ -138,8 +138,15 @@ def show_method_settings(name: str) -> tuple:
     return gr.update(visible=name == "retrack"), gr.update(visible=name == "retrack")
 
 
+# The live noise-and-denoise curve's colours: blue for the model, grey for the oracle; light for the
+# lower t, dark for the higher.
+RETURN_COLOURS = {**{f"t = {t}": colour for t, colour in zip(RETURN_TIMESTEPS, ("#60a5fa", "#1d4ed8"))},
+                  **{f"oracle, t = {t}": colour for t, colour in zip(RETURN_TIMESTEPS, ("#d1d5db", "#6b7280"))}}
+
+
 class RunSection:
-    """The method settings (section 3), Unlearn and Cancel, the status line and the loss plot (section 4)."""
+    """The method settings (section 3), Unlearn and Cancel, the status line, the loss plot and the
+    two live curves (section 4)."""
 
     def __init__(self, page: Page, first: dict) -> None:
         self.page = page
@@ -148,7 +155,7 @@ class RunSection:
         with gr.Row():
             self.run_button = gr.Button("Unlearn", variant="primary", elem_id="run")
             self.cancel_button = gr.Button("Cancel", variant="stop", elem_id="cancel")
-        self.status = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=2)
+        self.status = gr.Textbox(label="Status", elem_id="status", interactive=False, lines=3)
         # The colours are named in the label: gradio draws the legend below the chart and clips it.
         live = page.settings.run_defaults("mnist")
         with gr.Row():
@@ -167,6 +174,15 @@ class RunSection:
                       "the excess over the oracle where the model "
                       "has one (0: no more near-copies than a model that never saw the image), else the copy rate; "
                       "pixel L2 (black), CLIP (orange)")
+        low, high = RETURN_TIMESTEPS
+        self.return_plot = gr.LinePlot(
+            x="step", y="distance", color="curve", elem_id="return-plot", x_title="step",
+            y_title="mean distance to the image (pixel L2)", height=300, color_map=RETURN_COLOURS,
+            tooltip=["step", "curve", "distance", "back"],
+            label=f"Noise and denoise while training: the forget image noised to t = {low} (light blue) and "
+                  f"t = {high} (dark blue) with {live['live_return_copies']} fixed seeds, then denoised; how far "
+                  "the copies land from it on average. Near 0: the model brings the image back; rising: it "
+                  "forgets. Grey: the oracle's level, where the model has one (a model that never saw the image)")
 
     def run(self, request: gr.Request, progress=gr.Progress(), *values) -> Iterator[tuple]:
         """Start a job with the RunForm `values` and stream its state to the page until it ends

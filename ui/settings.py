@@ -122,9 +122,9 @@ class AppSettings:
     def run_defaults(self, preset: str) -> dict:
         """Training and evaluation defaults for a model family: the published training settings;
         the evaluation's defaults (`EvalSettings`: 256 samples, the first 64 in the grids, a live
-        curve of 32 samples every 10 steps; the paper's sampler with 50 steps and DDIM-50 beside it,
-        fewer samples than a paper would use, so a CPU run stays short; benchmarks/results/app_cost.md
-        has the cost).
+        curve of 32 samples and 16 noisy copies of each forget image every 10 steps; the paper's
+        sampler with 50 steps and DDIM-50 beside it, fewer samples than a paper would use, so a CPU
+        run stays short; benchmarks/results/app_cost.md and live_return.md have the cost).
         Text-to-image splits start from the paper's 128 generations on a GPU, 16 on a CPU."""
         training = UnlearnConfig.preset(preset)  # the one source of training defaults
         device = resolve_device("auto")
@@ -135,12 +135,14 @@ class AppSettings:
                         n_samples=EVAL.n_samples, grid_samples=EVAL.grid_samples, sampling_steps=EVAL.sampling_steps,
                         trajectory_points=EVAL.trajectory_points, live_every=EVAL.live_every,
                         live_samples=EVAL.live_samples, live_steps=EVAL.live_steps,
+                        live_return_copies=EVAL.live_return_copies,
                         n_generations=default_generations(device),
                         # text-to-image: before/after use other seeds than the split's generations (0, 1, ...)
                         eval_seed=1000 if preset == "sd" else 0)
         if self.quick:
             defaults.update(steps=3, batch_size=8, grad_accum=1, n_samples=4, grid_samples=4, sampling_steps=5,
-                            trajectory_points=4, n_generations=8, live_every=1, live_samples=4, live_steps=2)
+                            trajectory_points=4, n_generations=8, live_every=1, live_samples=4, live_steps=2,
+                            live_return_copies=4)
         if self.limits is not None:  # the published settings fit; only evaluation may need trimming
             defaults.update(n_samples=min(defaults["n_samples"], self.limits.samples),
                             sampling_steps=min(defaults["sampling_steps"], self.limits.sampling_steps),
