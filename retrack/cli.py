@@ -137,14 +137,39 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
                             grad=f"{event.grad_norm:.3g}")
             bar.update(1)
 
-        result = unlearn(backend, forget, retain, config, on_step=on_step, **sd_conditioning(args, backend))
+        until = until_forgotten(args, backend, forget, retain) if args.until_forgotten else None
+        result = unlearn(backend, forget, retain, config, on_step=on_step, until=until, **sd_conditioning(args, backend))
     if not main_process:
         return 0  # under `accelerate launch` every process holds the same weights; one writes them
     prompts = {name: getattr(args, name) for name in ("prompt", "train_prompt") if getattr(args, name)}
-    saved = save_model(backend, out, result.metadata(**prompts), overwrite=args.overwrite)
+    extra = {} if until is None else {"until_forgotten": until.record()}
+    if until is not None:
+        stopped = extra["until_forgotten"]["stopped_at_step"]
+        print(f"forgotten at step {stopped} ({extra['until_forgotten']['seconds']} s of training)" if stopped else
+              f"not forgotten within {config.steps} steps: {'; '.join(until.checks[-1].waiting_for)}")
+    saved = save_model(backend, out, result.metadata(**prompts, **extra), overwrite=args.overwrite)
     print(f"saved {saved}: {result.world_size} process(es), mixed precision {result.config.mixed_precision}, "
           f"{result.seconds:.1f} s, k-NN {result.knn_seconds:.1f} s, {result.seconds_per_step:.3f} s/step")
     return 0
+
+
+def until_forgotten(args: argparse.Namespace, backend, forget: "Tensor", retain: "Tensor"):
+    """The --until-forgotten check (`stopping.UntilForgotten`) of a pixel model, measured now,
+    before training: the built-in reference and oracle for builtin, else thresholds calibrated
+    on --retain and the --oracle given (if any)."""
+    from .backends import load_backend
+    from .evaluation import Reference, builtin_reference
+    from .paths import BUILTIN_ORACLE
+    from .stopping import UntilForgotten
+
+    if backend.family != "pixel":
+        raise ValueError("--until-forgotten measures pixel models only for now (not Stable Diffusion)")
+    builtin = args.model == "builtin"
+    reference = builtin_reference(str(backend.device)) if builtin else Reference.build(forget.cpu(), retain.cpu())
+    oracle_path = args.oracle or (BUILTIN_ORACLE if builtin else None)
+    oracle = None if oracle_path is None else load_backend(_model_path(str(oracle_path)), device=backend.device)
+    print("--until-forgotten: measuring the level before training", file=sys.stderr)
+    return UntilForgotten(backend, reference, oracle, every=args.check_every, samples=args.check_samples)
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -305,6 +330,14 @@ def add_unlearn_command(sub) -> None:
     p.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"],
                    help="autocast precision; fp16 adds gradient scaling (default: what `accelerate launch "
                         "--mixed_precision` chose, else no, i.e. fp32 as published)")
+    p.add_argument("--until-forgotten", action="store_true",
+                   help="check every --check-every steps and stop when the model has forgotten (retrack.stopping: "
+                        "noise-and-denoise return at the oracle's level, no copies, quality held); --steps is the cap")
+    p.add_argument("--check-every", type=int, default=10, help="--until-forgotten: steps between checks (default 10)")
+    p.add_argument("--check-samples", type=int, default=256,
+                   help="--until-forgotten: samples per check under each sampler (default 256)")
+    p.add_argument("--oracle", help="--until-forgotten: the model retrained without the forget images (default for "
+                                    "builtin: its shipped oracle; without one the level is the model's own retain images)")
     p.add_argument("--out", required=True, help="new folder for the unlearned model")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_sd_arguments(p)  # --prompt, --train-prompt, --lora-rank, ... (Stable Diffusion models)

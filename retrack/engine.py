@@ -339,8 +339,12 @@ def unlearn(
     on_step: Optional[Callable[[StepEvent], None]] = None,
     cancel: Optional[threading.Event] = None,
     knn_cache: Optional[Path] = DEFAULT_CACHE,
+    until: Optional[Callable[[StepEvent], bool]] = None,
 ) -> UnlearnResult:
     """Fine-tune `backend.unet` to forget `forget` (x0 rows) while keeping `retain` (x0 rows).
+
+    `until`, when given, is asked after every step (and `on_step`) whether to stop there, e.g.
+    `stopping.UntilForgotten`; `config.steps` is then the cap.
 
     Raises ValueError for unusable inputs (before any work), Cancelled if `cancel` is set,
     Diverged if a loss or gradient becomes non-finite (in fp16: if the gradients overflow in
@@ -380,7 +384,7 @@ def unlearn(
                                 generator, device)
         steps = _Steps(backend, config, sampler, generator, device, world)
         try:
-            events = steps.run(start, on_step, cancel)
+            events = steps.run(start, on_step, cancel, until)
         finally:
             steps.optimiser.zero_grad(set_to_none=True)
             unet.eval()
@@ -440,9 +444,10 @@ class _Steps:
         self.overflows = 0  # fp16: attempts skipped (and redone) because their gradients overflowed
 
     def run(self, start: float, on_step: Optional[Callable[[StepEvent], None]],
-            cancel: Optional[threading.Event]) -> list[StepEvent]:
+            cancel: Optional[threading.Event], until: Optional[Callable[[StepEvent], bool]] = None) -> list[StepEvent]:
         """Take `config.steps` optimiser steps (an fp16 attempt whose gradients overflowed is
-        redone); report each one. `start`: when the run started (k-NN included)."""
+        redone), or fewer where `until` says stop; report each one. `start`: when the run started
+        (k-NN included)."""
         config, scaler = self.config, self.scaler
         events: list[StepEvent] = []
         overflows_in_a_row = 0
@@ -471,6 +476,8 @@ class _Steps:
             events.append(event)
             if on_step is not None:
                 on_step(event)
+            if until is not None and until(event):
+                break
         return events
 
     def accumulate(self, step: int) -> Tensor:
