@@ -245,14 +245,14 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
         if method in done:  # measured by an interrupted run with the same settings: keep it
             data["methods"][method] = done[method]
             log(f"{method}: kept from {out / 'curves.json'}")
-            continue
-        nearest: dict = {}
-        data["methods"][method] = [asdict(p) for p in method_curve(method, settings, device, reference, start, log,
-                                                                    nearest)]
-        for key, rows in nearest.items():
-            save_nearest_rows(rows, out / f"curves-nearest-{method}-{key}.png")
+        else:
+            nearest: dict = {}
+            data["methods"][method] = [asdict(p) for p in method_curve(method, settings, device, reference, start,
+                                                                        log, nearest)]
+            for key, rows in nearest.items():
+                save_nearest_rows(rows, out / f"curves-nearest-{method}-{key}.png")
         data["meta"].update(record.finish())
-        write_curves(data, out)
+        write_curves(data, out)  # after every method, kept ones too (a kept one may come last)
     return data
 
 

@@ -61,14 +61,17 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
     assert last["quality"]["classifier_fd"] == pytest.approx(straight.quality_figures["classifier_fd"], rel=1e-6)
     assert last["quality"]["clip_fd"] == pytest.approx(straight.quality_figures["clip_fd"], rel=1e-6)
 
-    # A stopped run resumes: methods already measured with the same settings are kept, not redone.
+    # A stopped run resumes: methods already measured with the same settings are kept, not redone,
+    # and written with the new ones, also when they come last.
     capsys.readouterr()
     data["methods"]["siss"][-1]["seconds"] = 123.0  # a mark only a kept curve carries
+    del data["methods"]["retrack"]
     (out / "curves.json").write_text(json.dumps(data))
-    assert main(["bench", "--curves", "--quick", "--methods", "siss,retrack", "--device", "cpu", "--out", str(out)]) == 0
+    assert main(["bench", "--curves", "--quick", "--methods", "retrack,siss", "--device", "cpu", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "siss: kept" in printed and "start: kept" in printed  # nor are the oracle and the pretrained model redrawn
-    assert json.loads((out / "curves.json").read_text())["methods"]["siss"][-1]["seconds"] == 123.0
+    resumed = json.loads((out / "curves.json").read_text())["methods"]
+    assert list(resumed) == ["retrack", "siss"] and resumed["siss"][-1]["seconds"] == 123.0
 
     assert main(["bench", "--curves", "--quick", "--checkpoints", "2,1", "--out", str(out)]) == 2
     assert "increasing order" in capsys.readouterr().err
