@@ -145,6 +145,9 @@ class EvalSettings:
     # Also read before, after and the oracle under the second, deterministic sampler (DDIM-50) on
     # the same seeds: on the built-in model the paper's sampler and DDIM disagree several-fold.
     deterministic: bool = True
+    # Stop training at the first live point where the model has forgotten (`retrack.stopping`,
+    # checked on the live samples' seeds under both samplers); the run's steps are the cap.
+    until_forgotten: bool = False
 
     def validate(self) -> None:
         check_range("number of samples", self.n_samples, 1, MAX_EVAL_SAMPLES)
@@ -158,6 +161,9 @@ class EvalSettings:
         if self.live_steps is not None:
             check_range("live curve: sampler steps", self.live_steps, 1, 1000)
         check_range("live curve: noisy copies of each forget image", self.live_return_copies, 0, MAX_GRID_SAMPLES)
+        if self.until_forgotten and (self.live_every < 1 or self.live_return_copies < 1):
+            raise ValueError("stop when forgotten checks at the live curve's points: it needs the live curve and "
+                             "its noise-and-denoise copies on")
 
     def sampler_settings(self) -> SamplerSettings:
         """The evaluation's draw: these seeds, steps and prompt with the default evaluation sampler."""

@@ -43,6 +43,7 @@ from .metrics import load_scorer
 from .models import ModelInfo, oracle_folder, weights_stamp
 from .objectives import METHODS
 from .sampling import Samples
+from .stopping import UntilForgotten
 from .teaching import neighbour_grid, trajectory_image, trajectory_strip
 
 if TYPE_CHECKING:
@@ -339,8 +340,10 @@ class Job:
         self._phase("training", f"Training: {METHODS[config.method].title}, {config.steps} steps")
         forget_x0 = backend.encode(uint8_to_tensor(self.forget.images, channels_last=True))
         retain_x0 = backend.encode(uint8_to_tensor(data.images[self.forget.retain_index], channels_last=True))
+        until = self._until_forgotten(backend, reference, oracle_path) if settings.until_forgotten else None
         result = unlearn(backend, forget_x0, retain_x0, config, forget_cond=training_cond, retain_cond=training_cond,
-                         on_step=lambda event: self._on_step(event, sampling_seconds, live), cancel=self._cancel)
+                         on_step=lambda event: self._on_step(event, sampling_seconds, live), cancel=self._cancel,
+                         until=until)
         if result.neighbours is not None:
             self._set(neighbours=neighbour_grid(backend, self.forget, data, forget_x0, retain_x0, result.neighbours,
                                                 result.neighbour_distances, seed=config.seed))
@@ -349,7 +352,8 @@ class Job:
         name = f"{self.model.path.name}-{config.method}"
         metadata = result.metadata(app_job=self.id, forget_sources=self.forget.sources,
                                    training_prompt=self.training_prompt or None,
-                                   evaluation=vars(settings) | {"before_memorisation_rate": before.rate})
+                                   evaluation=vars(settings) | {"before_memorisation_rate": before.rate},
+                                   **({} if until is None else {"until_forgotten": until.record()}))
         model_dir = save_model(backend, self.output_dir / name, metadata)
         archive = zip_folder(model_dir, self.output_dir / f"{name}.zip")
         self._set(model_dir=model_dir, archive=archive, progress=_PHASE_SPAN["saving"][1])
@@ -369,7 +373,20 @@ class Job:
                     if self._state.live else "")
         self._set(phase="done", progress=1.0, message=_done_message(
             before, after, oracle, result, self._state.live_seconds, model_dir, self._state.deterministic)
-            + (f"\n{returned} (after training)" if returned else ""))
+            + (f"\n{returned} (after training)" if returned else "")
+            + ("" if until is None else f"\n{_stop_sentence(until, config.steps)}"))
+
+    def _until_forgotten(self, backend: Backend, reference: Reference, oracle_path: Optional[Path]) -> UntilForgotten:
+        """The stop rule at the live points (`retrack.stopping`), its level measured now, before training."""
+        if backend.family != "pixel":
+            raise ValueError("stop when forgotten measures pixel models only for now (not text-to-image models)")
+        settings = self.evaluation
+        self._set(message="Stop when forgotten: measuring the level to stop at"
+                          + (" (the oracle's)" if oracle_path else " (the model's own retain images)"))
+        oracle = None if oracle_path is None else load_backend(oracle_path, device=self.device)
+        live = settings.live_sampler_settings()
+        return UntilForgotten(backend, reference, oracle, every=settings.live_every, samples=live.n_samples,
+                              sample_steps=live.steps, seed=live.seed, return_copies=settings.live_return_copies)
 
     def _deterministic(self, unlearned: Backend, reference: Reference, oracle_path: Optional[Path]) -> dict:
         """Before (the untrained model's samples, cached), after and the oracle's under DDIM-50 on the
@@ -513,6 +530,16 @@ def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:
     if not flagged:
         note += "; no sample was above the threshold, so this is the nearest one"
     return note + "."
+
+
+def _stop_sentence(until: UntilForgotten, cap: int) -> str:
+    """Where stop-when-forgotten stopped, or what kept it from stopping, in words."""
+    record = until.record()
+    if record["stopped_at_step"] is not None:
+        return (f"Stop when forgotten: forgotten at step {record['stopped_at_step']} of at most {cap} "
+                f"({record['seconds']} s of training), judged against {record['level']}.")
+    waiting = until.checks[-1].waiting_for if until.checks else ["no check was made"]
+    return f"Stop when forgotten: not forgotten within {cap} steps ({'; '.join(waiting)})."
 
 
 def _done_message(before: Evaluation, after: Evaluation, oracle: Optional[Evaluation], result: UnlearnResult,

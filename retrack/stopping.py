@@ -12,8 +12,12 @@ run stops at the first check that passes all three parts; the run's step count i
    without an oracle), by the evaluation's copy thresholds, under the paper's sampler and DDIM-50.
    (Not the benchmark's excess over the oracle's 1 % distance quantile: on a few hundred samples
    1 % is not a whole sample, and the oracle itself would fail that rule on its own seeds.)
-3. **Quality held**, by the same rule: the quality figure no worse than the worse of the oracle's
-   and the pretrained model's on the same seeds (the pretrained model's alone without an oracle).
+3. **Quality held**: the quality figure (`evaluation.quality_figure`) no worse than the worse of
+   the oracle's and the pretrained model's on the same seeds, the verdict's rule. Without an
+   oracle, no worse than the pretrained model's plus the figure's own seed-to-seed spread (the
+   pretrained model measured again on as many other seeds): on a few dozen samples a Fréchet
+   distance moves by that much with the seeds alone, and a ceiling without it would never let a
+   trained model pass.
 
 Why this is sound when copies are rare: the built-in model makes about 1 % T-shirts under the
 paper's sampler, so a check on a few hundred samples sees two or three of them before training
@@ -27,7 +31,7 @@ verdict.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 import torch
@@ -37,7 +41,7 @@ from .backends.base import Backend
 from .engine import StepEvent
 from .evaluation import (
     DDIM, PAPER, Reference, Return, SamplerSettings, at_oracle_level, evaluate,
-    noise_and_denoise_return,
+    noise_and_denoise_return, quality_figure,
 )
 
 CHECK_EVERY = 10  # steps between checks
@@ -52,7 +56,7 @@ class Level:
     returns: dict[int, Return]  # per t: the oracle's return of the forget images, or the pretrained model's of retain images
     returns_of: str  # which of the two, in words
     oracle_rates: dict[str, dict]  # PAPER / DDIM -> the oracle's copy rates on the check's seeds ({} without one)
-    oracle_quality: dict[str, dict]  # PAPER / DDIM -> quality figures ({} without an oracle)
+    quality_ceiling: dict[str, dict]  # PAPER / DDIM -> {figure: the highest value that counts as held}
     pretrained_quality: dict[str, dict]  # PAPER / DDIM -> the model's quality before training
 
 
@@ -87,15 +91,24 @@ class UntilForgotten:
 
     def _level(self, oracle: Optional[Backend]) -> Level:
         pretrained = {key: evaluate(self.backend, s, self.reference).quality_figures for key, s in self.samplers.items()}
+        figure = quality_figure(pretrained[PAPER])
         if oracle is None:
             generator = torch.Generator().manual_seed(0)
             picked = torch.randperm(len(self.reference.retain), generator=generator)[:RETAIN_IMAGES]
+            ceiling = {}
+            for key, settings in self.samplers.items():
+                if figure is not None:
+                    other_seeds = replace(settings, seed=settings.seed + settings.n_samples)
+                    again = evaluate(self.backend, other_seeds, self.reference).quality_figures[figure]
+                    ceiling[key] = {figure: pretrained[key][figure] + abs(again - pretrained[key][figure])}
             return Level(self._returns(self.backend, self.reference.retain[picked]),
-                         f"the model's own return of {len(picked)} retain images", {}, {}, pretrained)
+                         f"the model's own return of {len(picked)} retain images", {}, ceiling, pretrained)
         oracle_results = {key: evaluate(oracle, s, self.reference) for key, s in self.samplers.items()}
+        ceiling = {key: {} if figure is None else
+                   {figure: max(oracle_results[key].quality_figures[figure], pretrained[key][figure])}
+                   for key in self.samplers}
         return Level(self._returns(oracle, self.reference.forget), "the oracle's return of the forget images",
-                     {key: r.rates() for key, r in oracle_results.items()},
-                     {key: r.quality_figures for key, r in oracle_results.items()}, pretrained)
+                     {key: r.rates() for key, r in oracle_results.items()}, ceiling, pretrained)
 
     def __call__(self, event: StepEvent) -> bool:
         if event.step % self.every and event.step != event.steps:
@@ -117,7 +130,7 @@ class UntilForgotten:
             result = evaluate(self.backend, settings, self.reference)
             oracle_rates = self.level.oracle_rates.get(key, {})
             excess = {name: rate - oracle_rates.get(name, 0.0) for name, rate in result.rates().items()}
-            if not at_oracle_level(excess, result.quality_figures, self.level.oracle_quality.get(key, {}),
+            if not at_oracle_level(excess, result.quality_figures, self.level.quality_ceiling.get(key, {}),
                                    self.level.pretrained_quality[key]):
                 waiting.append(f"{result.sampler}: copies {result.counts()} or quality "
                                f"{_short(result.quality_figures)} not at the level")
@@ -132,6 +145,7 @@ class UntilForgotten:
                         "under the paper's sampler and DDIM-50)",
                 "every": self.every, "samples": self.samplers[PAPER].n_samples, "level": self.level.returns_of,
                 "level_returns": {t: round(r.distance, 3) for t, r in self.level.returns.items()},
+                "quality_ceiling": self.level.quality_ceiling,
                 "stopped_at_step": None if stopped is None else stopped.step,
                 "seconds": None if stopped is None else stopped.seconds,
                 "checks": [asdict(c) for c in self.checks]}

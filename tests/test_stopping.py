@@ -67,3 +67,33 @@ def test_cli_until_forgotten_records_each_check(tmp_path, capsys):
     assert main(["unlearn", "--model", "builtin", "--until-forgotten", "--check-every", "0", "--out",
                  str(tmp_path / "other")]) == 2
     assert "every >= 1" in capsys.readouterr().err
+
+
+def test_app_job_with_stop_when_forgotten_records_where_it_stopped(tiny_app_model, tmp_path):
+    """The app's switch: the job checks at its live points, stops at the first that passes (or
+    runs to the cap), says which in its last message and records every check in retrack.json."""
+    from retrack.evaluation import EvalSettings
+    from retrack.forget_set import build_forget_set
+    from retrack.jobs import Job
+    from retrack.models import open_model
+
+    model = open_model(*map(str, tiny_app_model))
+    evaluation = EvalSettings(n_samples=2, sampling_steps=2, trajectory_points=2, live_every=1, live_samples=2,
+                              deterministic=False, until_forgotten=True)
+    job = Job(model, build_forget_set(model, [0, 1]), UnlearnConfig(k=3, steps=3, batch_size=4), evaluation,
+              tmp_path / "app-output").start()
+    for _ in job.watch(timeout=300):
+        pass
+    state = job.snapshot()
+    assert state.phase == "done", state.message
+    info = json.loads((state.model_dir / "retrack.json").read_text())
+    record = info["until_forgotten"]
+    assert record["level"].endswith("retain images")  # the tiny model has no oracle
+    steps = [check["step"] for check in record["checks"]]
+    assert steps == list(range(1, info["steps_done"] + 1))  # a check at every live point, until the stop
+    if record["stopped_at_step"] is None:
+        assert info["steps_done"] == 3 and "not forgotten within 3 steps" in state.message
+    else:
+        assert record["stopped_at_step"] == info["steps_done"] and "forgotten at step" in state.message
+    with pytest.raises(ValueError, match="live curve"):
+        EvalSettings(until_forgotten=True, live_every=0).validate()

@@ -28,8 +28,8 @@ from .settings import SpaceLimits, gpu_task, zero_gpu
 class RunForm:
     """The run form's values in page order (sections 1 to 3): the inputs of /unlearn. Number
     boxes send floats, or None when empty through the API; `number` and `whole` check them.
-    Section 2's "keep near-duplicates" box comes last, with its default, so that callers of the
-    API from before it existed keep working."""
+    Section 2's "keep near-duplicates" box and section 3's "stop when forgotten" come last, with
+    their defaults, so that callers of the API from before they existed keep working."""
 
     model: str
     data_folder: str
@@ -56,6 +56,7 @@ class RunForm:
     trajectory_points: Optional[float]
     guidance: Optional[float]
     keep_near_duplicates: bool = False
+    until_forgotten: bool = False
 
     def unlearn_config(self) -> UnlearnConfig:
         """The training settings (checked by the Job)."""
@@ -71,7 +72,7 @@ class RunForm:
         return EvalSettings(n_samples=whole(self.n_samples), seed=whole(self.eval_seed),
                             sampling_steps=whole(self.sampling_steps), trajectory_points=whole(self.trajectory_points),
                             prompt=self.prompt if family == "latent" else "", guidance=number(self.guidance),
-                            **{name: defaults[name] for name in LIVE_DEFAULTS})
+                            until_forgotten=bool(self.until_forgotten), **{name: defaults[name] for name in LIVE_DEFAULTS})
 
 
 # Evaluation settings the page does not ask for: the server's defaults (AppSettings.run_defaults).
@@ -95,6 +96,11 @@ def method_settings(first: dict, limits: Optional[SpaceLimits]) -> dict[str, gr.
                                       maximum=limits.steps if limits else None, info="Optimiser steps.")
         controls["batch_size"] = gr.Number(first["batch_size"], label="Batch size", elem_id="batch-size", precision=0,
                                            minimum=1, info="Rows per branch (forget and retain) per micro-batch.")
+    controls["until_forgotten"] = gr.Checkbox(
+        False, label="Stop when forgotten", elem_id="until-forgotten",
+        info="At each live point, check that the forget image's noisy copies land as far from it as the oracle's "
+             "(or, without an oracle, as the model's own training images'), with no more copies and quality held "
+             "under both samplers; stop at the first check that passes. Steps is then the cap.")
     with gr.Accordion("More settings", open=False, elem_id="more-settings"):
         with gr.Row():
             controls["grad_accum"] = gr.Number(first["grad_accum"], label="Gradient accumulation",
