@@ -255,3 +255,33 @@ def test_a_dimmed_tshirt_upload_lists_and_excludes_the_50_copies(app_url, tmp_pa
         page.wait_for_function("() => document.querySelector('#forget-summary').innerText.includes('5,050 training')",
                                timeout=60_000)
         assert "kept in the retain set" in summary.inner_text()
+
+
+def test_stop_when_forgotten_stops_and_says_at_which_step(app_url):
+    """The oracle (retrained without the T-shirt) opened as the model, its training set's T-shirt
+    picked and "Stop when forgotten" on: the T-shirt's noisy copies already land as far from it as
+    the model's own training digits' do, with no copies and quality held, so the run stops at the
+    first check (step 1 of the quick run's 3) and the status says so."""
+    with open_page(app_url) as page:
+        page.wait_for_selector("#training-gallery img", timeout=120_000)
+        picks = page.locator("#forget-picks textarea, #forget-picks input").first
+        page.wait_for_function("el => /#\\d+/.test(el.value)", arg=picks.element_handle(), timeout=60_000)
+        page.locator("#model-path textarea, #model-path input").first.fill(str(paths.BUILTIN_ORACLE))
+        page.click("#load-model")
+        # A model without an oracle beside it opens with nothing picked: the oracle is loaded.
+        page.wait_for_function("el => el.value === ''", arg=picks.element_handle(), timeout=120_000)
+        shirt = page.locator("#training-gallery button.thumbnail-item").first
+        shirt.wait_for(timeout=60_000)
+        assert "t-shirt" in shirt.inner_text(), shirt.inner_text()
+        picks.fill(shirt.inner_text().split()[0])  # caption: "#<index> t-shirt ×50"
+        picks.press("Enter")
+        page.wait_for_function("() => document.querySelector('#forget-summary').innerText.includes('1 image(s)')",
+                               timeout=60_000)
+        page.locator("#until-forgotten input[type='checkbox']").check()
+        page.click("#run")
+        status_box, done_by = page.locator("#status textarea"), time.monotonic() + 300
+        while not status_box.input_value().startswith(("Done", "Stopped", "Unexpected")) and time.monotonic() < done_by:
+            page.wait_for_timeout(300)
+        status = status_box.input_value()
+        assert status.startswith("Done"), f"{status}\nserver log:\n{server_log_tail()}"
+        assert "Stop when forgotten: forgotten at step 1 of at most 3" in status, status
