@@ -60,7 +60,7 @@ def run_args(settings, method: str = "retrack", seed: int = 0, steps: int = 3, u
     """Inputs of /unlearn in page order (see test_app.run_args), for the tiny model: forget
     training items #0 and #1, K 3, batch 4, 2 samples of 2 DDIM steps before and after."""
     return [settings.model, settings.data, "#0, #1", uploads or [], "", "", method, 3, 0.005, 5e-5, steps, 4, 1,
-            1e-6, 0.95, 0.999, 1e-3, 5.0, seed, 2, 2, 0, 2, 7.5]
+            1e-6, 0.95, 0.999, 1e-3, 5.0, seed, 2, 2, 0, 2, 7.5, False, False]  # keep near-duplicates, stop when forgotten
 
 
 def statuses(job) -> list[str]:

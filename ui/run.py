@@ -198,6 +198,9 @@ class RunSection:
             model = self.page.open_model(form.model, form.data_folder)
             forget = build_forget_set(model, parse_picks(form.picks), form.uploads or [],
                                       keep_near_duplicates=bool(form.keep_near_duplicates))
+            if forget.refused:  # the preview uses the good files; a run would forget less than asked for
+                raise ValueError(f"{'; '.join(forget.refused)} (remove the file(s) above, or replace them, "
+                                 "and press Unlearn again)")
             config = form.unlearn_config()
             evaluation = form.evaluation(model.family, self.page.settings.run_defaults(model.preset))
             if self.page.settings.limits is not None:
