@@ -59,7 +59,7 @@ from .backends.base import Backend
 from .engine import check_range
 from .presets import EVALUATION_STEPS
 from .sampling import (
-    DISPLAY_SIDE, Samples, image_grid, pixel_l2, reduce_to_side, renoise, resolve_precision, sample, save_grid,
+    DISPLAY_SIDE, Samples, image_grid, pixel_l2, reduce_to_side, renoise, resolve_precision, sample, save_png,
 )
 
 DEFAULT_SAMPLER = "ddpm"  # the paper's evaluation sampler: ancestral, as the released code's DDPMPipeline
@@ -349,6 +349,7 @@ class Evaluation:
     reference: Reference
     clip_similarity: Optional[np.ndarray] = None  # (N,) highest CLIP cosine to a forget image
     forget_probability: Optional[np.ndarray] = None  # (N,) classifier probability of the forget class
+    class_probabilities: Optional[np.ndarray] = None  # (N, classes) the classifier's probabilities of every class
     quality_figures: dict[str, Optional[float]] = field(default_factory=dict)
     text_score: Optional[float] = None  # mean CLIP cosine of the samples to the prompt
     oracle: Optional[OracleLevels] = None
@@ -405,6 +406,15 @@ class Evaluation:
         images = self.samples.images[torch.as_tensor(order)]
         return images, [f"{self.l2[i]:.1f}" for i in order], [bool(flags[i]) for i in order]
 
+    def class_shares(self, classifier=None) -> Optional[np.ndarray]:
+        """(classes,) the share of the samples a classifier puts in each class (its most probable
+        one; the built-in classifier's ten digits, then the T-shirt): does forgetting one class take
+        its neighbours with it? The reference's classifier, or `classifier` when given (e.g. the
+        model's own, where the reference has none); None without either."""
+        probabilities = (classifier.probabilities(self.samples.images) if classifier is not None
+                         else self.class_probabilities)
+        return None if probabilities is None else class_shares(probabilities)
+
     @property
     def quality(self) -> Optional[float]:
         """The CLIP Fréchet distance of the non-copies to the retain reference (lower is better)."""
@@ -457,18 +467,36 @@ class Evaluation:
         return out
 
 
+def class_shares(probabilities: np.ndarray) -> np.ndarray:
+    """(classes,) the share of samples whose most probable class is each class, from (N, classes)
+    probabilities (a tie goes to the lower class); zeros for no samples."""
+    probabilities = np.asarray(probabilities)
+    counts = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1]).astype(np.float64)
+    return counts / max(1, len(probabilities))
 
-def save_nearest_rows(rows: Sequence[tuple[Optional[object], tuple[Tensor, list[str], list[bool]]]], path: Path) -> None:
+
+NearestRow = tuple[Optional[object], tuple[Tensor, list[str], list[bool]]]
+
+
+def nearest_rows_grid(rows: Sequence[NearestRow], side: Optional[int] = DISPLAY_SIDE) -> Optional[Image.Image]:
     """The grid to look at before believing a rate: one row per (label, `Evaluation.nearest(k)`),
     the samples nearest the forget set captioned with their distances (the first one "label:
-    distance" when a label is given), red where they count as pixel-L2 copies."""
+    distance" when a label is given), red where they count as pixel-L2 copies; tiles larger than
+    `side` reduced first (None: as they are). None without rows."""
     if not rows:
-        return
+        return None
     images = torch.cat([images for _, (images, _, _) in rows])
     labels = [f"{label}: {d}" if i == 0 and label is not None else d
               for label, (_, distances, _) in rows for i, d in enumerate(distances)]
     flags = [f for _, (_, _, row_flags) in rows for f in row_flags]
-    save_grid(images, path, ncol=len(rows[0][1][1]), labels=labels, flags=flags)
+    return image_grid(reduce_to_side(images, side), ncol=max(len(row[1][1]) for row in rows), labels=labels,
+                      flags=flags)
+
+
+def save_nearest_rows(rows: Sequence[NearestRow], path: Path) -> None:
+    """`nearest_rows_grid` of `rows` at full size, written as a PNG (nothing without rows)."""
+    if rows:
+        save_png(nearest_rows_grid(rows, side=None), path)
 
 
 # ============================================================================ evaluating
@@ -489,6 +517,7 @@ def evaluate_samples(samples: Samples, reference: Reference, oracle: Optional[Or
     if reference.classifier is not None:
         probs = reference.classifier.probabilities(images)
         result.forget_probability = probs[:, reference.forget_class]
+        result.class_probabilities = probs
     result.quality_figures = quality_of(result, features, probs)
     return result
 

@@ -23,12 +23,15 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
+import numpy as np
 import torch
 from PIL import Image
 
 from .atomic import write_file_atomically
 from .backends import load_backend
 from .backends.base import Backend
+from .classifier import DigitClassifier
+from .data import CLASS_NAMES
 from .devices import describe_device, device_queue
 from .engine import (
     Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, UnlearnResult, check_request, is_out_of_memory,
@@ -40,7 +43,7 @@ from .evaluation import (
 )
 from .images import uint8_to_tensor
 from .metrics import load_scorer
-from .models import ModelInfo, oracle_folder, weights_stamp
+from .models import ModelInfo, oracle_folder, own_classifier, weights_stamp
 from .objectives import METHODS
 from .sampling import Samples
 from .stopping import UntilForgotten
@@ -159,6 +162,10 @@ class JobState:
     # before, after and oracle under the second, deterministic sampler (DDIM-50), same seeds, when asked for
     deterministic: dict[str, Optional[Evaluation]] = field(default_factory=dict)
     live: list[LivePoint] = field(default_factory=list)  # the live memorisation curve, step 0 first
+    # With a classifier of the model's classes (the built-in model's): the share of each class among
+    # the samples "before", "after" and "oracle" (the paper's sampler), and the classes' names.
+    class_shares: dict[str, np.ndarray] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
     oracle_returns: dict[int, Return] = field(default_factory=dict)  # the oracle's noise-and-denoise return
     live_seconds: float = 0.0  # spent on the live curve during training (not in the training time)
     grid_samples: int = 64  # the grids show the first this many samples
@@ -365,6 +372,7 @@ class Job:
         after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
         self._set(after=after, trajectory=trajectory_image(before_path, after_path, teaching_flagged, after_flagged),
                   teaching_note=_teaching_note(before, teaching_seed, teaching_flagged))
+        self._set(**self._class_shares(before=before, after=after, oracle=oracle))
         if settings.deterministic:
             self._set(message=f"Sampling the same {settings.n_samples} seeds before and after with DDIM-50, the "
                               "second, deterministic sampler")
@@ -375,6 +383,19 @@ class Job:
             before, after, oracle, result, self._state.live_seconds, model_dir, self._state.deterministic)
             + (f"\n{returned} (after training)" if returned else "")
             + ("" if until is None else f"\n{_stop_sentence(until, config.steps)}"))
+
+    def _class_shares(self, **evaluations: Optional[Evaluation]) -> dict:
+        """JobState's `class_shares` and `class_names` of these evaluations under the model's own
+        classifier (`models.own_classifier`: the built-in model's digits + T-shirt one), when it has
+        one that takes its images; nothing otherwise."""
+        folder = own_classifier(self.model.path)
+        if folder is None or (self.model.image_size, self.model.channels) != (28, 1):
+            return {}
+        classifier = DigitClassifier.load(folder, device=self.device)
+        shares = {name: e.class_shares(classifier) for name, e in evaluations.items() if e is not None}
+        names = CLASS_NAMES if classifier.config["num_classes"] == len(CLASS_NAMES) else \
+            tuple(str(i) for i in range(classifier.config["num_classes"]))
+        return {"class_shares": shares, "class_names": tuple(names)}
 
     def _until_forgotten(self, backend: Backend, reference: Reference, oracle_path: Optional[Path]) -> UntilForgotten:
         """The stop rule at the live points (`retrack.stopping`), its level measured now, before training."""

@@ -122,6 +122,14 @@ def own_scorer(model_path: Path) -> Optional[Path]:
     return folder if folder is not None and (folder / "open_clip_config.json").is_file() else None
 
 
+def own_classifier(model_path: Path) -> Optional[Path]:
+    """The classifier of a model's classes (`classifier/` among its companions, as the built-in
+    model's digits + T-shirt classifier is), when it has one."""
+    home = companion_folder(model_path)
+    folder = None if home is None else home / "classifier"
+    return folder if folder is not None and (folder / "model.safetensors").is_file() else None
+
+
 def oracle_folder(model_path: Path) -> Optional[Path]:
     """The oracle beside a model's companions (`oracle/`: the same network retrained without the
     forget images, as assets/builtin/oracle is), when there is one and it is not the model itself."""

@@ -180,7 +180,8 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     job = client.submit(*run_args(tshirt_pick(client), steps=4), api_name="/unlearn")
     progress = follow(job)
     outputs = job.outputs()
-    status, plot, before, after, metrics, nearest, archive, note, trajectory, live, oracle, returns = merged(outputs)
+    (status, plot, before, after, metrics, nearest, archive, note, trajectory, live, oracle, returns,
+     nearest_paper, nearest_ddim, classes) = merged(outputs)
     assert status.startswith("Done"), status
     assert re.search(r"\(\+ \d+ s for the live memorisation curve\)", status), status
     assert progress, "progress updates reach the client while the job runs"
@@ -210,8 +211,14 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     assert [s for s, _ in oracle_line] == [0, 4] and len({d for _, d in oracle_line}) == 1
     assert by_curve["t = 500"][0][1] < by_curve["oracle, t = 500"][0][1]  # the untrained model brings it back
 
-    for picture in (before, after, nearest, trajectory, oracle):
+    for picture in (before, after, nearest, trajectory, oracle, nearest_paper, nearest_ddim):
         assert Path(picture).is_file()
+    # The share of each class before, after and the oracle's (the built-in classifier): shown once, as an
+    # update that also makes the chart visible; 11 classes x 3 bars, each model's summing to 100 %.
+    chart = [u[14] for u in outputs if isinstance(u[14], dict) and "value" in u[14]]
+    assert len(chart) == 1 and chart[0]["visible"] is True and classes == {"__type__": "update"}
+    bars = chart[0]["value"]["data"]
+    assert len(bars) == 33 and sum(bar[1] for bar in bars) == pytest.approx(300.0)
     # The oracle's column: its own rate and each model's excess over it.
     assert "| | before | after | oracle |" in metrics and "excess over the oracle" in metrics
     # before, after and the oracle under the paper's sampler, and again under DDIM-50 on the same seeds

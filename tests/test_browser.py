@@ -102,6 +102,8 @@ def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
         lines = page.locator("#loss-plot [aria-roledescription='line mark']")
         lines.first.wait_for(timeout=60_000)
         page.wait_for_selector("#oracle-grid img", timeout=60_000)
+        # (lazy images load near the viewport only, and the results above it have grown)
+        page.locator("#trajectory").scroll_into_view_if_needed()
         page.wait_for_selector("#trajectory img", timeout=60_000)
         # the after grid comes before the DDIM-50 reading of the same seeds; the job ends after it
         status_box, done_by = page.locator("#status textarea"), time.monotonic() + 240
@@ -109,6 +111,15 @@ def test_pick_the_tshirt_run_and_see_results(app_url, tmp_path):
             page.wait_for_timeout(200)
         status = status_box.input_value()
         assert status.startswith("Done") and "under DDIM-50" in status, status
+        # The samples nearest the T-shirt under both samplers (rows before / after / oracle) and, with
+        # the built-in classifier, the share of each class: 11 classes, a bar each for before, after, oracle.
+        page.locator("#nearest-paper").scroll_into_view_if_needed()
+        page.wait_for_selector("#nearest-paper img", timeout=30_000)
+        page.wait_for_selector("#nearest-ddim img", timeout=30_000)
+        page.locator("#class-plot").scroll_into_view_if_needed()
+        bars = page.locator("#class-plot [aria-roledescription='bar']")
+        bars.first.wait_for(state="attached", timeout=30_000)  # a class with no sample has a bar of height 0
+        assert bars.count() == 33, bars.count()
 
         # ... and in the end holds one point per training step on each curve.
         assert lines.count() == 3

@@ -3,24 +3,27 @@
 `render` turns one `JobState` into the outputs of the /unlearn event, in the order
 `JOB_OUTPUTS` names: status, loss plot (`loss_frame`), before and after grids, the metrics table
 (`metrics_table`), the neighbour picture, the zip, the teaching note, the trajectory, the live
-memorisation curve (`live_frame`), the oracle's grid and the live noise-and-denoise curve
-(`return_frame`).
+memorisation curve (`live_frame`), the oracle's grid, the live noise-and-denoise curve
+(`return_frame`), the samples nearest the forget images under the paper's sampler and under DDIM-50
+(`nearest_picture`) and, for a model with a classifier, the share of each class (`class_frame`).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Optional
 
 import gradio as gr
 import pandas as pd
 
-from retrack.evaluation import Return
+from retrack.evaluation import Evaluation, Return, nearest_rows_grid
 from retrack.jobs import JobState
 
 # The outputs of /unlearn, in order: `render` returns one value for each.
 JOB_OUTPUTS = ("status", "loss_plot", "before_grid", "after_grid", "metrics", "neighbours", "download",
-               "teaching_note", "trajectory", "memorisation_plot", "oracle_grid", "return_plot")
+               "teaching_note", "trajectory", "memorisation_plot", "oracle_grid", "return_plot",
+               "nearest_paper", "nearest_ddim", "class_plot")
+NEAREST = 16  # samples shown per row of the nearest grids
 
 
 class ResultsSection:
@@ -39,6 +42,24 @@ class ResultsSection:
                                               "(built-in model), same seeds", elem_id="oracle-grid", format="png",
                                         interactive=False)
         self.metrics = gr.Markdown(elem_id="metrics")
+        gr.Markdown(f"**The samples that matter.** Of all samples drawn, the {NEAREST} nearest the forget images "
+                    "(the nearest to any of them; pixel L2, captioned with the distance, red within the copy "
+                    "threshold), row by row: before, after, and the oracle's. The first grids rarely hold a copy "
+                    "when the model makes one in a hundred; these show the copies before and what replaced them.")
+        with gr.Row():
+            self.nearest_paper = gr.Image(label="Nearest the forget images, the paper's sampler (ancestral DDPM): "
+                                                "before / after / oracle", elem_id="nearest-paper", format="png",
+                                          interactive=False)
+            self.nearest_ddim = gr.Image(label="Nearest the forget images, DDIM-50 on the same seeds: "
+                                               "before / after / oracle", elem_id="nearest-ddim", format="png",
+                                         interactive=False)
+        self.class_plot = gr.BarPlot(
+            x="bar", y="percent", color="model", elem_id="class-plot", y_title="% of samples", x_title="class · model",
+            x_label_angle=-60, height=340, color_map=CLASS_COLOURS, tooltip=["class", "model", "percent", "samples"],
+            visible=False,
+            label="Collateral damage: the share of each class among the samples (the model's classifier, the "
+                  "paper's sampler), before (grey), after (orange) and the oracle's (blue). Does forgetting the "
+                  "T-shirt take its neighbours (eights, zeros) with it?")
         self.neighbours = gr.Image(label="Where the trajectories go: each forget image (red), then its nearest "
                                          "retain images; w = ReTrack weight, d = distance", elem_id="neighbours",
                                    format="png", interactive=False)
@@ -64,10 +85,53 @@ def render(state: JobState, sent: dict[str, object]) -> tuple:
     losses = loss_frame(state) if state.losses else gr.skip()  # an empty frame would fix the axes as categories
     live = live_frame(state) if state.live else gr.skip()
     returns = return_frame(state) if state.live and state.live[0].returns else gr.skip()
+    second = state.deterministic
+    nearest_paper = once("nearest_paper", state.after,
+                         lambda: nearest_picture(state.before, state.after, state.oracle))
+    nearest_ddim = once("nearest_ddim", second.get("after"),
+                        lambda: nearest_picture(second.get("before"), second.get("after"), second.get("oracle")))
+    if state.class_shares:
+        classes = once("class_shares", state.class_shares,
+                       lambda: gr.BarPlot(value=class_frame(state), sort=class_order(state), visible=True))
+    else:  # a model without a classifier: hidden (also after a job of one with it)
+        classes = gr.update(visible=False) if state.finished else gr.skip()
     shown = dict(status=state.message, loss_plot=losses, before_grid=before, after_grid=after, metrics=table,
                  neighbours=nearest, download=archive, teaching_note=state.teaching_note or gr.skip(),
-                 trajectory=picture, memorisation_plot=live, oracle_grid=oracle, return_plot=returns)
+                 trajectory=picture, memorisation_plot=live, oracle_grid=oracle, return_plot=returns,
+                 nearest_paper=nearest_paper, nearest_ddim=nearest_ddim, class_plot=classes)
     return tuple(shown[name] for name in JOB_OUTPUTS)
+
+
+def nearest_picture(before: Evaluation, after: Evaluation, oracle: Optional[Evaluation]):
+    """The NEAREST samples nearest the forget images (`Evaluation.nearest`) before, after and the
+    oracle's, one row each (`evaluation.nearest_rows_grid`)."""
+    rows = [(label, evaluation.nearest(NEAREST)) for label, evaluation in
+            (("before", before), ("after", after), ("oracle", oracle)) if evaluation is not None]
+    return nearest_rows_grid(rows)
+
+
+CLASS_MODELS = ("before", "after", "oracle")
+CLASS_COLOURS = {"before": "#9ca3af", "after": "#f97316", "oracle": "#2563eb"}
+
+
+def class_frame(state: JobState) -> pd.DataFrame:
+    """The share of each class among the samples, one row per (class, model): the bars of a class
+    side by side (gradio stacks bars of one x, so each bar has its own x, 'eight · after')."""
+    rows = []
+    for i, name in enumerate(state.class_names):
+        for model in CLASS_MODELS:
+            if model in state.class_shares:
+                evaluation = getattr(state, model)
+                share = float(state.class_shares[model][i])
+                rows.append(dict(bar=f"{name} · {model}", percent=100 * share, model=model, **{"class": name},
+                                 samples=f"{round(share * evaluation.n)} of {evaluation.n}"))
+    return pd.DataFrame(rows, columns=["bar", "percent", "model", "class", "samples"])
+
+
+def class_order(state: JobState) -> list[str]:
+    """The bars class by class, before, after, oracle within each."""
+    return [f"{name} · {model}" for name in state.class_names for model in CLASS_MODELS
+            if model in state.class_shares]
 
 
 def status_only(message: str) -> tuple:
