@@ -144,9 +144,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     prompts = {name: getattr(args, name) for name in ("prompt", "train_prompt") if getattr(args, name)}
     extra = {} if until is None else {"until_forgotten": until.record()}
     if until is not None:
-        stopped = extra["until_forgotten"]["stopped_at_step"]
-        print(f"forgotten at step {stopped} ({extra['until_forgotten']['seconds']} s of training)" if stopped else
-              f"not forgotten within {config.steps} steps: {'; '.join(until.checks[-1].waiting_for)}")
+        print(until.outcome(config.steps))
     saved = save_model(backend, out, result.metadata(**prompts, **extra), overwrite=args.overwrite)
     print(f"saved {saved}: {result.world_size} process(es), mixed precision {result.config.mixed_precision}, "
           f"{result.seconds:.1f} s, k-NN {result.knn_seconds:.1f} s, {result.seconds_per_step:.3f} s/step")

@@ -382,7 +382,7 @@ class Job:
         self._set(phase="done", progress=1.0, message=_done_message(
             before, after, oracle, result, self._state.live_seconds, model_dir, self._state.deterministic)
             + (f"\n{returned} (after training)" if returned else "")
-            + ("" if until is None else f"\n{_stop_sentence(until, config.steps)}"))
+            + ("" if until is None else f"\nStop when forgotten: {until.outcome(config.steps)}"))
 
     def _class_shares(self, **evaluations: Optional[Evaluation]) -> dict:
         """JobState's `class_shares` and `class_names` of these evaluations under the model's own
@@ -551,16 +551,6 @@ def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:
     if not flagged:
         note += "; no sample was above the threshold, so this is the nearest one"
     return note + "."
-
-
-def _stop_sentence(until: UntilForgotten, cap: int) -> str:
-    """Where stop-when-forgotten stopped, or what kept it from stopping, in words."""
-    record = until.record()
-    if record["stopped_at_step"] is not None:
-        return (f"Stop when forgotten: forgotten at step {record['stopped_at_step']} of at most {cap} "
-                f"({record['seconds']} s of training), judged against {record['level']}.")
-    waiting = until.checks[-1].waiting_for if until.checks else ["no check was made"]
-    return f"Stop when forgotten: not forgotten within {cap} steps ({'; '.join(waiting)})."
 
 
 def _done_message(before: Evaluation, after: Evaluation, oracle: Optional[Evaluation], result: UnlearnResult,

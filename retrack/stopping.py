@@ -151,6 +151,17 @@ class UntilForgotten:
                 "checks": [asdict(c) for c in self.checks]}
 
 
+    def outcome(self, cap: int) -> str:
+        """Where the run stopped, or what kept it from stopping within `cap` steps, in words (the
+        CLI prints it, the app's status ends with it)."""
+        record = self.record()
+        if record["stopped_at_step"] is not None:
+            return (f"forgotten at step {record['stopped_at_step']} of at most {cap} ({record['seconds']} s of "
+                    f"training), judged against {record['level']}.")
+        waiting = self.checks[-1].waiting_for if self.checks else ["no check was made"]
+        return f"not forgotten within {cap} steps ({'; '.join(waiting)})."
+
+
 def _short(quality: dict) -> str:
     return ", ".join(f"{k} {v:.3g}" for k, v in quality.items() if isinstance(v, float))
 
