@@ -4,10 +4,12 @@
     python benchmarks/app_cost.py --modes quick   # only the quick one (seconds)
 
 Each mode runs a real `retrack.jobs.Job` on the built-in model with the T-shirt picked, exactly as
-the page starts it (`AppSettings.run_defaults`: the published ReTrack settings, 50 steps of 128
-rows, and the evaluation's defaults: 256 samples with 50 DDIM steps, the first 64 in the grids,
-the live memorisation curve on 32 fixed samples with the same 50 DDIM steps every 10 steps; `--quick`: 3
-steps of 8 rows, 4 samples with 5 steps, a live point every step on 4 samples with 2 steps).
+the page starts it (`AppSettings.run_defaults`, built into `EvalSettings` as `RunForm.evaluation`
+does: the published ReTrack settings, 50 steps of 128 rows; 256 samples before/after under the
+paper's sampler (DDPM, 50 steps) and the same seeds under DDIM-50 beside it, the first 64 in the
+grids; every 10 steps a live point: 32 fixed samples with the evaluation's sampler and 16 noisy
+copies of the forget image noised and denoised (`noise_and_denoise_return`); `--quick`: 3 steps of 8
+rows, 4 samples with 5 steps, a live point every step on 4 samples with 2 steps and 4 copies).
 Each mode runs twice in one process: the first job draws the model's "before" samples and the
 oracle's samples (cold caches), the second finds them cached, as every later job of the server
 does. A phase's seconds are the wall time between the job's phase changes; "live curve" is the
@@ -37,6 +39,7 @@ from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.runrecord import (  # noqa: E402
     RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
 )
+from ui.run import LIVE_DEFAULTS  # noqa: E402
 from ui.settings import AppSettings  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -48,9 +51,9 @@ def job_settings(quick: bool) -> tuple[UnlearnConfig, EvalSettings]:
     d = AppSettings(quick=quick).run_defaults("mnist")
     config = UnlearnConfig.preset("mnist", method="retrack", steps=d["steps"], batch_size=d["batch_size"],
                                   grad_accum=d["grad_accum"], seed=d["seed"])
-    evaluation = EvalSettings(n_samples=d["n_samples"], grid_samples=d["grid_samples"], seed=d["eval_seed"],
-                              sampling_steps=d["sampling_steps"], trajectory_points=d["trajectory_points"],
-                              live_every=d["live_every"], live_samples=d["live_samples"], live_steps=d["live_steps"])
+    # as RunForm.evaluation builds them: the form's fields, and the server's settings the page does not ask for
+    evaluation = EvalSettings(n_samples=d["n_samples"], seed=d["eval_seed"], sampling_steps=d["sampling_steps"],
+                              trajectory_points=d["trajectory_points"], **{name: d[name] for name in LIVE_DEFAULTS})
     return config, evaluation
 
 
@@ -109,9 +112,11 @@ def table(data: dict) -> str:
     for mode, entry in data["modes"].items():
         s = entry["settings"]
         lines.append(f"- **{mode}**: {s['steps']} ReTrack steps of {s['batch_size']} rows; {s['n_samples']} samples "
-                     f"before/after with {s['sampling_steps']} DDIM steps (grids: first {s['grid_samples']}); live "
-                     f"curve every {s['live_every']} steps on {s['live_samples']} samples with "
-                     f"{s['live_steps'] or s['sampling_steps']} DDIM steps.")
+                     f"before/after under the paper's sampler with {s['sampling_steps']} steps"
+                     f"{' and under DDIM-50' if s['deterministic'] else ''} (grids: first {s['grid_samples']}); "
+                     f"a live point every {s['live_every']} steps: {s['live_samples']} samples with "
+                     f"{s['live_steps'] or s['sampling_steps']} steps and {s['live_return_copies']} noisy copies "
+                     f"of each forget image noised and denoised.")
     lines += ["", "| seconds | " + " | ".join(f"{mode}: {run['job']}" for mode, run in columns) + " |",
               "|---" * (len(columns) + 1) + "|"]
     for phase in phases:
