@@ -21,7 +21,7 @@ import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from .forget_set import ForgetSet
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # ============================================================================ helpers of a job
 class _Cache:
@@ -192,6 +193,26 @@ def _seconds(value: float) -> str:
     return f"{value:.0f} s" if value < 120 else f"{value / 60:.1f} min"
 
 
+def watch_changes(changed: threading.Condition, revision: Callable[[], int], snapshot: Callable[[], T],
+                  timeout: Optional[float], what: str) -> Iterator[T]:
+    """Yield `snapshot()` after every change (`revision()` grew; `changed` is notified) until a
+    snapshot is `finished`: how a job, or several in a row, is followed from another thread."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    seen = -1
+    while True:
+        with changed:
+            while revision() == seen:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"{what} did not finish in {timeout} s")
+                changed.wait(timeout=left)
+            seen = revision()
+            state = snapshot()
+        yield state
+        if state.finished:
+            return
+
+
 class Job:
     """One unlearning job, run in a worker thread:
 
@@ -240,20 +261,7 @@ class Job:
 
     def watch(self, timeout: Optional[float] = None) -> Iterator[JobState]:
         """Yield a snapshot after every change until the job finishes (the last one is final)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        seen = -1
-        while True:
-            with self._changed:
-                while self._state.revision == seen:
-                    left = None if deadline is None else deadline - time.monotonic()
-                    if left is not None and left <= 0:
-                        raise TimeoutError(f"job {self.id} did not finish in {timeout} s")
-                    self._changed.wait(timeout=left)
-                seen = self._state.revision
-                state = self.snapshot()
-            yield state
-            if state.finished:
-                return
+        return watch_changes(self._changed, lambda: self._state.revision, self.snapshot, timeout, f"job {self.id}")
 
     def wait(self, timeout: Optional[float] = None) -> JobState:
         """Block until the job finishes; return its final state."""

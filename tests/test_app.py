@@ -298,6 +298,48 @@ def test_bad_upload_and_bad_settings_give_messages_and_the_server_keeps_serving(
 
 
 @pytestmark_server
+def test_two_methods_side_by_side_share_before_and_the_oracle_and_each_has_a_column_curve_grid_and_zip(client):
+    from ui.compare import COMPARE_OUTPUTS
+
+    source_files = folder_digest(MODEL)
+    job = client.submit(["retrack", "vanilla"], *run_args(tshirt_pick(client), steps=2), api_name="/compare")
+    follow(job, timeout=600)
+    page = dict(zip(COMPARE_OUTPUTS, merged(job.outputs())))
+    lines = page["status"].splitlines()
+    assert len(lines) == 2 and lines[0].startswith("ReTrack: Done") and lines[1].startswith("Vanilla: Done"), lines
+    # A column per method between "before" and the oracle, under both samplers, and each one's training.
+    table = page["table"]
+    assert "| | before | ReTrack | Vanilla | oracle |" in table and "under DDIM-50" in table
+    assert len(re.findall(r"\d+% \(\d+ of 4\)", table)) == 8  # 4 columns x 2 samplers
+    assert "Training: ReTrack: 2 steps in" in table and "Vanilla: 2 steps in" in table
+    # The live curves overlay: each method from step 0 to 2, and the oracle's level beside them.
+    for plot, x in (("memorisation_plot", "percent"), ("return_plot", "distance")):
+        frame = page[plot]
+        model, step = frame["columns"].index("model"), frame["columns"].index("step")
+        steps = {}
+        for row in frame["data"]:
+            steps.setdefault(row[model], []).append(row[step])
+        assert steps["ReTrack"] == steps["Vanilla"] == [0, 1, 2], steps
+    assert "oracle" in {row[page["return_plot"]["columns"].index("model")] for row in page["return_plot"]["data"]}
+    # The grids side by side (each an update that names its method; the third place hidden), the
+    # nearest samples, a zip per method.
+    grids = [[u[COMPARE_OUTPUTS.index(f"grid_{i}")] for u in job.outputs()] for i in range(3)]
+    for i, method in enumerate(("ReTrack", "Vanilla")):
+        shown = [u for u in grids[i] if isinstance(u, dict) and u.get("value") is not None]
+        assert len(shown) == 1 and shown[0]["label"] == f"After: {method}", grids[i]
+        assert Path(shown[0]["value"] if isinstance(shown[0]["value"], str) else shown[0]["value"]["path"]).is_file()
+    assert any(isinstance(u, dict) and u.get("visible") is False for u in grids[2])
+    assert Path(page["nearest_paper"]).is_file() and Path(page["nearest_ddim"]).is_file()
+    zips = [Path(f) for f in page["downloads"]]
+    assert len(zips) == 2 and zips[0].name.endswith("-retrack.zip") and zips[1].name.endswith("-vanilla.zip")
+    assert folder_digest(MODEL) == source_files, "the source model folder must never be written"
+
+    refused = client.predict(["retrack", "siss", "vanilla", "neggrad"], *run_args(tshirt_pick(client)),
+                             api_name="/compare")
+    assert refused[0] == "⚠ pick one to 3 methods to run side by side (got 4)", refused[0]
+
+
+@pytestmark_server
 def test_a_dimmed_tshirt_upload_lists_its_near_duplicates_and_names_every_bad_file(client, tmp_path):
     """The preview lists the 50 T-shirt copies a 90 %-brightness T-shirt upload leaves out of the
     retain set (one tile, ×50), keeps them when the box is ticked, and names each unusable file of

@@ -23,6 +23,7 @@ import pytest
 
 from helpers import app_server
 from retrack import paths
+from ui.compare import METHOD_COLOURS
 from ui.run import RETURN_COLOURS
 
 # The built-in model, or another with the same companions (dataset.json, clip/) beside it; the
@@ -296,3 +297,43 @@ def test_stop_when_forgotten_stops_and_says_at_which_step(app_url):
         status = status_box.input_value()
         assert status.startswith("Done"), f"{status}\nserver log:\n{server_log_tail()}"
         assert "Stop when forgotten: forgotten at step 1 of at most 3" in status, status
+
+
+def test_two_methods_side_by_side_with_overlaid_curves(app_url):
+    """Methods side by side: ReTrack and Vanilla picked (SISS unticked) run one after another on the
+    T-shirt; each live curve has a line per method (and the oracle's level on the noise-and-denoise
+    one), the table a column per method, and the after-grids and zips sit side by side."""
+    with open_page(app_url) as page:
+        picks = page.locator("#forget-picks textarea, #forget-picks input").first
+        page.wait_for_function("el => /#\\d+/.test(el.value)", arg=picks.element_handle(), timeout=120_000)
+        page.locator("#compare-methods").scroll_into_view_if_needed()
+        page.locator("#compare-methods label", has_text="SISS").locator("input").uncheck()
+        page.click("#compare-run")
+        status_box, done_by = page.locator("#compare-status textarea"), time.monotonic() + 600
+        while time.monotonic() < done_by:
+            lines = status_box.input_value().splitlines()
+            if len(lines) == 2 and all(": Done" in line or ": Stopped" in line for line in lines):
+                break
+            page.wait_for_timeout(300)
+        lines = status_box.input_value().splitlines()
+        assert [line.split(": ")[0] for line in lines] == ["ReTrack", "Vanilla"], lines
+        assert all(": Done" in line for line in lines), f"{lines}\nserver log:\n{server_log_tail()}"
+        # One line per method on each overlaid plot, in the method's colour; the oracle's level in grey.
+        for plot, expected in (("#compare-memorisation", {"ReTrack", "Vanilla"}),
+                               ("#compare-return", {"ReTrack", "Vanilla", "oracle"})):
+            page.locator(plot).scroll_into_view_if_needed()
+            marks = page.locator(f"{plot} [aria-roledescription='line mark']")
+            marks.first.wait_for(state="attached", timeout=30_000)
+            strokes = {line.get_attribute("stroke") for line in marks.all()}
+            assert strokes == {METHOD_COLOURS[m] for m in expected}, [mark.get_attribute("aria-label") for mark in marks.all()]
+        table = page.locator("#compare-table").inner_text()
+        assert "ReTrack" in table and "Vanilla" in table and "oracle" in table and "under DDIM-50" in table
+        for i in range(2):
+            page.locator(f"#compare-grid-{i}").scroll_into_view_if_needed()
+            page.wait_for_selector(f"#compare-grid-{i} img", timeout=30_000)
+        assert not page.locator("#compare-grid-2").is_visible()
+        page.locator("#compare-downloads").scroll_into_view_if_needed()
+        downloads = page.locator("#compare-downloads a")
+        downloads.first.wait_for(timeout=30_000)
+        names = sorted(link.get_attribute("href").split("/")[-1] for link in downloads.all())
+        assert len(names) == 2 and names[0].endswith("-retrack.zip") and names[1].endswith("-vanilla.zip"), names

@@ -6,11 +6,12 @@
     forget_set.py  2 · what to forget: gallery picks, uploads, generate & split
     run.py         3-4 · method settings (RunForm) and the run
     results.py     5 · before/after grids and scores; how a job's state is drawn
-    teaching.py    6 · trajectory, noise and denoise, likelihood
+    compare.py     6 · methods side by side: overlaid live curves, a column and a grid per method
+    teaching.py    7 · trajectory, noise and denoise, likelihood
     page.py        build_app (the sections laid out and wired), launch
 
 What the page does lives in the library (`retrack.models`, `retrack.forget_set`,
-`retrack.jobs`, `retrack.teaching`), which never imports gradio.
+`retrack.jobs`, `retrack.comparison`, `retrack.teaching`), which never imports gradio.
 """
 
 import os

@@ -10,11 +10,12 @@ import functools
 import logging
 import threading
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Union
 
 import gradio as gr
 
 from retrack.forget_set import GalleryItem
+from retrack.comparison import Comparison
 from retrack.jobs import Job
 from retrack.models import ModelInfo, open_model
 
@@ -34,11 +35,11 @@ def cached_model(spec: str, data_folder: str) -> ModelInfo:
 @dataclass
 class Page:
     """What the handlers of one page share: the server's settings and, per visitor (browser
-    session), the running job (so Cancel finds it) and the last unlearned model (the teaching
+    session), the running job or comparison (so Cancel finds it) and the last unlearned model (the teaching
     views' "after")."""
 
     settings: AppSettings
-    running: dict[str, Job] = field(default_factory=dict)
+    running: dict[str, Union[Job, Comparison]] = field(default_factory=dict)
     unlearned: dict[str, str] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)  # guards `running`
 

@@ -1,7 +1,7 @@
 """The whole page: its sections top to bottom, how they are wired, and the server.
 
-The page reads in the order a user works: model, forget set, method and run, results, teaching
-view; each section is a module of this package with its handlers. `build_app` lays them out and
+The page reads in the order a user works: model, forget set, method and run, results, methods
+side by side, teaching view; each section is a module of this package with its handlers. `build_app` lays them out and
 connects them; `launch` starts the server.
 """
 
@@ -13,6 +13,7 @@ from retrack.devices import describe_device
 from retrack.forget_set import near_duplicate_index
 
 from .common import USER_ERRORS, Page, cached_model, log
+from .compare import CompareSection
 from .forget_set import ForgetSection
 from .model import FAMILY_FIELDS, ModelSection
 from .results import JOB_OUTPUTS, ResultsSection
@@ -36,6 +37,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         forget = ForgetSection(page, first)
         run = RunSection(page, first)
         results = ResultsSection(first["grid_samples"])
+        compare = CompareSection(page, first)
         teaching = TeachingSection(page)
 
         # What opening a model sets (ui.model.model_view): its summary, the gallery, the picks,
@@ -54,6 +56,7 @@ def build_app(settings: AppSettings) -> gr.Blocks:
         # A job streams into components of three sections, named by ui.results.JOB_OUTPUTS.
         components = {**vars(run), **vars(results), **vars(teaching)}
         run.connect(form_sources, [components[name] for name in JOB_OUTPUTS])
+        compare.connect(form_sources | run.controls, run.cancel)
     return demo
 
 

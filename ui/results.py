@@ -86,10 +86,10 @@ def render(state: JobState, sent: dict[str, object]) -> tuple:
     live = live_frame(state) if state.live else gr.skip()
     returns = return_frame(state) if state.live and state.live[0].returns else gr.skip()
     second = state.deterministic
-    nearest_paper = once("nearest_paper", state.after,
-                         lambda: nearest_picture(state.before, state.after, state.oracle))
-    nearest_ddim = once("nearest_ddim", second.get("after"),
-                        lambda: nearest_picture(second.get("before"), second.get("after"), second.get("oracle")))
+    nearest_paper = once("nearest_paper", state.after, lambda: nearest_picture(
+        ("before", state.before), ("after", state.after), ("oracle", state.oracle)))
+    nearest_ddim = once("nearest_ddim", second.get("after"), lambda: nearest_picture(
+        *((name, second.get(name)) for name in ("before", "after", "oracle"))))
     if state.class_shares:
         classes = once("class_shares", state.class_shares,
                        lambda: gr.BarPlot(value=class_frame(state), sort=class_order(state), visible=True))
@@ -102,12 +102,12 @@ def render(state: JobState, sent: dict[str, object]) -> tuple:
     return tuple(shown[name] for name in JOB_OUTPUTS)
 
 
-def nearest_picture(before: Evaluation, after: Evaluation, oracle: Optional[Evaluation]):
-    """The NEAREST samples nearest the forget images (`Evaluation.nearest`) before, after and the
-    oracle's, one row each (`evaluation.nearest_rows_grid`)."""
-    rows = [(label, evaluation.nearest(NEAREST)) for label, evaluation in
-            (("before", before), ("after", after), ("oracle", oracle)) if evaluation is not None]
-    return nearest_rows_grid(rows)
+def nearest_picture(*models: tuple[str, Optional[Evaluation]]):
+    """The NEAREST samples nearest the forget images (`Evaluation.nearest`) of each (label,
+    evaluation), e.g. before, after and the oracle's, one row each (`evaluation.nearest_rows_grid`);
+    a model without an evaluation has no row."""
+    return nearest_rows_grid([(label, evaluation.nearest(NEAREST)) for label, evaluation in models
+                              if evaluation is not None])
 
 
 CLASS_MODELS = ("before", "after", "oracle")
@@ -197,9 +197,21 @@ def returned_text(r: Return) -> str:
 def metrics_table(state: JobState) -> str:
     """Before/after (and the oracle's) memorisation rates and quality as a Markdown table; with an
     oracle, each rate is also read against it (the excess over the oracle)."""
-    before, after, oracle = state.before, state.after, state.oracle
-    if before is None:
+    if state.before is None:
         return ""
+    second = state.deterministic
+    names = ["before", "after"] + (["oracle"] if state.oracle is not None else [])
+    return rates_table(names, [getattr(state, name) for name in names],
+                       [second.get(name) for name in names] if second else None, state.scorer_note)
+
+
+def rates_table(names: list[str], paper: list[Optional[Evaluation]], ddim: Optional[list[Optional[Evaluation]]],
+                scorer_note: str = "") -> str:
+    """The memorisation rates and quality of the evaluations `paper` (the paper's sampler; the first
+    is "before", "…" for one still to come), a column each titled by `names`, then the same seeds
+    under DDIM-50 (`ddim`) when drawn. A column named "oracle" is the oracle's: with it, each rate
+    is also read against it (the excess over the oracle)."""
+    has_oracle = "oracle" in names
 
     def rate(evaluation) -> str:
         return "…" if evaluation is None else \
@@ -218,27 +230,24 @@ def metrics_table(state: JobState) -> str:
     def top(evaluation) -> str:
         return "…" if evaluation is None else f"{evaluation.scores.max():.2f}"
 
-    columns = [before, after] + ([oracle] if oracle is not None else [])
-
-    def row(title: str, cell: Callable) -> str:
+    def row(title: str, cell: Callable, columns: list[Optional[Evaluation]]) -> str:
         return f"| {title} | " + " | ".join(cell(evaluation) for evaluation in columns) + " |"
 
-    rows = [row(f"memorisation rate (samples scoring above {before.threshold:.2f})", rate),
-            row("pixel-L2 copies (within the calibrated distance of a forget image)", pixel_rate)]
-    if oracle is not None:
-        rows.append(row("excess over the oracle (share closer than the oracle's 1 % quantile, minus 1 %)", excess))
-    rows += [row("highest memorisation score", top),
-             row("quality: CLIP Fréchet distance to the retain set (lower is better)", quality)]
-    second = state.deterministic
-    if second:  # the same seeds under DDIM-50: a verdict that holds under one sampler only is not a verdict
-        columns = [second.get("before"), second.get("after")] + ([second.get("oracle")] if oracle is not None else [])
-        rows += [row("**under DDIM-50** (deterministic, same seeds): memorisation rate", rate),
-                 row("DDIM-50: pixel-L2 copies", pixel_rate)]
-        if oracle is not None:
-            rows.append(row("DDIM-50: excess over the oracle (its DDIM-50 samples)", excess))
-    note = f"\n\n*{state.scorer_note}*" if state.scorer_note else ""
-    sampler = f" ({before.sampler})" if before.sampler else ""
-    header = "| | before | after |" + (" oracle |" if oracle is not None else "")
+    rows = [row(f"memorisation rate (samples scoring above {paper[0].threshold:.2f})", rate, paper),
+            row("pixel-L2 copies (within the calibrated distance of a forget image)", pixel_rate, paper)]
+    if has_oracle:
+        rows.append(row("excess over the oracle (share closer than the oracle's 1 % quantile, minus 1 %)", excess,
+                        paper))
+    rows += [row("highest memorisation score", top, paper),
+             row("quality: CLIP Fréchet distance to the retain set (lower is better)", quality, paper)]
+    if ddim:  # the same seeds under DDIM-50: a verdict that holds under one sampler only is not a verdict
+        rows += [row("**under DDIM-50** (deterministic, same seeds): memorisation rate", rate, ddim),
+                 row("DDIM-50: pixel-L2 copies", pixel_rate, ddim)]
+        if has_oracle:
+            rows.append(row("DDIM-50: excess over the oracle (its DDIM-50 samples)", excess, ddim))
+    note = f"\n\n*{scorer_note}*" if scorer_note else ""
+    sampler = f" ({paper[0].sampler})" if paper[0].sampler else ""
+    header = "| | " + " | ".join(names) + " |"
     lead = (f"Rates with the paper's sampler{sampler}"
-            + (", then with DDIM-50 on the same seeds." if second else ".") + "\n\n")
-    return lead + "\n".join([header, "|---" * (len(columns) + 1) + "|", *rows]) + note
+            + (", then with DDIM-50 on the same seeds." if ddim else ".") + "\n\n")
+    return lead + "\n".join([header, "|---" * (len(names) + 1) + "|", *rows]) + note

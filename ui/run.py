@@ -9,14 +9,16 @@ ends; Cancel (or closing the page) cancels it.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Union
 
 import gradio as gr
 
-from retrack.evaluation import MAX_EVAL_SAMPLES, RETURN_TIMESTEPS, EvalSettings
+from retrack.comparison import Comparison
 from retrack.engine import UnlearnConfig
-from retrack.forget_set import build_forget_set, parse_picks
-from retrack.jobs import Job
+from retrack.evaluation import MAX_EVAL_SAMPLES, RETURN_TIMESTEPS, EvalSettings
+from retrack.forget_set import ForgetSet, build_forget_set, parse_picks
+from retrack.jobs import Job, JobState
+from retrack.models import ModelInfo
 from retrack.objectives import METHODS
 
 from .common import USER_ERRORS, Page, log, number, whole
@@ -150,6 +152,41 @@ RETURN_COLOURS = {**{f"t = {t}": colour for t, colour in zip(RETURN_TIMESTEPS, (
                   **{f"oracle, t = {t}": colour for t, colour in zip(RETURN_TIMESTEPS, ("#d1d5db", "#6b7280"))}}
 
 
+def prepare(page: Page, form: RunForm) -> tuple[ModelInfo, ForgetSet, UnlearnConfig, EvalSettings]:
+    """What a run needs from the form: the model, the forget set (refused when an upload is
+    unusable: the preview uses the good files, a run would forget less than asked for), the
+    training and evaluation settings, checked against the server's limits."""
+    model = page.open_model(form.model, form.data_folder)
+    forget = build_forget_set(model, parse_picks(form.picks), form.uploads or [],
+                              keep_near_duplicates=bool(form.keep_near_duplicates))
+    if forget.refused:
+        raise ValueError(f"{'; '.join(forget.refused)} (remove the file(s) above, or replace them, "
+                         "and press Unlearn again)")
+    config = form.unlearn_config()
+    evaluation = form.evaluation(model.family, page.settings.run_defaults(model.preset))
+    if page.settings.limits is not None:
+        page.settings.limits.check(config, evaluation.n_samples, evaluation.sampling_steps)
+    return model, forget, config, evaluation
+
+
+def stream(page: Page, session: str, work: Union[Job, Comparison], progress: gr.Progress,
+           show: Callable[[Any], tuple]) -> Iterator[tuple]:
+    """`show` each state of `work` (a started job or comparison) on the page until it ends, with
+    gradio's progress bar; meanwhile it is this visitor's running work, which Cancel stops, and
+    it is stopped when the page is closed or the event is stopped."""
+    with page.lock:
+        page.running[session] = work
+    try:
+        for state in work.watch():
+            progress(state.progress, desc=state.message)
+            yield show(state)
+    finally:
+        work.cancel()
+        with page.lock:
+            if page.running.get(session) is work:
+                del page.running[session]
+
+
 class RunSection:
     """The method settings (section 3), Unlearn and Cancel, the status line, the loss plot and the
     two live curves (section 4)."""
@@ -195,16 +232,7 @@ class RunSection:
         (gradio puts the request and progress first, then the form's values)."""
         form = RunForm(*values)
         try:
-            model = self.page.open_model(form.model, form.data_folder)
-            forget = build_forget_set(model, parse_picks(form.picks), form.uploads or [],
-                                      keep_near_duplicates=bool(form.keep_near_duplicates))
-            if forget.refused:  # the preview uses the good files; a run would forget less than asked for
-                raise ValueError(f"{'; '.join(forget.refused)} (remove the file(s) above, or replace them, "
-                                 "and press Unlearn again)")
-            config = form.unlearn_config()
-            evaluation = form.evaluation(model.family, self.page.settings.run_defaults(model.preset))
-            if self.page.settings.limits is not None:
-                self.page.settings.limits.check(config, evaluation.n_samples, evaluation.sampling_steps)
+            model, forget, config, evaluation = prepare(self.page, form)
             job = Job(model, forget, config, evaluation, self.page.settings.output_dir,
                       training_prompt=form.training_prompt if model.family == "latent" else "").start()
         except USER_ERRORS as exc:
@@ -214,30 +242,22 @@ class RunSection:
             log.exception("could not start a job")
             yield status_only(f"⚠ Unexpected error ({type(exc).__name__}: {exc})")
             return
-        session = request.session_hash or job.id
-        with self.page.lock:
-            self.page.running[session] = job
         sent: dict[str, object] = {}
-        try:
-            for state in job.watch():
-                progress(state.progress, desc=state.message)
-                if state.model_dir is not None:
-                    self.page.unlearned[session] = str(state.model_dir)
-                yield render(state, sent)
-        finally:
-            # The page was closed or the event was stopped: stop the job too.
-            job.cancel()
-            with self.page.lock:
-                if self.page.running.get(session) is job:
-                    del self.page.running[session]
+
+        def show(state: JobState) -> tuple:
+            if state.model_dir is not None:  # the teaching views' "after"
+                self.page.unlearned[request.session_hash or job.id] = str(state.model_dir)
+            return render(state, sent)
+
+        yield from stream(self.page, request.session_hash or job.id, job, progress, show)
 
     def cancel(self, request: gr.Request) -> str:
-        """Cancel this visitor's running job."""
+        """Cancel this visitor's running job or comparison."""
         with self.page.lock:
-            job = self.page.running.get(request.session_hash)
-        if job is None:
+            work = self.page.running.get(request.session_hash)
+        if work is None:
             return "Nothing is running."
-        job.cancel()
+        work.cancel()
         return "Cancelling..."
 
     def connect(self, form_sources: dict[str, gr.components.Component], outputs: list) -> None:

@@ -1,4 +1,4 @@
-"""Section 6 of the page: the teaching view.
+"""Section 7 of the page: the teaching view.
 
 A job's denoising trajectory (drawn by the job, shown here), then noise-and-denoise and the
 likelihood of the forget image under the models before / after / oracle. The handlers only call
@@ -34,7 +34,7 @@ class TeachingSection:
         self.page = page
         self.nll_settings = app_nll_settings(page.settings.quick)
         self.n_retain = 1 if page.settings.quick else 2
-        gr.Markdown("## 6 · Teaching view\nThe model's guess of the clean image at several timesteps while it "
+        gr.Markdown("## 7 · Teaching view\nThe model's guess of the clean image at several timesteps while it "
                     "denoises one seed, from pure noise (left) to the final sample (right), before and after.")
         self.teaching_note = gr.Markdown(elem_id="teaching-note")
         self.trajectory = gr.Image(label="Denoising trajectory: before (top), after (bottom)", elem_id="trajectory",
