@@ -12,8 +12,9 @@ Every objective takes the same inputs and returns named loss terms:
 Losses follow docs/METHOD.md exactly: squared errors are SUMMED over the entries of one
 sample and averaged over samples (`sum_sq`). Methods with one objective return `Terms.loss` and
 the engine back-propagates it. EraseDiff and SISS combine two gradients nonlinearly; they return
-`loss=None` and the engine calls `METHODS[name].combine(g_retain, g_unlearn, params)` on the
-gradients accumulated over the whole step (so gradient accumulation stays exact).
+`loss=None` and the engine (`gradients.StepGradients`) calls `METHODS[name].combine(g_retain,
+g_unlearn, params)` on the gradients accumulated over the whole step (so gradient accumulation
+stays exact).
 
 The pure tensor formulas (`retrack_unlearn_loss`, `siss_weights`, `erasediff_combine`,
 `siss_combine`) are separate functions so tests can check them against closed forms.
