@@ -11,8 +11,8 @@ out.
 
 It also times the network calls the objectives are built from, which is what explains the
 differences: forward (F) and forward+backward (FB) over 128 and 256 rows, and one forward with two
-backward passes (SISS's shape). Those numbers justify `objectives._predict` fusing branches on a GPU
-but not on the CPU.
+backward passes (SISS's shape). Those numbers justify `objectives.predict_noise` fusing branches on a
+GPU but not on the CPU.
 """
 
 from __future__ import annotations
