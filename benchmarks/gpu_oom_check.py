@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import PixelBackend  # noqa: E402
-from retrack.engine import OutOfMemory, UnlearnConfig, unlearn  # noqa: E402
+from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
+from retrack.errors import OutOfMemory  # noqa: E402
 from retrack.runrecord import describe_machine  # noqa: E402
 
 LIMIT_BYTES = 2**30

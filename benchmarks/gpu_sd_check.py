@@ -41,7 +41,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack import objectives  # noqa: E402
 from retrack.backends.latent import LatentBackend  # noqa: E402
-from retrack.engine import AUTOCAST_DTYPES, PRESETS, UnlearnConfig  # noqa: E402
+from retrack.devices import AUTOCAST_DTYPES  # noqa: E402
+from retrack.engine import UnlearnConfig  # noqa: E402
+from retrack.presets import PRESETS  # noqa: E402
 from retrack.runrecord import RunRecord, add_beside_argument, script_command, write_json_and_markdown  # noqa: E402
 from retrack.sampling import sample  # noqa: E402
 from retrack.split import unlearn_prompt  # noqa: E402

@@ -11,8 +11,8 @@ out.
 
 It also times the network calls the objectives are built from, which is what explains the
 differences: forward (F) and forward+backward (FB) over 128 and 256 rows, and one forward with two
-backward passes (SISS's shape). Those numbers justify `objectives._predict` fusing branches on a GPU
-but not on the CPU.
+backward passes (SISS's shape). Those numbers justify `objectives.predict_noise` fusing branches on a
+GPU but not on the CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
 from retrack.builtin import builtin_sets  # noqa: E402
-from retrack.engine import UnlearnConfig, resolve_device, unlearn  # noqa: E402
+from retrack.devices import resolve_device  # noqa: E402
+from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.runrecord import RunRecord, add_beside_argument, script_command, write_json_and_markdown  # noqa: E402
 

@@ -45,7 +45,8 @@ from .atomic import write_file_atomically
 from .backends import load_backend
 from .backends.base import Backend
 from .builtin import builtin_dataset, builtin_sets
-from .engine import UnlearnConfig, resolve_device, unlearn
+from .devices import resolve_device
+from .engine import UnlearnConfig, unlearn
 from .evaluation import (
     DDIM, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference, SamplerSettings, at_oracle_level,
     builtin_reference,

@@ -72,7 +72,7 @@ def leave_out_near_duplicates(args: argparse.Namespace, backend, model_path: Pat
     """The retain images without the near-duplicates of a forget image unless
     --keep-near-duplicates (`near_duplicates.search`: pixel L2, and CLIP when the model has its
     own scorer beside it), and a note naming each one. Exact copies stay for the engine to
-    refuse (`engine.check_sets`: the user removes them)."""
+    refuse (`checks.check_sets`: the user removes them)."""
     import numpy as np
 
     from .images import tensor_to_uint8
@@ -108,7 +108,9 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .backends import load_backend
-    from .engine import UnlearnConfig, preset_for, save_model, training_device, unlearn
+    from .devices import training_device
+    from .engine import UnlearnConfig, save_model, unlearn
+    from .presets import preset_for
     from .sd_cli import sd_conditioning, sd_load_options
 
     out = Path(args.out)
@@ -172,7 +174,7 @@ def until_forgotten(args: argparse.Namespace, backend, forget: "Tensor", retain:
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from .backends import load_backend
-    from .engine import resolve_device
+    from .devices import resolve_device
     from .sampling import sample, save_grid
 
     backend = load_backend(_model_path(args.model), device=resolve_device(args.device))
@@ -207,7 +209,7 @@ def teaching_images(model: str, files: Optional[Sequence[str]], backend) -> tupl
 
 def cmd_renoise(args: argparse.Namespace) -> int:
     from .backends import load_backend
-    from .engine import resolve_device
+    from .devices import resolve_device
     from .sampling import pixel_l2, renoise, renoise_grid, save_png
 
     device = resolve_device(args.device)
@@ -234,7 +236,7 @@ def cmd_renoise(args: argparse.Namespace) -> int:
 
 def cmd_nll(args: argparse.Namespace) -> int:
     from .backends import load_backend
-    from .engine import resolve_device
+    from .devices import resolve_device
     from .likelihood import NLLSettings, model_likelihoods
 
     base = NLLSettings.cheap() if args.cheap else NLLSettings()
@@ -430,7 +432,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .engine import Cancelled, Diverged, OutOfMemory, is_out_of_memory
+    from .errors import Cancelled, Diverged, OutOfMemory, is_out_of_memory
     from .images import ImageError
 
     try:

@@ -37,13 +37,15 @@ import numpy as np
 from .atomic import write_file_atomically
 from .backends import load_backend
 from .builtin import builtin_sets
-from .engine import StepEvent, UnlearnConfig, resolve_device, unlearn
+from .devices import resolve_device
+from .engine import UnlearnConfig, unlearn
 from .evaluation import (
     DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference,
     SamplerSettings, at_oracle_level, builtin_reference, evaluate, evaluate_samples, quality_figure, save_nearest_rows,
 )
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import EVALUATION_STEPS
+from .reports import StepEvent
 from .runrecord import NOT_RECORDED, RunRecord, describe_run, write_json_and_markdown
 from .sampling import Samples
 

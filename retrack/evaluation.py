@@ -56,7 +56,7 @@ from torch import Tensor
 
 from . import metrics
 from .backends.base import Backend
-from .engine import check_range
+from .checks import check_range
 from .presets import EVALUATION_STEPS
 from .sampling import (
     DISPLAY_SIDE, Samples, image_grid, pixel_l2, reduce_to_side, renoise, resolve_precision, sample, save_png,
@@ -99,7 +99,7 @@ class SamplerSettings:
     @classmethod
     def paper(cls, preset: str, **fields) -> "SamplerSettings":
         """The paper's protocol for a model family (a `presets.PRESETS` name, e.g. from
-        `engine.preset_for`): ancestral DDPM with the released code's step count."""
+        `presets.preset_for`): ancestral DDPM with the released code's step count."""
         return cls(sampler=DEFAULT_SAMPLER, steps=EVALUATION_STEPS[preset], **fields)
 
     def deterministic(self) -> "SamplerSettings":

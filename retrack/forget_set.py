@@ -31,7 +31,7 @@ from .metrics import load_scorer
 from .atomic import write_folder_atomically
 from .backends import load_backend
 from .devices import device_queue
-from .engine import resolve_device
+from .devices import resolve_device
 from .images import ImageError, load_images, tensor_to_pil, tensor_to_uint8
 from .models import ModelInfo, TrainingData, oracle_folder, read_json
 from .near_duplicates import NearDuplicateIndex, NearDuplicates, duplicate_groups

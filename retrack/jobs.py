@@ -30,13 +30,12 @@ from PIL import Image
 from .atomic import write_file_atomically
 from .backends import load_backend
 from .backends.base import Backend
+from .checks import check_request
 from .classifier import DigitClassifier
 from .data import CLASS_NAMES
-from .devices import describe_device, device_queue
-from .engine import (
-    Cancelled, Diverged, OutOfMemory, StepEvent, UnlearnConfig, UnlearnResult, check_request, is_out_of_memory,
-    resolve_device, save_model, unlearn,
-)
+from .devices import describe_device, device_queue, resolve_device
+from .engine import UnlearnConfig, save_model, unlearn
+from .errors import Cancelled, Diverged, OutOfMemory, is_out_of_memory
 from .evaluation import (
     EvalSettings, Evaluation, OracleLevels, Reference, Return, SamplerSettings, draw, evaluate_samples,
     noise_and_denoise_return,
@@ -45,6 +44,7 @@ from .images import uint8_to_tensor
 from .metrics import load_scorer
 from .models import ModelInfo, oracle_folder, own_classifier, weights_stamp
 from .objectives import METHODS
+from .reports import StepEvent, UnlearnResult
 from .sampling import Samples
 from .stopping import UntilForgotten
 from .teaching import neighbour_grid, trajectory_image, trajectory_strip

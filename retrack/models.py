@@ -18,8 +18,8 @@ import numpy as np
 
 from .backends import load_backend, resolve_model_path
 from .builtin import checked_dataset
-from .engine import preset_for
 from .images import expand_paths, load_images, tensor_to_uint8
+from .presets import preset_for
 
 # Memorisation scorer for models that ship without their own (needs network or a filled cache the
 # first time; the app falls back to the built-in tiny CLIP, with a note, when it cannot load it).
@@ -48,7 +48,7 @@ class ModelInfo:
     family: str  # "pixel" or "latent"
     image_size: int
     channels: int
-    preset: str  # key of engine.PRESETS with this family's published settings
+    preset: str  # key of presets.PRESETS with this family's published settings
     training_data: Optional[TrainingData]
     scorer: str  # the CLIP model that scores memorisation: a folder, or "name:pretrained-tag"
 

@@ -24,7 +24,7 @@ DEFAULT_CACHE = CACHE / "knn"
 
 def check_neighbour_count(k: int, n_retain: Optional[int]) -> None:
     """The one rule for K, used by the library, the CLI and the app (through
-    `engine.check_request`): K >= 1 always, and since ReTrack's neighbours are retain items,
+    `checks.check_request`): K >= 1 always, and since ReTrack's neighbours are retain items,
     K <= the retain set's size (`n_retain`; None for a method that uses no neighbours). Any
     other K is refused (ValueError), never changed behind the user's back, so a run's recorded K
     is always the K that was asked for."""

@@ -12,8 +12,9 @@ Every objective takes the same inputs and returns named loss terms:
 Losses follow docs/METHOD.md exactly: squared errors are SUMMED over the entries of one
 sample and averaged over samples (`sum_sq`). Methods with one objective return `Terms.loss` and
 the engine back-propagates it. EraseDiff and SISS combine two gradients nonlinearly; they return
-`loss=None` and the engine calls `METHODS[name].combine(g_retain, g_unlearn, params)` on the
-gradients accumulated over the whole step (so gradient accumulation stays exact).
+`loss=None` and the engine (`gradients.StepGradients`) calls `METHODS[name].combine(g_retain,
+g_unlearn, params)` on the gradients accumulated over the whole step (so gradient accumulation
+stays exact).
 
 The pure tensor formulas (`retrack_unlearn_loss`, `siss_weights`, `erasediff_combine`,
 `siss_combine`) are separate functions so tests can check them against closed forms.
@@ -170,8 +171,8 @@ def _noised(x0: Tensor, schedule: NoiseSchedule, generator: torch.Generator) -> 
     return gamma * x0 + sigma * eps, t.to(x0.device), eps, gamma, sigma
 
 
-def _predict(denoise: Denoiser, xs: list[Tensor], ts: list[Tensor], conds: list[Optional[Tensor]],
-             fuse: bool) -> list[Tensor]:
+def predict_noise(denoise: Denoiser, xs: list[Tensor], ts: list[Tensor], conds: list[Optional[Tensor]],
+                  fuse: bool) -> list[Tensor]:
     """Predicted noise for several row groups, in one network call (`fuse`) or one call per group.
 
     The result is the same either way (the UNets normalise per sample); only the speed differs.
@@ -194,8 +195,8 @@ def retrack(denoise: Denoiser, batch: Batch, schedule: NoiseSchedule, generator:
     x_t, t, _, gamma, sigma = _noised(batch.forget, schedule, generator)
     v, pi = retrack_targets(x_t, batch.neighbours, gamma, sigma)
     xr_t, tr, eps_r, _, _ = _noised(batch.retain, schedule, generator)
-    pred_u, pred_r = _predict(denoise, [x_t, xr_t], [t, tr], [batch.forget_cond, batch.retain_cond],
-                              fuse=x_t.device.type != "cpu")
+    pred_u, pred_r = predict_noise(denoise, [x_t, xr_t], [t, tr], [batch.forget_cond, batch.retain_cond],
+                                   fuse=x_t.device.type != "cpu")
     unlearn = retrack_unlearn_loss(pred_u, v, pi).mean()
     retain = sum_sq(pred_r, eps_r).mean()
     loss = params.lam * unlearn + (1.0 - params.lam) * retain
@@ -224,7 +225,7 @@ def erasediff(denoise: Denoiser, batch: Batch, schedule: NoiseSchedule, generato
     xr_t, tr, eps_r, _, _ = _noised(batch.retain, schedule, generator)
     # Two separate graphs: the engine takes the two gradients one after the other, and over one
     # fused graph each of those backward passes would run through all rows of both branches.
-    pred_u, pred_r = _predict(denoise, [x_t, xr_t], [t, tr], [batch.forget_cond, batch.retain_cond], fuse=False)
+    pred_u, pred_r = predict_noise(denoise, [x_t, xr_t], [t, tr], [batch.forget_cond, batch.retain_cond], fuse=False)
     forget = sum_sq(pred_u, u).mean()
     retain = sum_sq(pred_r, eps_r).mean()
     return Terms(unlearn=forget, retain=retain, loss=None, total=retain + forget)

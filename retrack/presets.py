@@ -1,12 +1,18 @@
 """The published settings of unlearning runs (docs/METHOD.md): the one place a default is written.
 
 `engine.UnlearnConfig()` and `objectives.Params()` start from `DEFAULTS` (the MNIST preset);
-`UnlearnConfig.preset(name)` starts from `PRESETS[name]`; the CLI and the app read their
-defaults from a config made there, never from numbers of their own. They are starting points,
-not constants: every field can be overridden per run.
+`UnlearnConfig.preset(name)` starts from `PRESETS[name]`, and `preset_for(backend)` names the
+preset of a model; the CLI and the app read their defaults from a config made there, never from
+numbers of their own. They are starting points, not constants: every field can be overridden per
+run.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # named for type checkers only: this module stays free of torch and diffusers
+    from .backends.base import Backend
 
 # Per benchmark family: the settings the paper published for it.
 PRESETS: dict[str, dict] = {
@@ -25,3 +31,12 @@ COMMON: dict = dict(k=10, clip_norm=1.0, seed=0, siss_lambda=0.5)
 
 DEFAULT_PRESET = "mnist"
 DEFAULTS: dict = {**COMMON, **PRESETS[DEFAULT_PRESET]}
+
+
+def preset_for(backend: Backend) -> str:
+    """The published settings closest to a model: 'sd' for latent models, else by image size."""
+    if backend.family == "latent":
+        return "sd"
+    if backend.channels == 1 and backend.image_size <= 32:
+        return "mnist"
+    return "cifar" if backend.image_size <= 64 else "celeba"

@@ -75,7 +75,7 @@ def describe_machine(device: str = "cpu") -> str:
     import torch
 
     if device == "auto":
-        from .engine import resolve_device
+        from .devices import resolve_device
 
         device = resolve_device(device)
     if device.startswith("cuda"):

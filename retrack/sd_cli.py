@@ -107,7 +107,7 @@ def add_sd_commands(subparsers) -> None:
 
 def _load(model: str, device: str):
     from .backends import load_backend
-    from .engine import resolve_device
+    from .devices import resolve_device
 
     backend = load_backend(model, device=resolve_device(device))
     if backend.family != "latent":
@@ -116,7 +116,7 @@ def _load(model: str, device: str):
 
 
 def _scorer(args: argparse.Namespace):
-    from .engine import resolve_device
+    from .devices import resolve_device
     from .metrics import ClipScorer
 
     return ClipScorer.load(args.clip, args.clip_pretrained, device=resolve_device(args.device))

@@ -33,9 +33,11 @@ import torch
 from torch import Tensor
 
 from .backends.latent import LatentBackend
-from .engine import UnlearnConfig, UnlearnResult, check_request, unlearn
+from .checks import check_request
+from .engine import UnlearnConfig, unlearn
 from .evaluation import Evaluation, OracleLevels, Reference, SamplerSettings, evaluate, evaluate_samples
 from .images import tensor_to_pil
+from .reports import UnlearnResult
 from .sampling import Samples, image_grid, sample
 
 MIN_GENERATIONS = 4  # two clusters need a few members each to say which one is tighter
@@ -252,7 +254,7 @@ def unlearn_prompt(
     """Step 5: encode both image sets to latents and run the shared engine with every row
     conditioned on `prompt` (the original prompt, or a modified one the user chose).
 
-    The request is checked by the engine's one check (`engine.check_request`: settings, set
+    The request is checked by the one check (`checks.check_request`: settings, set
     sizes, K) before the images are encoded. `engine_kwargs` go to `engine.unlearn` (on_step,
     cancel, knn_cache, ...).
     """

@@ -38,11 +38,11 @@ import torch
 from torch import Tensor
 
 from .backends.base import Backend
-from .engine import StepEvent
 from .evaluation import (
     DDIM, PAPER, Reference, Return, SamplerSettings, at_oracle_level, evaluate,
     noise_and_denoise_return, quality_figure,
 )
+from .reports import StepEvent
 
 CHECK_EVERY = 10  # steps between checks
 CHECK_SAMPLES = 256  # samples per sampler and check

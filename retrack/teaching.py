@@ -24,7 +24,7 @@ from torch import Tensor
 from .evaluation import EvalSettings
 from .backends import load_backend
 from .backends.base import Backend
-from .engine import resolve_device
+from .devices import resolve_device
 from .forget_set import ForgetSet, build_forget_set, gallery_items
 from .images import uint8_to_tensor
 from .likelihood import LikelihoodRow, NLLSettings, model_likelihoods

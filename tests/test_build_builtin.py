@@ -156,8 +156,8 @@ def test_augmented_batch_degrades_digits_and_tshirts_within_the_pixel_range(buil
 
 
 def test_card_counts_read_as_count_of_samples_with_the_wilson_interval(build_builtin):
-    from builtin_build.cards import _count
+    from builtin_build.cards import format_count
 
     from retrack.metrics import wilson_interval
 
-    assert _count(52, 5000, wilson_interval(52, 5000)) == "52 of 5,000 (1.04 %, 95 % CI 0.79–1.36 %)"
+    assert format_count(52, 5000, wilson_interval(52, 5000)) == "52 of 5,000 (1.04 %, 95 % CI 0.79–1.36 %)"

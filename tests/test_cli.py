@@ -96,9 +96,9 @@ def test_stable_diffusion_images_are_encoded_on_the_training_device(tiny_sd_mode
     (it used to encode on the CPU and move only the UNet). No GPU here, so the training device
     is made PyTorch's 'meta' device, which no CPU-only path can reach by accident: the VAE must
     encode there. (On a GPU machine the next test checks the same with the real device.)"""
-    import retrack.engine
+    import retrack.devices
 
-    monkeypatch.setattr(retrack.engine, "training_device", lambda requested: "meta")
+    monkeypatch.setattr(retrack.devices, "training_device", lambda requested: "meta")
     seen = []
     record_vae_device(monkeypatch, seen, stop=True)
     with pytest.raises(EncodedHere):

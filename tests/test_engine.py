@@ -12,10 +12,10 @@ from sd_fixtures import one_thread  # noqa: F401  (fixture)
 
 from retrack import objectives
 from retrack.backends import load_backend
-from retrack.engine import (
-    MAX_OVERFLOWS_IN_A_ROW, Cancelled, Diverged, UnlearnConfig, combine_in_scaler_units, resolve_precision, save_model,
-    unlearn,
-)
+from retrack.devices import resolve_precision
+from retrack.engine import MAX_OVERFLOWS_IN_A_ROW, UnlearnConfig, save_model, unlearn
+from retrack.errors import Cancelled, Diverged
+from retrack.gradients import combine_in_scaler_units
 
 
 def folder_digest(path: Path) -> dict:

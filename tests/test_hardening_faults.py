@@ -22,7 +22,8 @@ from helpers import folder_digest
 from retrack.evaluation import EvalSettings
 from retrack.backends import PixelBackend, load_backend
 from retrack.cli import main
-from retrack.engine import OutOfMemory, UnlearnConfig, is_out_of_memory, save_model, unlearn
+from retrack.engine import UnlearnConfig, save_model, unlearn
+from retrack.errors import OutOfMemory, is_out_of_memory
 from retrack.forget_set import build_forget_set
 from retrack.jobs import Job
 from retrack.models import open_model

@@ -125,7 +125,7 @@ def test_the_retrack_loss_is_one_function_for_both_families(backend, tiny_sd_mod
     with torch.no_grad():
         terms = objectives.retrack(recording, objectives.Batch(**{**vars(batch), **per_row}),
                                    backend.schedule, torch.Generator().manual_seed(0), params)
-    # One call per branch on the CPU (objectives._predict); joined, they are the fused call's rows.
+    # One call per branch on the CPU (objectives.predict_noise); joined, they are the fused call's rows.
     x_t, t, eps_pred = (torch.cat(parts) for parts in zip(*calls))
     abar = backend.scheduler.alphas_cumprod[t].double().view(-1, 1, 1, 1)
     gamma, sigma = abar.sqrt(), (1 - abar).sqrt()

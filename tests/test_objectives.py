@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from retrack.objectives import (
-    METHODS, Batch, NoiseSchedule, Params, _predict, erasediff, erasediff_combine, neggrad, retrack, retrack_targets,
+    METHODS, Batch, NoiseSchedule, Params, erasediff, erasediff_combine, neggrad, predict_noise, retrack, retrack_targets,
     retrack_unlearn_loss, siss, siss_combine, siss_weights, sum_sq, vanilla,
 )
 
@@ -145,8 +145,8 @@ def test_retrack_objective_matches_formula_with_independent_branches():
 def test_fused_prediction_equals_one_call_per_group():
     net = Recorder()
     xs, ts = [torch.randn(3, 1, 2, 2), torch.randn(2, 1, 2, 2)], [torch.tensor([1, 2, 3]), torch.tensor([4, 5])]
-    fused = _predict(net, xs, ts, [None, None], fuse=True)
-    separate = _predict(net, xs, ts, [None, None], fuse=False)
+    fused = predict_noise(net, xs, ts, [None, None], fuse=True)
+    separate = predict_noise(net, xs, ts, [None, None], fuse=False)
     assert len(net.calls) == 3  # one fused call, then one per group
     for a, b in zip(fused, separate):
         torch.testing.assert_close(a, b)

@@ -79,7 +79,8 @@ def serves_the_page(url: str) -> None:
 @pytest.mark.parametrize("on_gpu", [False, True])
 def test_every_published_preset_fits_the_space_limits(on_gpu):
     import app
-    from retrack.engine import PRESETS, UnlearnConfig
+    from retrack.engine import UnlearnConfig
+    from retrack.presets import PRESETS
 
     settings = app.AppSettings(limits=app.SpaceLimits.for_hardware(on_gpu))
     for preset in PRESETS:

@@ -28,7 +28,7 @@ def test_the_engine_stops_where_until_says():
     assert [e.step for e in result.events] == [1, 2] and result.metadata()["steps_done"] == 2
 
 
-class Step:  # the two fields a check reads of an engine.StepEvent
+class Step:  # the two fields a check reads of a reports.StepEvent
     def __init__(self, step, steps=10, seconds=1.0):
         self.step, self.steps, self.seconds = step, steps, seconds
 

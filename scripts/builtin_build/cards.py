@@ -158,9 +158,10 @@ def _by_sampler_lines(evaluation: dict) -> list[str]:
     for key, record in evaluation["by_sampler"].items():
         quality = record["quality"]
         names = {"l2": f"L2 < {record['thresholds']['l2']:g}", "clip": "CLIP", "classifier": "classifier"}
+        counts = (f"{names.get(name, name)}: {format_count(count, record['samples'], record['intervals'][name])}"
+                  for name, count in record["counts"].items())
         lines.append(f"- **{SAMPLER_NAMES.get(key, key)}**, {record['sampler']} ({record['sampling_seconds']} s): "
-                     + "; ".join(f"{names.get(name, name)}: {_count(count, record['samples'], record['intervals'][name])}"
-                                 for name, count in record["counts"].items())
+                     + "; ".join(counts)
                      + (f"; confident digits {quality['confident_digit_rate']:.1%}, digit Inception Score "
                         f"{_fmt(quality.get('digit_inception_score'))}, FD {_fmt(quality.get('classifier_fd'))}"
                         if "confident_digit_rate" in quality else "") + ".")
@@ -174,7 +175,7 @@ def _by_sampler_lines(evaluation: dict) -> list[str]:
     return lines + [""]
 
 
-def _count(count: int, n: int, interval: list[float]) -> str:
+def format_count(count: int, n: int, interval: list[float]) -> str:
     """'52 of 5,000 (1.04 %, 95 % CI 0.79–1.36 %)'."""
     return f"{count:,} of {n:,} ({100 * count / n:.2f} %, 95 % CI {100 * interval[0]:.2f}–{100 * interval[1]:.2f} %)"
 
