@@ -1,4 +1,4 @@
-"""Image data for retrack: the built-in digits + T-shirt datasets and loaders for user data.
+"""Image data for retrack: the built-in digits + T-shirt datasets and a reader for MNIST's IDX files.
 
 The built-in offline setting mirrors the paper's "MNIST T-shirt" benchmark: a 28x28 grey-scale
 set of handwritten digits with a few % exact copies of ONE T-shirt image mixed in. A DDPM
@@ -24,8 +24,8 @@ Setting v1's arrays are cached under ``~/.cache/retrack/`` (or ``$RETRACK_CACHE`
 the parameters and ``DATASET_VERSION``; bump the version whenever the generation changes. (v2
 takes about two seconds and is not cached.)
 
-For real data, ``load_mnist_idx`` reads MNIST / Fashion-MNIST IDX files (optionally gzipped) and
-``load_image_folder`` reads a folder of image files; both return uint8 arrays.
+For real data, ``load_mnist_idx`` reads MNIST / Fashion-MNIST IDX files (optionally gzipped) into
+uint8 arrays; a folder of image files is read by ``images.load_image_folder``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,6 @@ _HANDWRITTEN_CONTRAST = 1.5
 _MAX_ROTATION_DEG = 10.0
 _SCALE_RANGE = (0.9, 1.1)
 _MAX_SHIFT_PX = 2.0
-_IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
 @dataclass
@@ -464,7 +463,7 @@ def dataset_fingerprint(images: np.ndarray) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Loaders for real data
+# Loading MNIST's IDX files
 # --------------------------------------------------------------------------------------------
 
 # IDX type codes (third magic byte) -> big-endian numpy dtype.
@@ -522,35 +521,3 @@ def load_mnist_idx(images_path: str | Path,
     if len(labels) != len(images):
         raise ValueError(f"{labels_path}: {len(labels)} labels for {len(images)} images")
     return images, labels.astype(np.int64)
-
-
-def load_image_folder(path: str | Path, size: int | tuple[int, int] | None = None,
-                      mode: str = "L") -> np.ndarray:
-    """Load every image file in a folder (sorted by name) as one uint8 array.
-
-    ``mode`` is a PIL mode ("L" gives (N, H, W), "RGB" gives (N, H, W, 3)). ``size`` (an int for
-    square, or (width, height)) resizes every image; without it all images must share a size.
-    Raises ValueError for a missing folder, no images, an unreadable file or mixed sizes.
-    """
-    folder = Path(path)
-    if not folder.is_dir():
-        raise ValueError(f"not a folder: {folder}")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in _IMAGE_SUFFIXES)
-    if not files:
-        raise ValueError(f"no image files ({', '.join(sorted(_IMAGE_SUFFIXES))}) in {folder}")
-    target = (size, size) if isinstance(size, int) else size
-
-    arrays = []
-    for file in files:
-        try:
-            with Image.open(file) as image:
-                image = image.convert(mode)
-                if target is not None and image.size != tuple(target):
-                    image = image.resize(tuple(target), Image.Resampling.BICUBIC)
-                arrays.append(np.asarray(image, dtype=np.uint8))
-        except (OSError, ValueError) as err:
-            raise ValueError(f"cannot read image {file}: {err}") from err
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ValueError(f"images in {folder} have different sizes {sorted(shapes)}; pass size= to resize them")
-    return np.stack(arrays)

@@ -339,6 +339,9 @@ def frechet_distance(feats_a: np.ndarray, feats_b: np.ndarray) -> float:
     Σ sqrt(eig(√Σa Σb √Σa)) on symmetric matrices with negative round-off eigenvalues clipped,
     which stays finite when there are fewer samples than dimensions (singular covariances).
     Pass the features of non-memorised samples, as the paper does for FID.
+    Hand-written rather than torchmetrics' `FrechetInceptionDistance` (the official code's): that
+    computes the same formula but accumulates images through a feature network, while the features
+    here are computed (and the retain side cached) already, and it would add two dependencies.
     """
     a = np.asarray(feats_a, dtype=np.float64)
     b = np.asarray(feats_b, dtype=np.float64)

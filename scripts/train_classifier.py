@@ -41,6 +41,7 @@ from retrack.classifier import DEFAULT_CONFIG, DigitClassifier, DigitTshirtNet  
 from retrack.data import (CLASS_NAMES, CLASSIFIER_HELD_OUT_PER_CLASS, TSHIRT_LABEL, classifier_held_out,  # noqa: E402
                           draw_tshirt, mnist_digits)
 from retrack.images import to_unit_nchw  # noqa: E402
+from retrack.runrecord import describe_machine, script_command  # noqa: E402
 
 # The copies the card reports: blurred and faded versions of the exact T-shirt.
 EVAL_BLUR_SIGMAS = (0.5, 1.0, 1.5, 2.0)
@@ -118,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
         "steps": args.steps, "batch": f"{DIGITS_PER_BATCH} digits + {TSHIRTS_PER_BATCH} T-shirts",
         "optimizer": {"name": "AdamW", "peak_lr": args.lr, "weight_decay": 1e-4, "schedule": "one-cycle (cosine)"},
         "seed": args.seed, "wall_seconds": round(seconds, 1),
-        "device": f"CPU ({platform.machine()}, threads: {torch.get_num_threads()})",
+        "device": describe_machine("cpu"),
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "command": " ".join(["python", "scripts/train_classifier.py"] + (argv if argv is not None else sys.argv[1:])),
+        "command": script_command(__file__, argv),
         "evaluation": result,
         "parameters": sum(p.numel() for p in net.parameters()),
     }

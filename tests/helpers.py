@@ -1,6 +1,6 @@
-"""Helpers shared by the tests that drive a real app server with gradio_client (test_app.py,
-test_load.py, test_space.py, test_browser.py) and the ones that check folders on disk. Plain functions,
-no fixtures."""
+"""Helpers shared by the tests (plain functions, no fixtures): the repository root, free ports,
+digests of folders on disk, and driving a real app server with gradio_client (test_app.py,
+test_load.py, test_space.py, test_browser.py)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,19 @@
-"""Shared fixtures of the Stable Diffusion tests (imported by test_latent/test_split/test_multiprocess).
+"""Shared fixtures and helpers of the Stable Diffusion tests (imported by test_latent, test_split,
+test_multiprocess, test_cli and test_engine).
 
 The tiny random pipeline is built and saved once per test session; tests load it read-only.
 """
 
-import hashlib
 from pathlib import Path
 
 import pytest
 import torch
 
+from retrack.engine import UnlearnConfig
+from retrack.images import tensor_to_pil
 from retrack.testing import build_tiny_clip, build_tiny_sd_pipeline
 
 TINY_IMAGE_SIZE = 32  # latents 4 x 4 x 4: each UNet call is a few milliseconds on a CPU
-
-
-def folder_digest(path: Path) -> dict:
-    """sha256 of every file under a folder, by relative path."""
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 def random_images(n: int, seed: int, size: int = TINY_IMAGE_SIZE) -> torch.Tensor:
@@ -24,6 +21,19 @@ def random_images(n: int, seed: int, size: int = TINY_IMAGE_SIZE) -> torch.Tenso
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(n, 3, 4, 4, generator=g) * 2 - 1
     return torch.nn.functional.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def write_images(folder: Path, n: int, seed: int) -> Path:
+    """A new folder of n random_images as 0.png, 1.png, ..."""
+    folder.mkdir(parents=True)
+    for i, picture in enumerate(tensor_to_pil(random_images(n, seed))):
+        picture.save(folder / f"{i}.png")
+    return folder
+
+
+def quick_config(**overrides) -> UnlearnConfig:
+    """The SD preset, shortened: 2 steps of 2 micro-batches, a learning rate that moves weights."""
+    return UnlearnConfig.preset("sd", **{**dict(k=3, steps=2, grad_accum=2, lr=1e-3, device="cpu"), **overrides})
 
 
 @pytest.fixture

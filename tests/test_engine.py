@@ -1,6 +1,5 @@
 """The training loop on a tiny random UNet2DModel: every method, events, cancel, NaN, saving."""
 
-import hashlib
 import math
 import threading
 from pathlib import Path
@@ -8,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import DDPMPipeline
+from helpers import folder_digest
 from sd_fixtures import one_thread  # noqa: F401  (fixture)
 
 from retrack import objectives
@@ -16,10 +16,6 @@ from retrack.devices import resolve_precision
 from retrack.engine import MAX_OVERFLOWS_IN_A_ROW, UnlearnConfig, save_model, unlearn
 from retrack.errors import Cancelled, Diverged
 from retrack.gradients import combine_in_scaler_units
-
-
-def folder_digest(path: Path) -> dict:
-    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture

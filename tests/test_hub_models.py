@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 from PIL import Image
 
 from retrack.cli import main
 from retrack.hub_configs import HUB_PIXEL_MODELS, hub_pixel_model
 from retrack.presets import PRESETS
 
-REPO = Path(__file__).resolve().parent.parent
 CIFAR, CELEBA = HUB_PIXEL_MODELS["google/ddpm-cifar10-32"], HUB_PIXEL_MODELS["google/ddpm-ema-celebahq-256"]
 
 

@@ -8,12 +8,13 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DModel
 from safetensors.torch import load_file
-from sd_fixtures import folder_digest, one_thread, random_images, tiny_sd_download, tiny_sd_model  # noqa: F401  (fixtures)
+from helpers import folder_digest
+from sd_fixtures import one_thread, quick_config, random_images, tiny_sd_download, tiny_sd_model  # noqa: F401  (fixtures)
 
 from retrack import objectives
 from retrack.backends import PixelBackend, load_backend, model_family
 from retrack.backends.latent import LORA_REFERENCE_FILE, LORA_WEIGHTS_FILE, LatentBackend
-from retrack.engine import UnlearnConfig, save_model
+from retrack.engine import save_model
 from retrack.sampling import initial_noise, sample
 from retrack.split import unlearn_prompt
 from retrack.testing import build_tiny_sd_pipeline
@@ -21,11 +22,6 @@ from retrack.testing import build_tiny_sd_pipeline
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 PROMPT = "a painting of a lighthouse at dusk"
-
-
-def quick_config(**overrides) -> UnlearnConfig:
-    """The SD preset, shortened: 2 steps of 2 micro-batches, a learning rate that moves weights."""
-    return UnlearnConfig.preset("sd", **{**dict(k=3, steps=2, grad_accum=2, lr=1e-3, device="cpu"), **overrides})
 
 
 def unet_weights(backend: LatentBackend) -> dict:

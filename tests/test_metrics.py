@@ -32,6 +32,18 @@ def test_frechet_distance_closed_forms():
     assert frechet_distance(wide, narrow) == pytest.approx(4 * (2.0 - 1.0) ** 2, rel=0.05)
 
 
+def test_frechet_distance_of_diagonal_gaussians_is_exact():
+    # Samples whitened to mean exactly 0 and covariance exactly I, then scaled and shifted: their
+    # fitted Gaussians are N(μ, diag(σ²)) exactly, and FD = ‖μa − μb‖² + Σ (σa − σb)².
+    noise = np.random.default_rng(0).normal(size=(500, 4))
+    noise -= noise.mean(axis=0)
+    noise = noise @ np.linalg.inv(np.linalg.cholesky(np.cov(noise, rowvar=False))).T
+    mean_a, sigma_a = np.array([0.0, 1.0, -2.0, 0.5]), np.array([1.0, 2.0, 0.5, 3.0])
+    mean_b, sigma_b = np.array([1.0, 1.0, 0.0, -0.5]), np.array([2.0, 0.5, 0.5, 1.0])
+    expected = ((mean_a - mean_b) ** 2).sum() + ((sigma_a - sigma_b) ** 2).sum()
+    assert frechet_distance(mean_a + noise * sigma_a, mean_b + noise[::-1] * sigma_b) == pytest.approx(expected, rel=1e-9)
+
+
 def test_frechet_distance_fewer_samples_than_dimensions():
     rng = np.random.default_rng(0)
     distance = frechet_distance(rng.normal(size=(5, 64)), rng.normal(size=(7, 64)))

@@ -13,32 +13,16 @@ processes talk over gloo, started by either of accelerate's launchers:
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from diffusers import UNet2DConditionModel
-from sd_fixtures import random_images, tiny_sd_model  # noqa: F401  (fixture)
+from helpers import REPO, free_port
+from sd_fixtures import tiny_sd_model, write_images  # noqa: F401  (fixture)
 
 from retrack.engine import weights_digest
-from retrack.images import tensor_to_pil
-
-REPO = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def write_images(folder: Path, n: int, seed: int) -> Path:
-    folder.mkdir(parents=True)
-    for i, picture in enumerate(tensor_to_pil(random_images(n, seed))):
-        picture.save(folder / f"{i}.png")
-    return folder
 
 
 def launcher_arguments(launcher: str, tmp_path: Path) -> tuple[list[str], dict[str, str]]:

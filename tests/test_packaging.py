@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 # What `pip install .` reads from the checkout: pyproject.toml and the files it names.
 BUILD_INPUTS = ["pyproject.toml", "README.md", "LICENSE", "requirements.txt", "requirements-test.txt", "retrack", "assets"]
 # Imported when present, not a dependency: Hugging Face's ZeroGPU package (ui/settings.py).

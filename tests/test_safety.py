@@ -16,13 +16,12 @@ from pathlib import Path
 import pytest
 from diffusers import DDPMPipeline
 
-from helpers import free_port
+from helpers import REPO, free_port
 from retrack import paths
 from retrack.backends import load_backend
 from retrack.cli import main
 from retrack.metrics import ClipScorer
 
-REPO = Path(__file__).resolve().parent.parent
 SOURCES = sorted([*REPO.glob("retrack/**/*.py"), REPO / "app.py", *REPO.glob("ui/*.py"), *REPO.glob("scripts/*.py"),
                   *REPO.glob("benchmarks/*.py")])
 

@@ -14,8 +14,8 @@ import importlib
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = sorted([*REPO.glob("benchmarks/*.py"), *REPO.glob("scripts/**/*.py")])
 
 

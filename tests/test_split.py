@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
-from sd_fixtures import one_thread, tiny_clip, tiny_sd_model  # noqa: F401  (fixtures)
+from sd_fixtures import one_thread, quick_config, tiny_clip, tiny_sd_model  # noqa: F401  (fixtures)
 
 from retrack.backends.latent import LatentBackend
-from retrack.engine import UnlearnConfig, save_model
+from retrack.engine import save_model
 from retrack.images import list_image_files, load_images
 from retrack.metrics import ClipScorer, calibrate_threshold
 from retrack.neighbours import knn
@@ -108,10 +108,6 @@ def test_generation_is_seeded_per_image(tiny_sd_model):
     assert not torch.allclose(first.images[0], first.images[1])
     with pytest.raises(ValueError, match="empty"):
         generate(backend, "  ", n=4)
-
-
-def quick_config(**overrides) -> UnlearnConfig:
-    return UnlearnConfig.preset("sd", **{**dict(k=3, steps=2, grad_accum=2, lr=1e-3, device="cpu"), **overrides})
 
 
 # A random CLIP cannot tell copies from other images; calibrate_threshold rightly says so.

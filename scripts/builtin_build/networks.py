@@ -4,12 +4,13 @@ which repeats that measurement on the build machine's CPU (the cards cite it).""
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from retrack.runrecord import cpu_model
 
 from .runtime import log, write_json
 
@@ -84,7 +85,7 @@ def measure_cpu_step_time(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(2)
     result = {"what": "one training step (forward + backward + AdamW), batch 256, float32, 2 threads",
-              "cpu": platform.processor() or platform.machine(), "torch": torch.__version__}
+              "cpu": cpu_model(), "torch": torch.__version__}
     for name, config in (("chosen_config", UNET_CONFIG), ("issue_config", ISSUE_UNET_CONFIG)):
         unet = UNet2DModel(**config)
         optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-4)

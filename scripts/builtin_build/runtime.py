@@ -7,12 +7,12 @@ import argparse
 import json
 import os
 import platform
-import sys
 from pathlib import Path
 
 import torch
 
 from retrack.atomic import write_file_atomically
+from retrack.runrecord import script_command
 
 
 def pick_device(requested: str | None) -> torch.device:
@@ -23,12 +23,6 @@ def pick_device(requested: str | None) -> torch.device:
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     return device
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, threads: {torch.get_num_threads()})"
 
 
 def uses_bf16(args: argparse.Namespace, device: torch.device) -> bool:
@@ -59,7 +53,7 @@ def versions() -> dict:
 
 def build_command() -> str:
     """The command that started this build (the parent's, when run as a part of --what all)."""
-    return os.environ.get("RETRACK_BUILD_COMMAND") or " ".join(["python", "scripts/build_builtin.py"] + sys.argv[1:])
+    return os.environ.get("RETRACK_BUILD_COMMAND") or script_command("scripts/build_builtin.py")
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -13,12 +13,13 @@ import torch
 from retrack.atomic import write_folder_atomically
 from retrack.data import CLASS_NAMES, TSHIRT_LABEL, BuiltinDataset
 from retrack.images import uint8_to_tensor
+from retrack.runrecord import describe_machine
 
 from .augment import DIGITS_PER_BATCH, TSHIRTS_PER_BATCH, augmented_batch
 from .cards import write_card
 from .data import dataset_description
 from .networks import CLIP_CONFIG, CLIP_PREPROCESS
-from .runtime import device_name, fused, log, uses_bf16, write_json
+from .runtime import fused, log, uses_bf16, write_json
 from .training import run_training
 
 # Templates every class shares (so zero-shot prompts like "a photo of a {}." work) ...
@@ -63,7 +64,7 @@ def train_clip(args: argparse.Namespace, dataset: BuiltinDataset, device: torch.
     n_params = sum(p.numel() for p in model.parameters())
     batch = DIGITS_PER_BATCH + TSHIRTS_PER_BATCH if args.clip_augment else args.batch
     log(part, f"{len(data)} images, {len(tokens)} captions, {n_params:,} parameters, batch {batch}, "
-              f"device {device_name(device)}")
+              f"device {describe_machine(str(device))}")
     labels = torch.from_numpy(dataset.labels).to(device)
     loss = (augmented_clip_loss(model, args, device, dataset, tokens, len(captions[0])) if args.clip_augment
             else clip_loss(model, args, device, data, labels, tokens, len(captions[0])))

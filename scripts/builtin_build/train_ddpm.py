@@ -25,11 +25,12 @@ from retrack.backends.pixel import PixelBackend
 from retrack.data import BuiltinDataset
 from retrack.engine import save_model
 from retrack.images import uint8_to_tensor
+from retrack.runrecord import describe_machine
 
 from .cards import write_card
 from .data import dataset_description
 from .networks import NUM_TRAIN_TIMESTEPS, unet_config
-from .runtime import device_name, fused, log, uses_bf16
+from .runtime import fused, log, uses_bf16
 from .training import run_training, stage_summary
 
 # File in a checkpoint folder holding everything an exact resume needs (weights, EMA, optimiser,
@@ -65,7 +66,7 @@ def train_ddpm(part: str, args: argparse.Namespace, dataset: BuiltinDataset, dev
     if checkpoint_folder and (checkpoint_folder / TRAINING_STATE).is_file():
         resume(run, checkpoint_folder, device)
     log(part, f"{len(data)} training images, {run.n_parameters:,} parameters, batch {args.batch}, "
-              f"device {device_name(device)}")
+              f"device {describe_machine(str(device))}")
 
     def describe(record: dict) -> dict:
         return training_info(run, record, dataset, len(data))

@@ -9,7 +9,9 @@ from typing import Callable
 
 import torch
 
-from .runtime import build_command, device_name, log, uses_bf16, versions
+from retrack.runrecord import describe_machine
+
+from .runtime import build_command, log, uses_bf16, versions
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -100,7 +102,7 @@ def training_record(part: str, args: argparse.Namespace, device: torch.device, p
         "batch": args.batch,
         "final_loss": progress.last_mean,
         "wall_seconds": round(progress.elapsed(), 1),
-        "device": device_name(device),
+        "device": describe_machine(str(device)),
         "precision": "bf16 autocast" if uses_bf16(args, device) else ("tf32" if device.type == "cuda" else "fp32"),
         "versions": versions(),
         "command": build_command(),
