@@ -89,3 +89,15 @@ def test_cancel_stops_the_running_method_and_skips_the_rest(tiny_app_model, tmp_
     assert final.states[0].message.startswith("Cancelled after")
     assert all(s.message == "Not run: the comparison was cancelled" for s in final.states[1:])
     assert not any((tmp_path / "app-output").glob("*/model-*"))  # nothing was saved
+
+
+def test_a_method_that_fails_does_not_stop_the_next(tiny_app_model, tmp_path):
+    run = comparison(tiny_app_model, tmp_path, ("retrack", "vanilla"), steps=1)
+
+    def fail() -> None:
+        raise ValueError("this method's settings are refused")
+
+    run.jobs[0]._work = fail  # the job's whole run, phase by phase (its errors are caught by the job)
+    final = list(run.start().watch(timeout=600))[-1]
+    assert [s.phase for s in final.states] == ["failed", "done"], final.message
+    assert final.message.splitlines()[0] == "ReTrack: Stopped: this method's settings are refused"
