@@ -6,7 +6,8 @@
     result.excess()       # the same, read against the oracle (see below)
     result.quality        # {"clip_fd": ..., "confident_digit_rate": ..., ...}
 
-What it measures, per sample (each a "distance to the forget set": lower = closer to a copy):
+What it measures, per sample (each a "distance to the forget set": lower = closer to a copy; which
+samples are copies is said once, per measure, by `retrack.copies`):
 
 * ``l2``: pixel-L2 distance (pixels in [0, 1]) to the nearest forget image. A sample is a copy
   below ``Reference.l2_threshold``: the paper's L2 < 10 on 28×28 grey images when that separates
@@ -55,6 +56,7 @@ from PIL import Image
 from torch import Tensor
 
 from . import metrics
+from .copies import CLASSIFIER_THRESHOLD, PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, pixel_copies
 from .backends.base import Backend
 from .engine import check_range
 from .presets import EVALUATION_STEPS
@@ -73,7 +75,6 @@ PAPER, DDIM = "paper", "ddim"  # the keys of the two samplers' results in every 
 DEFAULT_SAMPLER_PRECISION = "auto"
 REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
-CLASSIFIER_THRESHOLD = 0.5  # probability of the forget class above which a sample is a copy
 MAX_EVAL_SAMPLES = 1024  # an app job's before/after samples at most
 MAX_GRID_SAMPLES = 256  # samples one grid shows at most
 # The live noise-and-denoise curve (`noise_and_denoise_return`): each forget image noised to these
@@ -209,8 +210,8 @@ def l2_threshold_for(forget01: np.ndarray, retain01: np.ndarray) -> tuple[float,
     """The pixel-L2 copy threshold and its rule: the paper's 10 on 28×28 grey images when every
     retain image lies at least that far from the forget set, else the calibrated half-distance."""
     calibrated = metrics.calibrated_l2_threshold(forget01, retain01)  # half the nearest retain image's distance
-    if forget01.shape[1:] == (1, 28, 28) and 2 * calibrated >= metrics.PAPER_L2_THRESHOLD:
-        return metrics.PAPER_L2_THRESHOLD, "paper: L2 < 10 (28x28, pixels in [0, 1])"
+    if forget01.shape[1:] == (1, 28, 28) and 2 * calibrated >= PAPER_L2_THRESHOLD:
+        return PAPER_L2_THRESHOLD, "paper: L2 < 10 (28x28, pixels in [0, 1])"
     return calibrated, f"calibrated: half the distance {2 * calibrated:.3f} to the nearest retain image"
 
 
@@ -369,17 +370,17 @@ class Evaluation:
         return out
 
     def copies(self) -> dict[str, np.ndarray]:
-        """Boolean (N,) per measure: the sample counts as a copy of a forget image."""
-        out = {} if self.reference.l2_threshold is None else {"l2": self.l2 < self.reference.l2_threshold}
+        """Boolean (N,) per measure: the sample counts as a copy of a forget image (`retrack.copies`)."""
+        out = {} if self.reference.l2_threshold is None else {"l2": pixel_copies(self.l2, self.reference.l2_threshold)}
         if self.clip_similarity is not None:
-            out["clip"] = self.clip_similarity >= self.reference.clip_threshold
+            out["clip"] = clip_copies(self.clip_similarity, self.reference.clip_threshold)
         if self.forget_probability is not None:
-            out["classifier"] = self.forget_probability > CLASSIFIER_THRESHOLD
+            out["classifier"] = classifier_copies(self.forget_probability)
         return out
 
     def rates(self) -> dict[str, float]:
         """Share of copies per measure."""
-        return {name: float(flags.mean()) for name, flags in self.copies().items()}
+        return {name: copy_rate(flags) for name, flags in self.copies().items()}
 
     def counts(self) -> dict[str, int]:
         """Number of copies per measure (of `n`)."""
@@ -413,7 +414,7 @@ class Evaluation:
         model's own, where the reference has none); None without either."""
         probabilities = (classifier.probabilities(self.samples.images) if classifier is not None
                          else self.class_probabilities)
-        return None if probabilities is None else class_shares(probabilities)
+        return None if probabilities is None else metrics.class_shares(probabilities)
 
     @property
     def quality(self) -> Optional[float]:
@@ -435,7 +436,7 @@ class Evaluation:
 
     @property
     def rate(self) -> float:
-        return float(self.flags.mean())
+        return copy_rate(self.flags)
 
     def grid(self, ncol: int = 8, side: Optional[int] = DISPLAY_SIDE, limit: Optional[int] = None) -> Image.Image:
         """The first `limit` samples (all by default), captioned with seed and CLIP score; copies
@@ -465,14 +466,6 @@ class Evaluation:
             out["excess_over_oracle"] = self.excess()
             out["oracle_levels"] = dict(self.oracle.levels)
         return out
-
-
-def class_shares(probabilities: np.ndarray) -> np.ndarray:
-    """(classes,) the share of samples whose most probable class is each class, from (N, classes)
-    probabilities (a tie goes to the lower class); zeros for no samples."""
-    probabilities = np.asarray(probabilities)
-    counts = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1]).astype(np.float64)
-    return counts / max(1, len(probabilities))
 
 
 NearestRow = tuple[Optional[object], tuple[Tensor, list[str], list[bool]]]
@@ -591,7 +584,7 @@ def noise_and_denoise_return(backend: Backend, images: Tensor, threshold: Option
         result = renoise(backend, x0, t, seed=seed)
         distance = pixel_l2(result.denoised, originals)
         out[result.t] = Return(t=result.t, copies=len(originals), distance=float(distance.mean()),
-                               returned=None if threshold is None else int((distance < threshold).sum()))
+                               returned=None if threshold is None else int(pixel_copies(distance, threshold).sum()))
     return out
 
 

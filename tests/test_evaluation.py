@@ -12,7 +12,8 @@ from retrack.evaluation import (
     ORACLE_QUANTILE, EvalSettings, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
     excess_over, oracle_levels, reduce_to_side, reference_subset,
 )
-from retrack.metrics import PAPER_L2_THRESHOLD, ClipScorer
+from retrack.copies import PAPER_L2_THRESHOLD
+from retrack.metrics import ClipScorer
 from retrack.sampling import Samples
 
 

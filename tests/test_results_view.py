@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from retrack import paths
-from retrack.evaluation import Evaluation, Reference, class_shares
+from retrack.evaluation import Evaluation, Reference
+from retrack.metrics import class_shares
 from retrack.sampling import Samples
 
 
