@@ -58,7 +58,6 @@ from torch import Tensor
 from . import metrics
 from .copies import CLASSIFIER_THRESHOLD, PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, pixel_copies
 from .backends.base import Backend
-from .engine import check_range
 from .presets import EVALUATION_STEPS
 from .sampling import (
     DISPLAY_SIDE, Samples, image_grid, pixel_l2, reduce_to_side, renoise, resolve_precision, sample, save_png,
@@ -75,8 +74,6 @@ PAPER, DDIM = "paper", "ddim"  # the keys of the two samplers' results in every 
 DEFAULT_SAMPLER_PRECISION = "auto"
 REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
-MAX_EVAL_SAMPLES = 1024  # an app job's before/after samples at most
-MAX_GRID_SAMPLES = 256  # samples one grid shows at most
 # The live noise-and-denoise curve (`noise_and_denoise_return`): each forget image noised to these
 # timesteps (on the DDIM-50 grid of a 1,000-step model) with this many fixed seeds, then denoised.
 RETURN_TIMESTEPS = (240, 500)
@@ -113,75 +110,6 @@ class SamplerSettings:
         precision = self.precision if device is None else resolve_precision(self.precision, device)
         return (f"{self.sampler.upper()}, {self.steps} steps, seeds {self.seed}..{self.seed + self.n_samples - 1}"
                 + (f", {precision}" if precision != "fp32" else ""))
-
-
-@dataclass(frozen=True)
-class EvalSettings:
-    """How an app job compares "before" and "after": the same seeds, sampler (the paper's), step
-    count and prompt, and the same seeds under DDIM-50 beside it (`deterministic`); the rate on
-    `n_samples` samples, the grids showing the first `grid_samples` of them.
-    During training the live memorisation curve evaluates `live_samples` samples (seeds from
-    `seed`: few, and always the same ones) every `live_every` steps and at the last one, with the
-    evaluation's own sampler steps unless `live_steps` says otherwise; `live_every` 0 turns it off.
-    Each live point also noises every forget image to `RETURN_TIMESTEPS` with `live_return_copies`
-    fixed seeds and denoises them (`noise_and_denoise_return`; 0 copies: not done): a signal that
-    moves where a rate of a few dozen samples sits at 0.
-    (A cheaper live sampler misleads: at 10 DDIM steps the built-in model's live curve fell to 0 %
-    during a ReTrack run whose 50-step "after" rate rose from 7 % to 16 %.)"""
-
-    n_samples: int = 256
-    grid_samples: int = 64
-    seed: int = 0
-    # Steps of the evaluation sampler (the paper's): the one default, as in the benchmark. Fewer
-    # steps change the rates (benchmarks/results/eval_sampler.md, measured for DDIM), and a live or
-    # before/after reading with fewer steps than the evaluation's misled before (docs/RESULTS.md, app cost).
-    sampling_steps: int = DEFAULT_SAMPLER_STEPS
-    trajectory_points: int = 6  # predicted clean images shown in the teaching view
-    prompt: str = ""  # text-to-image models: the prompt whose memorised images are forgotten
-    guidance: float = 7.5  # text-to-image models: classifier-free guidance scale
-    live_every: int = 10
-    live_samples: int = 32
-    live_steps: Optional[int] = None  # None: the evaluation's `sampling_steps`
-    live_return_copies: int = RETURN_COPIES
-    # Also read before, after and the oracle under the second, deterministic sampler (DDIM-50) on
-    # the same seeds: on the built-in model the paper's sampler and DDIM disagree several-fold.
-    deterministic: bool = True
-    # Stop training at the first live point where the model has forgotten (`retrack.stopping`,
-    # checked on the live samples' seeds under both samplers); the run's steps are the cap.
-    until_forgotten: bool = False
-
-    def validate(self) -> None:
-        check_range("number of samples", self.n_samples, 1, MAX_EVAL_SAMPLES)
-        check_range("samples shown in the grids", self.grid_samples, 1, MAX_GRID_SAMPLES)
-        check_range("sampling steps", self.sampling_steps, 1, 1000)
-        check_range("trajectory points", self.trajectory_points, 2, 20)
-        check_range("the first sample seed", self.seed, 0, 2**32, open_high=True)
-        check_range("guidance", self.guidance, 0, 50)
-        check_range("live curve: steps between evaluations", self.live_every, 0, 10_000)
-        check_range("live curve: samples", self.live_samples, 1, MAX_GRID_SAMPLES)
-        if self.live_steps is not None:
-            check_range("live curve: sampler steps", self.live_steps, 1, 1000)
-        check_range("live curve: noisy copies of each forget image", self.live_return_copies, 0, MAX_GRID_SAMPLES)
-        if self.until_forgotten and (self.live_every < 1 or self.live_return_copies < 1):
-            raise ValueError("stop when forgotten checks at the live curve's points: it needs the live curve and "
-                             "its noise-and-denoise copies on")
-
-    def sampler_settings(self) -> SamplerSettings:
-        """The evaluation's draw: these seeds, steps and prompt with the default evaluation sampler."""
-        return SamplerSettings(n_samples=self.n_samples, seed=self.seed, steps=self.sampling_steps,
-                               prompt=self.prompt, guidance=self.guidance, batch_size=16)
-
-    def deterministic_sampler_settings(self) -> SamplerSettings:
-        """The same seeds under the second, deterministic sampler (DDIM-50)."""
-        return self.sampler_settings().deterministic()
-
-    def live_sampler_settings(self) -> SamplerSettings:
-        """The live curve's draw: the first `live_samples` seeds of the evaluation's draw."""
-        return replace(self.sampler_settings(), n_samples=self.live_samples, steps=self.live_steps or self.sampling_steps)
-
-    def live_at(self, step: int, last: int) -> bool:
-        """Whether the live curve is evaluated after training step `step` of `last`."""
-        return self.live_every > 0 and (step % self.live_every == 0 or step == last)
 
 
 def draw(backend: Backend, settings: SamplerSettings, on_batch: Optional[Callable[[int, int], None]] = None) -> Samples:

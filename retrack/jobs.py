@@ -38,10 +38,10 @@ from .engine import (
     resolve_device, save_model, unlearn,
 )
 from .evaluation import (
-    EvalSettings, Evaluation, OracleLevels, Reference, Return, SamplerSettings, draw, evaluate_samples,
-    noise_and_denoise_return,
+    Evaluation, OracleLevels, Reference, Return, SamplerSettings, draw, evaluate_samples, noise_and_denoise_return,
 )
 from .images import uint8_to_tensor
+from .job_settings import EvalSettings
 from .metrics import load_scorer
 from .models import ModelInfo, oracle_folder, own_classifier, weights_stamp
 from .objectives import METHODS

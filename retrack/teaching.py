@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .evaluation import EvalSettings
+from .job_settings import EvalSettings
 from .backends import load_backend
 from .backends.base import Backend
 from .engine import resolve_device

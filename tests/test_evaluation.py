@@ -9,10 +9,11 @@ import torch
 
 from retrack.backends import load_backend
 from retrack.evaluation import (
-    ORACLE_QUANTILE, EvalSettings, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
+    ORACLE_QUANTILE, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
     excess_over, oracle_levels, reduce_to_side, reference_subset,
 )
 from retrack.copies import PAPER_L2_THRESHOLD
+from retrack.job_settings import EvalSettings
 from retrack.metrics import ClipScorer
 from retrack.sampling import Samples
 

@@ -72,7 +72,7 @@ def test_cli_until_forgotten_records_each_check(tmp_path, capsys):
 def test_app_job_with_stop_when_forgotten_records_where_it_stopped(tiny_app_model, tmp_path):
     """The app's switch: the job checks at its live points, stops at the first that passes (or
     runs to the cap), says which in its last message and records every check in retrack.json."""
-    from retrack.evaluation import EvalSettings
+    from retrack.job_settings import EvalSettings
     from retrack.forget_set import build_forget_set
     from retrack.jobs import Job
     from retrack.models import open_model

@@ -13,7 +13,8 @@ from typing import Iterator, Optional
 
 import gradio as gr
 
-from retrack.evaluation import MAX_EVAL_SAMPLES, RETURN_TIMESTEPS, EvalSettings
+from retrack.evaluation import RETURN_TIMESTEPS
+from retrack.job_settings import MAX_EVAL_SAMPLES, EvalSettings
 from retrack.engine import UnlearnConfig
 from retrack.forget_set import build_forget_set, parse_picks
 from retrack.jobs import Job

@@ -21,7 +21,7 @@ except ImportError:
 
 from retrack import paths  # noqa: E402
 from retrack.engine import UnlearnConfig, check_range, resolve_device  # noqa: E402
-from retrack.evaluation import EvalSettings  # noqa: E402
+from retrack.job_settings import EvalSettings  # noqa: E402
 from retrack.split import default_generations  # noqa: E402
 
 
