@@ -36,7 +36,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack import metrics  # noqa: E402
 from retrack.backends import load_backend  # noqa: E402
-from retrack.evaluation import Evaluation, builtin_reference, evaluate_samples  # noqa: E402
+from retrack.builtin import builtin_reference  # noqa: E402
+from retrack.evaluation import Evaluation, evaluate_samples  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.runrecord import (  # noqa: E402
     RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,

@@ -56,10 +56,10 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
-from retrack.builtin import builtin_sets  # noqa: E402
+from retrack.builtin import builtin_reference, builtin_sets  # noqa: E402
 from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
 from retrack.evaluation import (  # noqa: E402
-    DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, OracleLevels, SamplerSettings, builtin_reference, evaluate, oracle_levels,
+    DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, OracleLevels, SamplerSettings, evaluate, oracle_levels,
     save_nearest_rows,
 )
 from retrack.neighbours import nearest_neighbours  # noqa: E402

@@ -44,11 +44,10 @@ import torch
 from .atomic import write_file_atomically
 from .backends import load_backend
 from .backends.base import Backend
-from .builtin import builtin_dataset, builtin_sets
+from .builtin import builtin_dataset, builtin_reference, builtin_sets
 from .engine import UnlearnConfig, resolve_device, unlearn
 from .evaluation import (
     DDIM, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference, SamplerSettings, at_oracle_level,
-    builtin_reference,
     evaluate, save_nearest_rows,
 )
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods

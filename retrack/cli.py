@@ -156,7 +156,8 @@ def until_forgotten(args: argparse.Namespace, backend, forget: "Tensor", retain:
     before training: the built-in reference and oracle for builtin, else thresholds calibrated
     on --retain and the --oracle given (if any)."""
     from .backends import load_backend
-    from .evaluation import Reference, builtin_reference
+    from .builtin import builtin_reference
+    from .evaluation import Reference
     from .paths import BUILTIN_ORACLE
     from .stopping import UntilForgotten
 

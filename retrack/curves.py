@@ -36,11 +36,11 @@ import numpy as np
 
 from .atomic import write_file_atomically
 from .backends import load_backend
-from .builtin import builtin_sets
+from .builtin import builtin_reference, builtin_sets
 from .engine import StepEvent, UnlearnConfig, resolve_device, unlearn
 from .evaluation import (
     DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference,
-    SamplerSettings, at_oracle_level, builtin_reference, evaluate, evaluate_samples, quality_figure, save_nearest_rows,
+    SamplerSettings, at_oracle_level, evaluate, evaluate_samples, quality_figure, save_nearest_rows,
 )
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import EVALUATION_STEPS

@@ -1,6 +1,6 @@
 """The one evaluation of memorisation and quality that the app, CLI, benchmark and model cards call.
 
-    reference = Reference.build(forget, retain, scorer=scorer, classifier=classifier)
+    reference = Reference.build(forget, retain, scorer=scorer, classifier=classifier, forget_class=10)
     result = evaluate(backend, SamplerSettings(n_samples=256, seed=0), reference, oracle=levels)
     result.rates()        # {"l2": 0.03, "clip": 0.02, "classifier": 0.04}
     result.excess()       # the same, read against the oracle (see below)
@@ -56,8 +56,9 @@ from PIL import Image
 from torch import Tensor
 
 from . import metrics
-from .copies import CLASSIFIER_THRESHOLD, PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, pixel_copies
 from .backends.base import Backend
+from .copies import CLASSIFIER_THRESHOLD, PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, pixel_copies
+from .images import unit_pixels
 from .presets import EVALUATION_STEPS
 from .sampling import (
     DISPLAY_SIDE, Samples, image_grid, pixel_l2, reduce_to_side, renoise, resolve_precision, sample, save_png,
@@ -121,11 +122,6 @@ def draw(backend: Backend, settings: SamplerSettings, on_batch: Optional[Callabl
 
 
 # ============================================================================ the reference
-def unit_pixels(images: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> float64 (N, C, H, W) in [0, 1], the pixel-L2 scale."""
-    return ((images.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).numpy().astype(np.float64)
-
-
 def reference_subset(n: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
     """Indices of the retain images features are measured on: all of them up to `size`, else a
     seeded sorted choice of `size` (one rule for the app, the benchmark and the model cards)."""
@@ -156,20 +152,22 @@ class Reference:
     forget_features: Optional[Tensor] = None  # CLIP features of the forget images
     retain_features: Optional[np.ndarray] = None  # CLIP features of the retain reference subset
     classifier: Optional[object] = None  # retrack.classifier.DigitClassifier
-    forget_class: int = 10  # the classifier's class of the forget image (the T-shirt)
+    forget_class: Optional[int] = None  # the classifier's class of the forget images (given with a classifier)
     retain_classifier_features: Optional[np.ndarray] = None
     class_names: Sequence[str] = ()  # zero-shot CLIP class score over these names, when given
     note: str = ""  # e.g. that a fallback CLIP scorer is used
 
     @classmethod
     def build(cls, forget: Tensor, retain: Tensor, scorer: Optional[metrics.ClipScorer] = None,
-              classifier=None, forget_class: int = 10, class_names: Sequence[str] = (),
+              classifier=None, forget_class: Optional[int] = None, class_names: Sequence[str] = (),
               clip_threshold: Optional[float] = None, l2_threshold: Optional[float] = None,
               note: str = "", reference_size: int = REFERENCE_SIZE) -> "Reference":
         """Calibrate every threshold (unless given) against `retain`; features are measured on
         `reference_subset(len(retain), reference_size)` of it. Images are (N, C, H, W) in [-1, 1]."""
         if len(forget) == 0:
             raise ValueError("the forget set is empty")
+        if classifier is not None and forget_class is None:
+            raise ValueError("a classifier needs the class of the forget images (forget_class)")
         if len(retain) == 0 and (scorer is None or clip_threshold is None) and l2_threshold is None:
             raise ValueError("give retain images to calibrate the thresholds from, or the thresholds")
         if l2_threshold is not None:
@@ -514,21 +512,3 @@ def noise_and_denoise_return(backend: Backend, images: Tensor, threshold: Option
         out[result.t] = Return(t=result.t, copies=len(originals), distance=float(distance.mean()),
                                returned=None if threshold is None else int(pixel_copies(distance, threshold).sum()))
     return out
-
-
-# ============================================================================ the built-in model
-def builtin_reference(device: str = "cpu", scorer: Optional[metrics.ClipScorer] = None,
-                      reference_size: int = REFERENCE_SIZE) -> Reference:
-    """The built-in digits + T-shirt reference: the T-shirt, every retain digit, the built-in CLIP
-    (or `scorer`), the project's classifier when shipped, and the digit names for the class score."""
-    from .builtin import builtin_dataset, builtin_sets
-    from .classifier import DigitClassifier
-    from .data import TSHIRT_LABEL
-    from .paths import BUILTIN_CLASSIFIER
-
-    forget, retain = builtin_sets()
-    classifier = (DigitClassifier.load(BUILTIN_CLASSIFIER, device=device)
-                  if (BUILTIN_CLASSIFIER / "model.safetensors").is_file() else None)
-    scorer = scorer or metrics.ClipScorer.load("builtin", device=device)
-    return Reference.build(forget, retain, scorer=scorer, classifier=classifier, forget_class=TSHIRT_LABEL,
-                           class_names=builtin_dataset().class_names[:TSHIRT_LABEL], reference_size=reference_size)

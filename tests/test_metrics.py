@@ -165,7 +165,7 @@ def test_builtin_clip_counts_degraded_tshirt_copies_and_no_digit():
     from torchvision.transforms.v2.functional import gaussian_blur
 
     from retrack.data import CLASS_NAMES, classifier_held_out, draw_tshirt, mnist_digits
-    from retrack.evaluation import builtin_reference
+    from retrack.builtin import builtin_reference
 
     rng = np.random.default_rng(0)
 

@@ -7,10 +7,9 @@ import json
 import pytest
 
 from retrack.backends import load_backend
-from retrack.builtin import builtin_sets
+from retrack.builtin import builtin_reference, builtin_sets
 from retrack.cli import main
 from retrack.engine import UnlearnConfig, unlearn
-from retrack.evaluation import builtin_reference
 from retrack.paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from retrack.stopping import UntilForgotten
 
