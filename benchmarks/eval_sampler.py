@@ -42,7 +42,8 @@ from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.runrecord import (  # noqa: E402
     RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
 )
-from retrack.sampling import Samples, image_grid, pixel_l2, sample, save_png  # noqa: E402
+from retrack.grids import image_grid, save_png  # noqa: E402
+from retrack.sampling import Samples, pixel_l2, sample  # noqa: E402
 
 # (sampler, steps, precision of the network call)
 SETTINGS = (("ddim", 50, "fp32"), ("ddim", 50, "bf16"), ("ddim", 25, "fp32"), ("dpm++", 10, "fp32"),

@@ -48,13 +48,13 @@ from .builtin import builtin_dataset, builtin_reference, builtin_sets
 from .engine import UnlearnConfig, resolve_device, unlearn
 from .evaluation import (
     DDIM, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference, SamplerSettings, at_oracle_level,
-    evaluate, save_nearest_rows,
+    evaluate,
 )
+from .grids import save_grid, save_nearest_rows
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import DEFAULTS, EVALUATION_STEPS, PRESETS
 from .runrecord import NOT_RECORDED, RunRecord, describe_run, write_json_and_markdown
-from .sampling import save_grid
 
 ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack", "oracle")
 

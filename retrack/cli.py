@@ -174,7 +174,8 @@ def until_forgotten(args: argparse.Namespace, backend, forget: "Tensor", retain:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .backends import load_backend
     from .engine import resolve_device
-    from .sampling import sample, save_grid
+    from .grids import save_grid
+    from .sampling import sample
 
     backend = load_backend(_model_path(args.model), device=resolve_device(args.device))
     cond = None
@@ -209,7 +210,8 @@ def teaching_images(model: str, files: Optional[Sequence[str]], backend) -> tupl
 def cmd_renoise(args: argparse.Namespace) -> int:
     from .backends import load_backend
     from .engine import resolve_device
-    from .sampling import pixel_l2, renoise, renoise_grid, save_png
+    from .grids import renoise_grid, save_png
+    from .sampling import pixel_l2, renoise
 
     device = resolve_device(args.device)
     backends = [load_backend(_model_path(name), device=device) for name in args.model]

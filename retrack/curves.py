@@ -40,8 +40,9 @@ from .builtin import builtin_reference, builtin_sets
 from .engine import StepEvent, UnlearnConfig, resolve_device, unlearn
 from .evaluation import (
     DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference,
-    SamplerSettings, at_oracle_level, evaluate, evaluate_samples, quality_figure, save_nearest_rows,
+    SamplerSettings, at_oracle_level, evaluate, evaluate_samples, quality_figure,
 )
+from .grids import save_nearest_rows
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import EVALUATION_STEPS
 from .runrecord import NOT_RECORDED, RunRecord, describe_run, write_json_and_markdown

@@ -47,12 +47,10 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from . import metrics
@@ -60,9 +58,7 @@ from .backends.base import Backend
 from .copies import CLASSIFIER_THRESHOLD, PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, pixel_copies
 from .images import unit_pixels
 from .presets import EVALUATION_STEPS
-from .sampling import (
-    DISPLAY_SIDE, Samples, image_grid, pixel_l2, reduce_to_side, renoise, resolve_precision, sample, save_png,
-)
+from .sampling import Samples, pixel_l2, renoise, resolve_precision, sample
 
 DEFAULT_SAMPLER = "ddpm"  # the paper's evaluation sampler: ancestral, as the released code's DDPMPipeline
 DEFAULT_SAMPLER_STEPS = EVALUATION_STEPS["mnist"]  # the built-in family's; `SamplerSettings.paper` picks per family
@@ -327,7 +323,7 @@ class Evaluation:
     def nearest(self, k: int = 16) -> tuple[Tensor, list[str], list[bool]]:
         """The k samples nearest the forget set by pixel L2, nearest first (tensor in [-1, 1]), with
         their distances as captions and their pixel-L2 copy flags: the grid to look at before
-        believing a rate (ghosts that no threshold counts show here)."""
+        believing a rate (ghosts that no threshold counts show here; `grids.nearest_rows_grid` draws it)."""
         order = np.argsort(self.l2, kind="stable")[:k]
         flags = self.copies().get("l2", np.zeros(self.n, dtype=bool))
         images = self.samples.images[torch.as_tensor(order)]
@@ -364,14 +360,6 @@ class Evaluation:
     def rate(self) -> float:
         return copy_rate(self.flags)
 
-    def grid(self, ncol: int = 8, side: Optional[int] = DISPLAY_SIDE, limit: Optional[int] = None) -> Image.Image:
-        """The first `limit` samples (all by default), captioned with seed and CLIP score; copies
-        framed in red. Tiles larger than `side` pixels are reduced first."""
-        shown = slice(0, limit)
-        labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds[shown], self.scores[shown])]
-        return image_grid(reduce_to_side(self.samples.images[shown], side), ncol=ncol, labels=labels,
-                          flags=self.flags[shown].tolist())
-
     def teaching_seed(self) -> tuple[int, bool]:
         """The seed whose sample is closest (CLIP) to a forget image, and whether it is a copy."""
         best = int(np.argmax(self.scores))
@@ -392,30 +380,6 @@ class Evaluation:
             out["excess_over_oracle"] = self.excess()
             out["oracle_levels"] = dict(self.oracle.levels)
         return out
-
-
-NearestRow = tuple[Optional[object], tuple[Tensor, list[str], list[bool]]]
-
-
-def nearest_rows_grid(rows: Sequence[NearestRow], side: Optional[int] = DISPLAY_SIDE) -> Optional[Image.Image]:
-    """The grid to look at before believing a rate: one row per (label, `Evaluation.nearest(k)`),
-    the samples nearest the forget set captioned with their distances (the first one "label:
-    distance" when a label is given), red where they count as pixel-L2 copies; tiles larger than
-    `side` reduced first (None: as they are). None without rows."""
-    if not rows:
-        return None
-    images = torch.cat([images for _, (images, _, _) in rows])
-    labels = [f"{label}: {d}" if i == 0 and label is not None else d
-              for label, (_, distances, _) in rows for i, d in enumerate(distances)]
-    flags = [f for _, (_, _, row_flags) in rows for f in row_flags]
-    return image_grid(reduce_to_side(images, side), ncol=max(len(row[1][1]) for row in rows), labels=labels,
-                      flags=flags)
-
-
-def save_nearest_rows(rows: Sequence[NearestRow], path: Path) -> None:
-    """`nearest_rows_grid` of `rows` at full size, written as a PNG (nothing without rows)."""
-    if rows:
-        save_png(nearest_rows_grid(rows, side=None), path)
 
 
 # ============================================================================ evaluating

@@ -164,6 +164,7 @@ def cmd_sd_eval(args: argparse.Namespace) -> int:
     from .atomic import write_file_atomically
     from .images import expand_paths, load_images
     from .metrics import calibrate_threshold
+    from .grids import samples_grid
     from .split import evaluate_prompt
 
     scorer = _scorer(args)
@@ -183,10 +184,10 @@ def cmd_sd_eval(args: argparse.Namespace) -> int:
                                      retained_images=retain, steps=args.steps, guidance=args.guidance,
                                      on_batch=_progress(Path(model).name))
         grid = out / f"{number}_{Path(model).name or 'model'}.png"
-        evaluation.grid().save(grid)
+        samples_grid(evaluation, side=None).save(grid)
         records.append({"model": str(model), "grid": str(grid), **evaluation.summary()})
-        print(f"{model}: {int(evaluation.copies.sum())}/{len(evaluation.seeds)} copies (threshold {threshold:.3f}), "
-              f"mean similarity {evaluation.similarity.mean():.3f}, text score {evaluation.text_score:.3f}, "
+        print(f"{model}: {int(evaluation.flags.sum())}/{evaluation.n} copies (threshold {threshold:.3f}), "
+              f"mean similarity {evaluation.clip_similarity.mean():.3f}, text score {evaluation.text_score:.3f}, "
               f"{'success' if evaluation.success else 'still memorised'}")
     write_file_atomically(out / "metrics.json", json.dumps(records, indent=2))
     print(f"wrote {out}/metrics.json and one grid per model")

@@ -17,7 +17,8 @@ from retrack.backends import load_backend
 from retrack.backends.pixel import PixelBackend
 from retrack.cli import main
 from retrack.evaluation import noise_and_denoise_return
-from retrack.sampling import nearest_renoise_t, pixel_l2, renoise, renoise_grid
+from retrack.grids import renoise_grid
+from retrack.sampling import nearest_renoise_t, pixel_l2, renoise
 
 
 class PointMassModel(PixelBackend):

@@ -20,7 +20,7 @@ from retrack.data import CLASS_NAMES, TSHIRT_LABEL, BuiltinDataset, build_digits
 from retrack.engine import save_model
 from retrack.evaluation import DDIM, PAPER, Evaluation, Reference, SamplerSettings, draw, evaluate_samples
 from retrack.images import uint8_to_tensor
-from retrack.sampling import save_grid
+from retrack.grids import save_grid
 
 from .cards import write_card
 from .runtime import log, write_json
