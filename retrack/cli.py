@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from . import __version__
+from .presets import GUIDANCE
 from .runrecord import add_beside_argument
 
 if TYPE_CHECKING:  # torch is imported inside the commands, so that --help answers at once
@@ -396,7 +397,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm: ancestral, the paper's evaluation sampler and the evaluation's default; ddim: "
                         "deterministic; dpm++: DPM-Solver++")
     p.add_argument("--prompt", help="text prompt (Stable Diffusion models)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (Stable Diffusion)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help=f"classifier-free guidance scale (Stable Diffusion; default {GUIDANCE})")
     p.add_argument("--ncol", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="PNG file to write")

@@ -57,7 +57,7 @@ from . import metrics
 from .backends.base import Backend
 from .copies import CLASSIFIER_THRESHOLD, PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, pixel_copies
 from .images import unit_pixels
-from .presets import EVALUATION_STEPS
+from .presets import EVALUATION_STEPS, GUIDANCE
 from .sampling import Samples, pixel_l2, renoise, resolve_precision, sample
 
 DEFAULT_SAMPLER = "ddpm"  # the paper's evaluation sampler: ancestral, as the released code's DDPMPipeline
@@ -87,7 +87,7 @@ class SamplerSettings:
     sampler: str = DEFAULT_SAMPLER
     steps: int = DEFAULT_SAMPLER_STEPS
     prompt: str = ""  # text-to-image models only
-    guidance: float = 7.5  # text-to-image models only: classifier-free guidance scale
+    guidance: float = GUIDANCE  # text-to-image models only: classifier-free guidance scale
     batch_size: int = 250
     precision: str = DEFAULT_SAMPLER_PRECISION  # of the network call: fp32, bf16 (autocast) or auto
 

@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .presets import GUIDANCE
+
 DEFAULT_CLIP = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
 
@@ -68,7 +70,7 @@ def sd_conditioning(args: argparse.Namespace, backend) -> dict:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the prompt the model memorised")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per image")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help=f"classifier-free guidance scale (default {GUIDANCE})")
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"open_clip model name or local folder (default {DEFAULT_CLIP})")
     p.add_argument("--clip-pretrained", default=DEFAULT_CLIP_PRETRAINED,
                    help="open_clip pretrained tag or checkpoint file (ignored for a local folder)")
@@ -162,9 +164,9 @@ def _indices(text: str) -> list[int]:
 
 def cmd_sd_eval(args: argparse.Namespace) -> int:
     from .atomic import write_file_atomically
+    from .grids import samples_grid
     from .images import expand_paths, load_images
     from .metrics import calibrate_threshold
-    from .grids import samples_grid
     from .split import evaluate_prompt
 
     scorer = _scorer(args)

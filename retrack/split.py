@@ -37,6 +37,7 @@ from .engine import UnlearnConfig, UnlearnResult, check_request, unlearn
 from .evaluation import Evaluation, OracleLevels, Reference, SamplerSettings, evaluate, evaluate_samples
 from .grids import image_grid
 from .images import tensor_to_pil
+from .presets import GUIDANCE
 from .sampling import Samples, sample
 
 MIN_GENERATIONS = 4  # two clusters need a few members each to say which one is tighter
@@ -65,7 +66,7 @@ def generate(
     n: int = 16,
     seed: int = 0,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float = GUIDANCE,
     batch_size: int = 8,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> Samples:
@@ -316,7 +317,7 @@ def evaluate_prompt(
     retained_images: Optional[Tensor] = None,
     n: int = 16,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float = GUIDANCE,
     batch_size: int = 8,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> PromptEvaluation:
