@@ -31,7 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.engine import UnlearnConfig  # noqa: E402
-from retrack.evaluation import EvalSettings  # noqa: E402
+from retrack.job_settings import EvalSettings  # noqa: E402
 from retrack.forget_set import build_forget_set, default_picks, parse_picks  # noqa: E402
 from retrack.jobs import Job  # noqa: E402
 from retrack.models import open_model  # noqa: E402

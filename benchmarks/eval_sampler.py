@@ -36,12 +36,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack import metrics  # noqa: E402
 from retrack.backends import load_backend  # noqa: E402
-from retrack.evaluation import Evaluation, builtin_reference, evaluate_samples  # noqa: E402
+from retrack.builtin import builtin_reference  # noqa: E402
+from retrack.evaluation import Evaluation, evaluate_samples  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.runrecord import (  # noqa: E402
     RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
 )
-from retrack.sampling import Samples, image_grid, pixel_l2, sample, save_png  # noqa: E402
+from retrack.grids import image_grid, save_png  # noqa: E402
+from retrack.sampling import Samples, pixel_l2, sample  # noqa: E402
 
 # (sampler, steps, precision of the network call)
 SETTINGS = (("ddim", 50, "fp32"), ("ddim", 50, "bf16"), ("ddim", 25, "fp32"), ("dpm++", 10, "fp32"),

@@ -32,7 +32,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
-from retrack.evaluation import SamplerSettings, builtin_reference, draw, evaluate_samples, unit_pixels  # noqa: E402
+from retrack.builtin import builtin_reference  # noqa: E402
+from retrack.evaluation import SamplerSettings, draw, evaluate_samples  # noqa: E402
+from retrack.images import unit_pixels  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.sampling import Samples  # noqa: E402
 from retrack.runrecord import (  # noqa: E402

@@ -78,7 +78,7 @@ def engine_checks() -> None:
 def app_job_checks(root: Path) -> None:
     from PIL import Image
 
-    from retrack.evaluation import EvalSettings
+    from retrack.job_settings import EvalSettings
     from retrack.forget_set import build_forget_set
     from retrack.jobs import Job
     from retrack.models import open_model

@@ -43,7 +43,7 @@ from retrack import objectives  # noqa: E402
 from retrack.backends.latent import LatentBackend  # noqa: E402
 from retrack.devices import AUTOCAST_DTYPES  # noqa: E402
 from retrack.engine import UnlearnConfig  # noqa: E402
-from retrack.presets import PRESETS  # noqa: E402
+from retrack.presets import GUIDANCE, PRESETS  # noqa: E402
 from retrack.runrecord import RunRecord, add_beside_argument, script_command, write_json_and_markdown  # noqa: E402
 from retrack.sampling import sample  # noqa: E402
 from retrack.split import unlearn_prompt  # noqa: E402
@@ -109,7 +109,7 @@ def run_once(pipeline_factory: Callable, model: str, device: str, precision: str
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
-    images = sample(backend, 2, seed=0, steps=4, cond=backend.encode_prompt([PROMPT]), guidance=7.5).images
+    images = sample(backend, 2, seed=0, steps=4, cond=backend.encode_prompt([PROMPT]), guidance=GUIDANCE).images
 
     step_seconds = [e.step_seconds for e in result.events]
     per_step = statistics.median(step_seconds[1:] or step_seconds)

@@ -34,9 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
-from retrack.builtin import builtin_sets  # noqa: E402
+from retrack.builtin import builtin_reference, builtin_sets  # noqa: E402
 from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
-from retrack.evaluation import Evaluation, SamplerSettings, builtin_reference, evaluate  # noqa: E402
+from retrack.evaluation import Evaluation, SamplerSettings, evaluate  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.presets import PRESETS  # noqa: E402
 from retrack.runrecord import (  # noqa: E402

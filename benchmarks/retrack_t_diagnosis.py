@@ -56,12 +56,12 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
-from retrack.builtin import builtin_sets  # noqa: E402
+from retrack.builtin import builtin_reference, builtin_sets  # noqa: E402
 from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
 from retrack.evaluation import (  # noqa: E402
-    DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, OracleLevels, SamplerSettings, builtin_reference, evaluate, oracle_levels,
-    save_nearest_rows,
+    DEFAULT_SAMPLER, DEFAULT_SAMPLER_STEPS, OracleLevels, SamplerSettings, evaluate, oracle_levels,
 )
+from retrack.grids import save_grid, save_nearest_rows  # noqa: E402
 from retrack.neighbours import nearest_neighbours  # noqa: E402
 from retrack.objectives import (METHODS, Batch, NoiseSchedule, Params, Terms, retrack_targets,  # noqa: E402
                                 retrack_unlearn_loss, sum_sq)
@@ -69,7 +69,6 @@ from retrack.paths import BUILTIN_MODEL, BUILTIN_ORACLE  # noqa: E402
 from retrack.runrecord import (  # noqa: E402
     RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
 )
-from retrack.sampling import save_grid  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "builtin"
 T_BINS = (0, 10, 25, 50, 100, 250, 500, 1000)  # forget-row t ranges [lo, hi) of part 1

@@ -35,9 +35,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
-from retrack.builtin import builtin_sets  # noqa: E402
+from retrack.builtin import builtin_reference, builtin_sets  # noqa: E402
 from retrack.engine import UnlearnConfig, unlearn  # noqa: E402
-from retrack.evaluation import SamplerSettings, builtin_reference, evaluate, save_nearest_rows  # noqa: E402
+from retrack.evaluation import SamplerSettings, evaluate  # noqa: E402
+from retrack.grids import save_nearest_rows  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.runrecord import (  # noqa: E402
     RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,

@@ -44,19 +44,18 @@ import torch
 from .atomic import write_file_atomically
 from .backends import load_backend
 from .backends.base import Backend
-from .builtin import builtin_dataset, builtin_sets
+from .builtin import builtin_dataset, builtin_reference, builtin_sets
 from .devices import resolve_device
 from .engine import UnlearnConfig, unlearn
 from .evaluation import (
     DDIM, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference, SamplerSettings, at_oracle_level,
-    builtin_reference,
-    evaluate, save_nearest_rows,
+    evaluate,
 )
+from .grids import save_grid, save_nearest_rows
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import DEFAULTS, EVALUATION_STEPS, PRESETS
 from .runrecord import NOT_RECORDED, RunRecord, describe_run, write_json_and_markdown
-from .sampling import save_grid
 
 ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack", "oracle")
 

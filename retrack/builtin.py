@@ -4,19 +4,25 @@ The training set is not shipped as files: `assets/builtin/dataset.json` records 
 `retrack.data` (v1: `build_digits_tshirt`, v2: `build_mnist_tshirt`) and its parameters, and
 `builtin_dataset()` rebuilds the identical set (`checked_dataset`: checked against the recorded
 fingerprint when present; the app rebuilds a model's companion dataset.json the same way).
+`builtin_reference` is what every evaluation of the built-in model compares against: the T-shirt
+as the forget image (class `data.TSHIRT_LABEL` of the project's classifier), every retain digit.
 """
 
 from __future__ import annotations
 
 import json
 from functools import lru_cache
+from typing import Optional
 
 import numpy as np
 from torch import Tensor
 
-from .data import BuiltinDataset, build_digits_tshirt, build_mnist_tshirt, dataset_fingerprint
+from .classifier import DigitClassifier
+from .data import TSHIRT_LABEL, BuiltinDataset, build_digits_tshirt, build_mnist_tshirt, dataset_fingerprint
+from .evaluation import REFERENCE_SIZE, Reference
 from .images import uint8_to_tensor
-from .paths import BUILTIN_DATASET, BUILTIN_MODEL
+from .metrics import ClipScorer
+from .paths import BUILTIN_CLASSIFIER, BUILTIN_DATASET, BUILTIN_MODEL
 
 
 def available() -> bool:
@@ -59,3 +65,15 @@ def builtin_sets() -> tuple[Tensor, Tensor]:
     dataset = builtin_dataset()
     forget = np.unique(dataset.forget_images, axis=0)
     return uint8_to_tensor(forget), uint8_to_tensor(dataset.retain_images)
+
+
+def builtin_reference(device: str = "cpu", scorer: Optional[ClipScorer] = None,
+                      reference_size: int = REFERENCE_SIZE) -> Reference:
+    """The built-in digits + T-shirt reference: the T-shirt, every retain digit, the built-in CLIP
+    (or `scorer`), the project's classifier when shipped, and the digit names for the class score."""
+    forget, retain = builtin_sets()
+    classifier = (DigitClassifier.load(BUILTIN_CLASSIFIER, device=device)
+                  if (BUILTIN_CLASSIFIER / "model.safetensors").is_file() else None)
+    scorer = scorer or ClipScorer.load("builtin", device=device)
+    return Reference.build(forget, retain, scorer=scorer, classifier=classifier, forget_class=TSHIRT_LABEL,
+                           class_names=builtin_dataset().class_names[:TSHIRT_LABEL], reference_size=reference_size)

@@ -4,7 +4,7 @@ It sorts 28x28 grey images into the ten digits and the T-shirt (class 10, ``data
 as the paper's MNIST evaluation does with its own classifier. retrack uses it for
 
 * a second T-shirt rate that also counts blurred copies and T-shirt-shaped ghosts
-  (``metrics.classifier_forget_rate``: probability of the T-shirt above 0.5), and
+  (``copies.classifier_copies``: probability of the T-shirt above 0.5), and
 * the paper's quality measures on its features: the Inception Score over the ten digit classes
   (``metrics.digit_inception_score``) and the Fréchet distance to real digits
   (``metrics.frechet_distance`` on ``DigitClassifier.features``).

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Sequence
 
 from . import __version__
+from .presets import GUIDANCE
 from .runrecord import add_beside_argument
 
 if TYPE_CHECKING:  # torch is imported inside the commands, so that --help answers at once
@@ -158,7 +159,8 @@ def until_forgotten(args: argparse.Namespace, backend, forget: "Tensor", retain:
     before training: the built-in reference and oracle for builtin, else thresholds calibrated
     on --retain and the --oracle given (if any)."""
     from .backends import load_backend
-    from .evaluation import Reference, builtin_reference
+    from .builtin import builtin_reference
+    from .evaluation import Reference
     from .paths import BUILTIN_ORACLE
     from .stopping import UntilForgotten
 
@@ -175,7 +177,8 @@ def until_forgotten(args: argparse.Namespace, backend, forget: "Tensor", retain:
 def cmd_sample(args: argparse.Namespace) -> int:
     from .backends import load_backend
     from .devices import resolve_device
-    from .sampling import sample, save_grid
+    from .grids import save_grid
+    from .sampling import sample
 
     backend = load_backend(_model_path(args.model), device=resolve_device(args.device))
     cond = None
@@ -210,7 +213,8 @@ def teaching_images(model: str, files: Optional[Sequence[str]], backend) -> tupl
 def cmd_renoise(args: argparse.Namespace) -> int:
     from .backends import load_backend
     from .devices import resolve_device
-    from .sampling import pixel_l2, renoise, renoise_grid, save_png
+    from .grids import renoise_grid, save_png
+    from .sampling import pixel_l2, renoise
 
     device = resolve_device(args.device)
     backends = [load_backend(_model_path(name), device=device) for name in args.model]
@@ -395,7 +399,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ddpm: ancestral, the paper's evaluation sampler and the evaluation's default; ddim: "
                         "deterministic; dpm++: DPM-Solver++")
     p.add_argument("--prompt", help="text prompt (Stable Diffusion models)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale (Stable Diffusion)")
+    p.add_argument("--guidance", type=float, default=GUIDANCE,
+                   help=f"classifier-free guidance scale (Stable Diffusion; default {GUIDANCE})")
     p.add_argument("--ncol", type=int, default=8)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="PNG file to write")

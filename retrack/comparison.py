@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, Optional
 
 from .engine import UnlearnConfig
-from .evaluation import EvalSettings
+from .job_settings import EvalSettings
 from .jobs import Job, JobState, watch_changes
 from .objectives import METHODS
 

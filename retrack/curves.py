@@ -36,13 +36,14 @@ import numpy as np
 
 from .atomic import write_file_atomically
 from .backends import load_backend
-from .builtin import builtin_sets
+from .builtin import builtin_reference, builtin_sets
 from .devices import resolve_device
 from .engine import UnlearnConfig, unlearn
 from .evaluation import (
     DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference,
-    SamplerSettings, at_oracle_level, builtin_reference, evaluate, evaluate_samples, quality_figure, save_nearest_rows,
+    SamplerSettings, at_oracle_level, evaluate, evaluate_samples, quality_figure,
 )
+from .grids import save_nearest_rows
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import EVALUATION_STEPS
 from .reports import StepEvent

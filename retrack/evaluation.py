@@ -1,12 +1,13 @@
 """The one evaluation of memorisation and quality that the app, CLI, benchmark and model cards call.
 
-    reference = Reference.build(forget, retain, scorer=scorer, classifier=classifier)
+    reference = Reference.build(forget, retain, scorer=scorer, classifier=classifier, forget_class=10)
     result = evaluate(backend, SamplerSettings(n_samples=256, seed=0), reference, oracle=levels)
     result.rates()        # {"l2": 0.03, "clip": 0.02, "classifier": 0.04}
     result.excess()       # the same, read against the oracle (see below)
     result.quality        # {"clip_fd": ..., "confident_digit_rate": ..., ...}
 
-What it measures, per sample (each a "distance to the forget set": lower = closer to a copy):
+What it measures, per sample (each a "distance to the forget set": lower = closer to a copy; which
+samples are copies is said once, per measure, by `retrack.copies`):
 
 * ``l2``: pixel-L2 distance (pixels in [0, 1]) to the nearest forget image. A sample is a copy
   below ``Reference.l2_threshold``: the paper's L2 < 10 on 28×28 grey images when that separates
@@ -46,21 +47,19 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from . import metrics
 from .backends.base import Backend
 from .checks import check_range
-from .presets import EVALUATION_STEPS
-from .sampling import (
-    DISPLAY_SIDE, Samples, image_grid, pixel_l2, reduce_to_side, renoise, resolve_precision, sample, save_png,
-)
+from .copies import CLASSIFIER_THRESHOLD, PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, pixel_copies
+from .images import unit_pixels
+from .presets import EVALUATION_STEPS, GUIDANCE
+from .sampling import Samples, pixel_l2, renoise, resolve_precision, sample
 
 DEFAULT_SAMPLER = "ddpm"  # the paper's evaluation sampler: ancestral, as the released code's DDPMPipeline
 DEFAULT_SAMPLER_STEPS = EVALUATION_STEPS["mnist"]  # the built-in family's; `SamplerSettings.paper` picks per family
@@ -73,9 +72,6 @@ PAPER, DDIM = "paper", "ddim"  # the keys of the two samplers' results in every 
 DEFAULT_SAMPLER_PRECISION = "auto"
 REFERENCE_SIZE = 2000  # retain images (a seeded subset of larger sets) that features are measured on
 ORACLE_QUANTILE = 0.01  # "closer than the oracle's 1 % quantile"
-CLASSIFIER_THRESHOLD = 0.5  # probability of the forget class above which a sample is a copy
-MAX_EVAL_SAMPLES = 1024  # an app job's before/after samples at most
-MAX_GRID_SAMPLES = 256  # samples one grid shows at most
 # The live noise-and-denoise curve (`noise_and_denoise_return`): each forget image noised to these
 # timesteps (on the DDIM-50 grid of a 1,000-step model) with this many fixed seeds, then denoised.
 RETURN_TIMESTEPS = (240, 500)
@@ -92,7 +88,7 @@ class SamplerSettings:
     sampler: str = DEFAULT_SAMPLER
     steps: int = DEFAULT_SAMPLER_STEPS
     prompt: str = ""  # text-to-image models only
-    guidance: float = 7.5  # text-to-image models only: classifier-free guidance scale
+    guidance: float = GUIDANCE  # text-to-image models only: classifier-free guidance scale
     batch_size: int = 250
     precision: str = DEFAULT_SAMPLER_PRECISION  # of the network call: fp32, bf16 (autocast) or auto
 
@@ -114,75 +110,6 @@ class SamplerSettings:
                 + (f", {precision}" if precision != "fp32" else ""))
 
 
-@dataclass(frozen=True)
-class EvalSettings:
-    """How an app job compares "before" and "after": the same seeds, sampler (the paper's), step
-    count and prompt, and the same seeds under DDIM-50 beside it (`deterministic`); the rate on
-    `n_samples` samples, the grids showing the first `grid_samples` of them.
-    During training the live memorisation curve evaluates `live_samples` samples (seeds from
-    `seed`: few, and always the same ones) every `live_every` steps and at the last one, with the
-    evaluation's own sampler steps unless `live_steps` says otherwise; `live_every` 0 turns it off.
-    Each live point also noises every forget image to `RETURN_TIMESTEPS` with `live_return_copies`
-    fixed seeds and denoises them (`noise_and_denoise_return`; 0 copies: not done): a signal that
-    moves where a rate of a few dozen samples sits at 0.
-    (A cheaper live sampler misleads: at 10 DDIM steps the built-in model's live curve fell to 0 %
-    during a ReTrack run whose 50-step "after" rate rose from 7 % to 16 %.)"""
-
-    n_samples: int = 256
-    grid_samples: int = 64
-    seed: int = 0
-    # Steps of the evaluation sampler (the paper's): the one default, as in the benchmark. Fewer
-    # steps change the rates (benchmarks/results/eval_sampler.md, measured for DDIM), and a live or
-    # before/after reading with fewer steps than the evaluation's misled before (docs/RESULTS.md, app cost).
-    sampling_steps: int = DEFAULT_SAMPLER_STEPS
-    trajectory_points: int = 6  # predicted clean images shown in the teaching view
-    prompt: str = ""  # text-to-image models: the prompt whose memorised images are forgotten
-    guidance: float = 7.5  # text-to-image models: classifier-free guidance scale
-    live_every: int = 10
-    live_samples: int = 32
-    live_steps: Optional[int] = None  # None: the evaluation's `sampling_steps`
-    live_return_copies: int = RETURN_COPIES
-    # Also read before, after and the oracle under the second, deterministic sampler (DDIM-50) on
-    # the same seeds: on the built-in model the paper's sampler and DDIM disagree several-fold.
-    deterministic: bool = True
-    # Stop training at the first live point where the model has forgotten (`retrack.stopping`,
-    # checked on the live samples' seeds under both samplers); the run's steps are the cap.
-    until_forgotten: bool = False
-
-    def validate(self) -> None:
-        check_range("number of samples", self.n_samples, 1, MAX_EVAL_SAMPLES)
-        check_range("samples shown in the grids", self.grid_samples, 1, MAX_GRID_SAMPLES)
-        check_range("sampling steps", self.sampling_steps, 1, 1000)
-        check_range("trajectory points", self.trajectory_points, 2, 20)
-        check_range("the first sample seed", self.seed, 0, 2**32, open_high=True)
-        check_range("guidance", self.guidance, 0, 50)
-        check_range("live curve: steps between evaluations", self.live_every, 0, 10_000)
-        check_range("live curve: samples", self.live_samples, 1, MAX_GRID_SAMPLES)
-        if self.live_steps is not None:
-            check_range("live curve: sampler steps", self.live_steps, 1, 1000)
-        check_range("live curve: noisy copies of each forget image", self.live_return_copies, 0, MAX_GRID_SAMPLES)
-        if self.until_forgotten and (self.live_every < 1 or self.live_return_copies < 1):
-            raise ValueError("stop when forgotten checks at the live curve's points: it needs the live curve and "
-                             "its noise-and-denoise copies on")
-
-    def sampler_settings(self) -> SamplerSettings:
-        """The evaluation's draw: these seeds, steps and prompt with the default evaluation sampler."""
-        return SamplerSettings(n_samples=self.n_samples, seed=self.seed, steps=self.sampling_steps,
-                               prompt=self.prompt, guidance=self.guidance, batch_size=16)
-
-    def deterministic_sampler_settings(self) -> SamplerSettings:
-        """The same seeds under the second, deterministic sampler (DDIM-50)."""
-        return self.sampler_settings().deterministic()
-
-    def live_sampler_settings(self) -> SamplerSettings:
-        """The live curve's draw: the first `live_samples` seeds of the evaluation's draw."""
-        return replace(self.sampler_settings(), n_samples=self.live_samples, steps=self.live_steps or self.sampling_steps)
-
-    def live_at(self, step: int, last: int) -> bool:
-        """Whether the live curve is evaluated after training step `step` of `last`."""
-        return self.live_every > 0 and (step % self.live_every == 0 or step == last)
-
-
 def draw(backend: Backend, settings: SamplerSettings, on_batch: Optional[Callable[[int, int], None]] = None) -> Samples:
     """The seeded samples of `settings` from a model (a prompt is encoded for text-to-image models)."""
     cond = backend.encode_prompt([settings.prompt.strip()]) if settings.prompt.strip() else None
@@ -192,11 +119,6 @@ def draw(backend: Backend, settings: SamplerSettings, on_batch: Optional[Callabl
 
 
 # ============================================================================ the reference
-def unit_pixels(images: Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> float64 (N, C, H, W) in [0, 1], the pixel-L2 scale."""
-    return ((images.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).numpy().astype(np.float64)
-
-
 def reference_subset(n: int, size: int = REFERENCE_SIZE, seed: int = 0) -> np.ndarray:
     """Indices of the retain images features are measured on: all of them up to `size`, else a
     seeded sorted choice of `size` (one rule for the app, the benchmark and the model cards)."""
@@ -209,8 +131,8 @@ def l2_threshold_for(forget01: np.ndarray, retain01: np.ndarray) -> tuple[float,
     """The pixel-L2 copy threshold and its rule: the paper's 10 on 28×28 grey images when every
     retain image lies at least that far from the forget set, else the calibrated half-distance."""
     calibrated = metrics.calibrated_l2_threshold(forget01, retain01)  # half the nearest retain image's distance
-    if forget01.shape[1:] == (1, 28, 28) and 2 * calibrated >= metrics.PAPER_L2_THRESHOLD:
-        return metrics.PAPER_L2_THRESHOLD, "paper: L2 < 10 (28x28, pixels in [0, 1])"
+    if forget01.shape[1:] == (1, 28, 28) and 2 * calibrated >= PAPER_L2_THRESHOLD:
+        return PAPER_L2_THRESHOLD, "paper: L2 < 10 (28x28, pixels in [0, 1])"
     return calibrated, f"calibrated: half the distance {2 * calibrated:.3f} to the nearest retain image"
 
 
@@ -227,20 +149,22 @@ class Reference:
     forget_features: Optional[Tensor] = None  # CLIP features of the forget images
     retain_features: Optional[np.ndarray] = None  # CLIP features of the retain reference subset
     classifier: Optional[object] = None  # retrack.classifier.DigitClassifier
-    forget_class: int = 10  # the classifier's class of the forget image (the T-shirt)
+    forget_class: Optional[int] = None  # the classifier's class of the forget images (given with a classifier)
     retain_classifier_features: Optional[np.ndarray] = None
     class_names: Sequence[str] = ()  # zero-shot CLIP class score over these names, when given
     note: str = ""  # e.g. that a fallback CLIP scorer is used
 
     @classmethod
     def build(cls, forget: Tensor, retain: Tensor, scorer: Optional[metrics.ClipScorer] = None,
-              classifier=None, forget_class: int = 10, class_names: Sequence[str] = (),
+              classifier=None, forget_class: Optional[int] = None, class_names: Sequence[str] = (),
               clip_threshold: Optional[float] = None, l2_threshold: Optional[float] = None,
               note: str = "", reference_size: int = REFERENCE_SIZE) -> "Reference":
         """Calibrate every threshold (unless given) against `retain`; features are measured on
         `reference_subset(len(retain), reference_size)` of it. Images are (N, C, H, W) in [-1, 1]."""
         if len(forget) == 0:
             raise ValueError("the forget set is empty")
+        if classifier is not None and forget_class is None:
+            raise ValueError("a classifier needs the class of the forget images (forget_class)")
         if len(retain) == 0 and (scorer is None or clip_threshold is None) and l2_threshold is None:
             raise ValueError("give retain images to calibrate the thresholds from, or the thresholds")
         if l2_threshold is not None:
@@ -369,17 +293,17 @@ class Evaluation:
         return out
 
     def copies(self) -> dict[str, np.ndarray]:
-        """Boolean (N,) per measure: the sample counts as a copy of a forget image."""
-        out = {} if self.reference.l2_threshold is None else {"l2": self.l2 < self.reference.l2_threshold}
+        """Boolean (N,) per measure: the sample counts as a copy of a forget image (`retrack.copies`)."""
+        out = {} if self.reference.l2_threshold is None else {"l2": pixel_copies(self.l2, self.reference.l2_threshold)}
         if self.clip_similarity is not None:
-            out["clip"] = self.clip_similarity >= self.reference.clip_threshold
+            out["clip"] = clip_copies(self.clip_similarity, self.reference.clip_threshold)
         if self.forget_probability is not None:
-            out["classifier"] = self.forget_probability > CLASSIFIER_THRESHOLD
+            out["classifier"] = classifier_copies(self.forget_probability)
         return out
 
     def rates(self) -> dict[str, float]:
         """Share of copies per measure."""
-        return {name: float(flags.mean()) for name, flags in self.copies().items()}
+        return {name: copy_rate(flags) for name, flags in self.copies().items()}
 
     def counts(self) -> dict[str, int]:
         """Number of copies per measure (of `n`)."""
@@ -400,7 +324,7 @@ class Evaluation:
     def nearest(self, k: int = 16) -> tuple[Tensor, list[str], list[bool]]:
         """The k samples nearest the forget set by pixel L2, nearest first (tensor in [-1, 1]), with
         their distances as captions and their pixel-L2 copy flags: the grid to look at before
-        believing a rate (ghosts that no threshold counts show here)."""
+        believing a rate (ghosts that no threshold counts show here; `grids.nearest_rows_grid` draws it)."""
         order = np.argsort(self.l2, kind="stable")[:k]
         flags = self.copies().get("l2", np.zeros(self.n, dtype=bool))
         images = self.samples.images[torch.as_tensor(order)]
@@ -413,7 +337,7 @@ class Evaluation:
         model's own, where the reference has none); None without either."""
         probabilities = (classifier.probabilities(self.samples.images) if classifier is not None
                          else self.class_probabilities)
-        return None if probabilities is None else class_shares(probabilities)
+        return None if probabilities is None else metrics.class_shares(probabilities)
 
     @property
     def quality(self) -> Optional[float]:
@@ -435,15 +359,7 @@ class Evaluation:
 
     @property
     def rate(self) -> float:
-        return float(self.flags.mean())
-
-    def grid(self, ncol: int = 8, side: Optional[int] = DISPLAY_SIDE, limit: Optional[int] = None) -> Image.Image:
-        """The first `limit` samples (all by default), captioned with seed and CLIP score; copies
-        framed in red. Tiles larger than `side` pixels are reduced first."""
-        shown = slice(0, limit)
-        labels = [f"{seed}: {score:.2f}" for seed, score in zip(self.samples.seeds[shown], self.scores[shown])]
-        return image_grid(reduce_to_side(self.samples.images[shown], side), ncol=ncol, labels=labels,
-                          flags=self.flags[shown].tolist())
+        return copy_rate(self.flags)
 
     def teaching_seed(self) -> tuple[int, bool]:
         """The seed whose sample is closest (CLIP) to a forget image, and whether it is a copy."""
@@ -465,38 +381,6 @@ class Evaluation:
             out["excess_over_oracle"] = self.excess()
             out["oracle_levels"] = dict(self.oracle.levels)
         return out
-
-
-def class_shares(probabilities: np.ndarray) -> np.ndarray:
-    """(classes,) the share of samples whose most probable class is each class, from (N, classes)
-    probabilities (a tie goes to the lower class); zeros for no samples."""
-    probabilities = np.asarray(probabilities)
-    counts = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1]).astype(np.float64)
-    return counts / max(1, len(probabilities))
-
-
-NearestRow = tuple[Optional[object], tuple[Tensor, list[str], list[bool]]]
-
-
-def nearest_rows_grid(rows: Sequence[NearestRow], side: Optional[int] = DISPLAY_SIDE) -> Optional[Image.Image]:
-    """The grid to look at before believing a rate: one row per (label, `Evaluation.nearest(k)`),
-    the samples nearest the forget set captioned with their distances (the first one "label:
-    distance" when a label is given), red where they count as pixel-L2 copies; tiles larger than
-    `side` reduced first (None: as they are). None without rows."""
-    if not rows:
-        return None
-    images = torch.cat([images for _, (images, _, _) in rows])
-    labels = [f"{label}: {d}" if i == 0 and label is not None else d
-              for label, (_, distances, _) in rows for i, d in enumerate(distances)]
-    flags = [f for _, (_, _, row_flags) in rows for f in row_flags]
-    return image_grid(reduce_to_side(images, side), ncol=max(len(row[1][1]) for row in rows), labels=labels,
-                      flags=flags)
-
-
-def save_nearest_rows(rows: Sequence[NearestRow], path: Path) -> None:
-    """`nearest_rows_grid` of `rows` at full size, written as a PNG (nothing without rows)."""
-    if rows:
-        save_png(nearest_rows_grid(rows, side=None), path)
 
 
 # ============================================================================ evaluating
@@ -591,23 +475,5 @@ def noise_and_denoise_return(backend: Backend, images: Tensor, threshold: Option
         result = renoise(backend, x0, t, seed=seed)
         distance = pixel_l2(result.denoised, originals)
         out[result.t] = Return(t=result.t, copies=len(originals), distance=float(distance.mean()),
-                               returned=None if threshold is None else int((distance < threshold).sum()))
+                               returned=None if threshold is None else int(pixel_copies(distance, threshold).sum()))
     return out
-
-
-# ============================================================================ the built-in model
-def builtin_reference(device: str = "cpu", scorer: Optional[metrics.ClipScorer] = None,
-                      reference_size: int = REFERENCE_SIZE) -> Reference:
-    """The built-in digits + T-shirt reference: the T-shirt, every retain digit, the built-in CLIP
-    (or `scorer`), the project's classifier when shipped, and the digit names for the class score."""
-    from .builtin import builtin_dataset, builtin_sets
-    from .classifier import DigitClassifier
-    from .data import TSHIRT_LABEL
-    from .paths import BUILTIN_CLASSIFIER
-
-    forget, retain = builtin_sets()
-    classifier = (DigitClassifier.load(BUILTIN_CLASSIFIER, device=device)
-                  if (BUILTIN_CLASSIFIER / "model.safetensors").is_file() else None)
-    scorer = scorer or metrics.ClipScorer.load("builtin", device=device)
-    return Reference.build(forget, retain, scorer=scorer, classifier=classifier, forget_class=TSHIRT_LABEL,
-                           class_names=builtin_dataset().class_names[:TSHIRT_LABEL], reference_size=reference_size)

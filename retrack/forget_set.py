@@ -35,6 +35,7 @@ from .devices import resolve_device
 from .images import ImageError, load_images, tensor_to_pil, tensor_to_uint8
 from .models import ModelInfo, TrainingData, oracle_folder, read_json
 from .near_duplicates import NearDuplicateIndex, NearDuplicates, duplicate_groups
+from .presets import GUIDANCE
 
 GALLERY_SIZE = 48  # training items shown to pick from
 log = logging.getLogger(__name__)
@@ -238,7 +239,7 @@ class GeneratedSplit:
 
 
 def generate_split(model: ModelInfo, prompt: str, output_root: Path, n: int = 16, seed: int = 0,
-                   steps: int = 25, guidance: float = 7.5, reference: Optional[str] = None,
+                   steps: int = 25, guidance: float = GUIDANCE, reference: Optional[str] = None,
                    on_batch: Optional[Callable[[int, int], None]] = None) -> GeneratedSplit:
     """The paper's protocol for a text-to-image model whose training data is unknown: generate n
     images of the prompt with fixed seeds, split them with 2-means on CLIP features into the

@@ -3,7 +3,8 @@
 Images enter as files, PIL images or uint8 arrays and leave as NCHW float32 tensors in [-1, 1]
 at the model's resolution and channel count (`load_images`; a folder of them, as one uint8 array:
 `load_image_folder`); tensors go back to uint8 HWC arrays for display, to 8-bit levels for the
-likelihood, and to [0, 1] for CLIP and the classifier.
+likelihood, to [0, 1] for CLIP and the classifier, and to float64 arrays in [0, 1] for the pixel-L2
+distance (`unit_pixels`).
 Every refusal is an `ImageError` whose message says which input and why.
 """
 
@@ -253,6 +254,11 @@ def tensor_to_uint8(x: Tensor) -> np.ndarray:
 def tensor_to_pil(x: Tensor) -> list[Image.Image]:
     """float (N, C, H, W) in [-1, 1] -> PIL images (grayscale for one channel)."""
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in tensor_to_uint8(x)]
+
+
+def unit_pixels(images: Tensor) -> np.ndarray:
+    """float (N, C, H, W) in [-1, 1] -> float64 (N, C, H, W) in [0, 1], the pixel-L2 scale."""
+    return ((images.detach().float().cpu().clamp(-1, 1) + 1.0) / 2.0).numpy().astype(np.float64)
 
 
 def tensor_to_levels(x: Tensor) -> Tensor:

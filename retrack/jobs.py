@@ -37,10 +37,10 @@ from .devices import describe_device, device_queue, resolve_device
 from .engine import UnlearnConfig, save_model, unlearn
 from .errors import Cancelled, Diverged, OutOfMemory, is_out_of_memory
 from .evaluation import (
-    EvalSettings, Evaluation, OracleLevels, Reference, Return, SamplerSettings, draw, evaluate_samples,
-    noise_and_denoise_return,
+    Evaluation, OracleLevels, Reference, Return, SamplerSettings, draw, evaluate_samples, noise_and_denoise_return,
 )
 from .images import uint8_to_tensor
+from .job_settings import EvalSettings
 from .metrics import load_scorer
 from .models import ModelInfo, oracle_folder, own_classifier, weights_stamp
 from .objectives import METHODS

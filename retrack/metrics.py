@@ -1,21 +1,22 @@
-"""Metrics for unlearning runs: memorisation (CLIP and pixel L2) and sample quality.
+"""The raw measures of memorisation and quality: features, distances, intervals, Fréchet distance.
+
+Whether a sample counts as a copy, given these measures and a threshold, is said in one place,
+`retrack.copies`; the evaluation (`retrack.evaluation`) combines both.
 
 Memorisation
     ``ClipScorer`` wraps any open_clip model: the tiny built-in one trained on the digits +
     T-shirt data (``assets/builtin/clip``, the offline default), a local open_clip folder, or a
     real CLIP by name and pretrained tag. ``memorisation_scores`` gives each generated sample its
-    highest cosine similarity to the forget images; ``memorisation_rate`` is the share at or
-    above a threshold, which ``calibrate_threshold`` chooses from data. The pixel criterion of
-    the paper's MNIST benchmark is ``l2_memorised`` with ``calibrated_l2_threshold``.
-
-The paper's own criterion, L2 < 10 on real MNIST, is ``paper_l2_rate``; the project's classifier
-(``retrack.classifier``) gives ``classifier_forget_rate``, which also counts blurred copies.
+    highest cosine similarity to the forget images, and ``calibrate_threshold`` chooses the CLIP
+    copy threshold from data. ``nearest_l2_distances`` is the pixel-L2 distance of the paper's
+    MNIST benchmark, with ``calibrated_l2_threshold``; ``wilson_interval`` the interval of a rate.
 
 Quality (computed, as in the paper, on the samples that are NOT memorised)
     ``frechet_distance`` between two feature sets (FID when the features are Inception's; here
     usually CLIP image features), ``inception_style_score`` exp(E KL(p(y|x) || p(y))) from class
-    probabilities (e.g. ``ClipScorer.zero_shot``), and ``class_histogram``; on the classifier,
-    ``digit_inception_score`` (the paper's MNIST IS) and ``confident_digit_rate``.
+    probabilities (e.g. ``ClipScorer.zero_shot``), and ``class_shares``; on the project's classifier
+    (``retrack.classifier``), ``digit_inception_score`` (the paper's MNIST IS) and
+    ``confident_digit_rate``.
 """
 
 from __future__ import annotations
@@ -218,12 +219,6 @@ def memorisation_scores(scorer: ClipScorer, samples, forget_images) -> np.ndarra
     return max_cosine_similarity(scorer.image_features(samples), scorer.image_features(forget_images))
 
 
-def memorisation_rate(scores: np.ndarray, threshold: float) -> float:
-    """Share of samples whose memorisation score is at or above ``threshold``."""
-    scores = np.asarray(scores)
-    return float((scores >= threshold).mean()) if scores.size else 0.0
-
-
 def calibrate_threshold(forget_features, retain_features, retain_quantile: float = 1.0) -> float:
     """Choose the CLIP memorisation threshold from data (features from ``image_features``).
 
@@ -252,7 +247,7 @@ def calibrate_threshold(forget_features, retain_features, retain_quantile: float
 
 
 # --------------------------------------------------------------------------------------------
-# Memorisation by pixel distance (the paper's MNIST T-shirt criterion)
+# Pixel distance (the paper's MNIST T-shirt measure) and rates
 # --------------------------------------------------------------------------------------------
 
 def nearest_l2_distances(images01: np.ndarray, reference01: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -272,35 +267,6 @@ def nearest_l2_distances(images01: np.ndarray, reference01: np.ndarray, chunk: i
         squared = (queries ** 2).sum(axis=1)[:, None] + reference_sq[None, start:start + chunk] - 2.0 * queries @ block.T
         nearest = np.minimum(nearest, squared.min(axis=1))
     return np.sqrt(np.maximum(nearest, 0.0))
-
-
-def l2_memorised(samples01: np.ndarray, forget01: np.ndarray, threshold: float) -> np.ndarray:
-    """Boolean (N,): the sample lies within pixel-L2 ``threshold`` of some forget image.
-
-    The paper uses threshold 10 on 28x28 images in [0, 1]; on the built-in data that does not
-    separate copies from digits, so use ``calibrated_l2_threshold``.
-    """
-    return nearest_l2_distances(samples01, forget01) < threshold
-
-
-def nearer_forget_than_retain(samples01: np.ndarray, forget01: np.ndarray, retain01: np.ndarray) -> np.ndarray:
-    """Boolean (N,): the sample's nearest image (pixel L2) among forget + retain is a forget image.
-
-    A criterion with no threshold: it also counts blurred or shifted copies that lie outside
-    ``calibrated_l2_threshold`` yet still resemble the forget image more than any retain image.
-    """
-    return nearest_l2_distances(samples01, forget01) < nearest_l2_distances(samples01, retain01)
-
-
-# The paper's MNIST criterion: a sample is a T-shirt copy when its pixel-L2 distance to the
-# T-shirt (28x28, pixels in [0, 1]) is below 10. On real MNIST digits (setting v2) the nearest
-# digit lies at 10.6, so it separates; on setting v1's fat digits it does not.
-PAPER_L2_THRESHOLD = 10.0
-
-
-def paper_l2_rate(samples01: np.ndarray, forget01: np.ndarray, threshold: float = PAPER_L2_THRESHOLD) -> float:
-    """Share of samples within pixel-L2 ``threshold`` (default the paper's 10) of a forget image."""
-    return float(l2_memorised(samples01, forget01, threshold).mean())
 
 
 def wilson_interval(count: int, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -373,25 +339,17 @@ def inception_style_score(probs: np.ndarray, eps: float = 1e-12) -> float:
     return float(np.exp(kl.mean()))
 
 
-def class_histogram(probs: np.ndarray) -> np.ndarray:
-    """Share of samples whose most probable class is each class (C,), summing to 1."""
-    probs = np.asarray(probs)
-    counts = np.bincount(probs.argmax(axis=1), minlength=probs.shape[1])
-    return counts / max(len(probs), 1)
+def class_shares(probabilities: np.ndarray) -> np.ndarray:
+    """(classes,) the share of samples whose most probable class is each class, from (N, classes)
+    probabilities (a tie goes to the lower class); zeros for no samples."""
+    probabilities = np.asarray(probabilities)
+    counts = np.bincount(probabilities.argmax(axis=1), minlength=probabilities.shape[1]).astype(np.float64)
+    return counts / max(1, len(probabilities))
 
 
 # --------------------------------------------------------------------------------------------
 # Measures on the project's digit + T-shirt classifier (retrack.classifier)
 # --------------------------------------------------------------------------------------------
-
-def classifier_forget_rate(probs: np.ndarray, forget_class: int, threshold: float = 0.5) -> float:
-    """Share of samples whose probability of ``forget_class`` (the T-shirt) exceeds ``threshold``.
-
-    Unlike a pixel distance, this also counts blurred copies and T-shirt-shaped ghosts, which a
-    classifier trained with blurred and faded T-shirts assigns to the T-shirt class.
-    """
-    return float((np.asarray(probs)[:, forget_class] > threshold).mean())
-
 
 def confident_digit_rate(probs: np.ndarray, n_digits: int = 10, threshold: float = 0.9) -> float:
     """Share of samples whose most probable class is a digit (among the first ``n_digits``

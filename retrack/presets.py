@@ -29,6 +29,10 @@ EVALUATION_STEPS: dict[str, int] = {"mnist": 50, "cifar": 1000, "celeba": 50, "s
 # The same in every family: K = 10 neighbours everywhere, SISS's mixture weight 1/2, norm clip 1.
 COMMON: dict = dict(k=10, clip_norm=1.0, seed=0, siss_lambda=0.5)
 
+# Classifier-free guidance of text-to-image sampling: Stable Diffusion's own default (diffusers'
+# StableDiffusionPipeline), which the released code samples its Stable Diffusion evaluation with.
+GUIDANCE = 7.5
+
 DEFAULT_PRESET = "mnist"
 DEFAULTS: dict = {**COMMON, **PRESETS[DEFAULT_PRESET]}
 

@@ -1,4 +1,4 @@
-"""Seeded sampling, denoising trajectories, noise-and-denoise, and image grids.
+"""Seeded sampling, denoising trajectories and noise-and-denoise (pictures of them: `retrack.grids`).
 
 Sample i always starts from the noise of `torch.Generator().manual_seed(seed + i)`, whatever the
 batch size or device, so "before" and "after" grids of an unlearning run use the same noise and
@@ -23,14 +23,10 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
-from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
-from .atomic import write_file_atomically
 from .backends.base import Backend
-from .images import tensor_to_uint8, uint8_to_tensor
 
 
 @dataclass
@@ -242,91 +238,3 @@ def renoise(backend: Backend, x0: Tensor, t: int, seed: int = 0, steps: int = 50
 def pixel_l2(a: Tensor, b: Tensor) -> Tensor:
     """Per-image L2 distance with pixels in [0, 1] (the paper's memorisation scale), (N,)."""
     return ((a.float() - b.float()) / 2).flatten(1).norm(dim=1)
-
-
-def renoise_grid(image: Tensor, rows: Sequence[Sequence[tuple[str, Renoised]]]) -> Image.Image:
-    """One row per timestep: the image, its noised version, then each model's denoised result
-    captioned with its pixel-L2 distance to the image. `image` is (1, C, H, W) in [-1, 1]; each row
-    holds (model name, Renoised of that image) pairs for one t, all from the same noise."""
-    tiles, labels = [], []
-    for row in rows:
-        t = row[0][1].t
-        tiles += [image[:1].cpu(), row[0][1].noised[:1]]
-        labels += ["image", f"noised t={t}"]
-        for name, result in row:
-            tiles.append(result.denoised[:1])
-            labels.append(f"{name[:9]} L2 {float(pixel_l2(result.denoised[:1], image[:1].cpu())[0]):.1f}")
-    return image_grid(torch.cat(tiles), ncol=2 + len(rows[0]), labels=labels)
-
-
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        from matplotlib import font_manager
-
-        return ImageFont.truetype(font_manager.findfont("DejaVu Sans"), size)
-    except Exception:
-        return ImageFont.load_default()
-
-
-def image_grid(
-    images: Union[Tensor, np.ndarray],
-    ncol: int = 8,
-    labels: Optional[Sequence[str]] = None,
-    flags: Optional[Sequence[bool]] = None,
-    scale: int = 0,
-    pad: int = 2,
-) -> Image.Image:
-    """A grid of images (tensor in [-1, 1] or uint8 NHWC) with optional captions under each tile;
-    flagged tiles get a red frame. Small images are upscaled (nearest) to about 96 px."""
-    arr = tensor_to_uint8(images) if isinstance(images, Tensor) else np.asarray(images)
-    if arr.ndim == 3:
-        arr = arr[..., None]
-    if arr.shape[-1] == 1:
-        arr = np.repeat(arr, 3, axis=-1)
-    n, h, w, _ = arr.shape
-    scale = scale or max(1, 96 // max(h, w))
-    th, tw = h * scale, w * scale
-    caption = 14 if labels is not None else 0
-    ncol = max(1, min(ncol, n))
-    nrow = (n + ncol - 1) // ncol
-    grid = Image.new("RGB", (ncol * (tw + pad) + pad, nrow * (th + caption + pad) + pad), (255, 255, 255))
-    draw = ImageDraw.Draw(grid)
-    font = _font(11)
-    for i in range(n):
-        r, c = divmod(i, ncol)
-        x, y = pad + c * (tw + pad), pad + r * (th + caption + pad)
-        grid.paste(Image.fromarray(arr[i]).resize((tw, th), Image.Resampling.NEAREST), (x, y))
-        if flags is not None and flags[i]:
-            draw.rectangle([x, y, x + tw - 1, y + th - 1], outline=(220, 30, 30), width=max(2, scale))
-        if labels is not None:
-            color = (200, 0, 0) if flags is not None and flags[i] else (40, 40, 40)
-            draw.text((x + 2, y + th + 1), str(labels[i]), fill=color, font=font)
-    return grid
-
-
-DISPLAY_SIDE = 128  # tiles of shown pictures: small images are enlarged, larger ones reduced to this
-
-
-def reduce_to_side(images: Tensor, side: Optional[int]) -> Tensor:
-    """Images (N, C, H, W) in [-1, 1] reduced (antialiased) to side × side when larger."""
-    if side is None or images.shape[-1] <= side:
-        return images
-    return F.interpolate(images.float(), size=(side, side), mode="bilinear", antialias=True,
-                         align_corners=False).clamp(-1, 1)
-
-
-def display_grid(images: Union[Tensor, np.ndarray], **grid_options) -> Image.Image:
-    """`image_grid` of tensors or uint8 NHWC arrays, with tiles larger than DISPLAY_SIDE reduced
-    first, so a grid of 512-pixel samples stays a picture that fits on a page."""
-    pixels = uint8_to_tensor(images, channels_last=True) if isinstance(images, np.ndarray) else images
-    return image_grid(reduce_to_side(pixels, DISPLAY_SIDE), **grid_options)
-
-
-def save_png(picture: Image.Image, path: Union[str, Path]) -> Path:
-    """Write a picture as a PNG, atomically (a reader never sees half a file)."""
-    return write_file_atomically(path, lambda tmp: picture.save(tmp, format="PNG"))
-
-
-def save_grid(images: Union[Tensor, np.ndarray], path: Union[str, Path], **kwargs) -> Path:
-    """Write `image_grid(images, **kwargs)` as a PNG (atomically)."""
-    return save_png(image_grid(images, **kwargs), path)

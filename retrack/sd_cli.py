@@ -20,6 +20,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from .presets import GUIDANCE
+
 DEFAULT_CLIP = "ViT-B-32"
 DEFAULT_CLIP_PRETRAINED = "laion2b_s34b_b79k"
 
@@ -68,7 +70,7 @@ def sd_conditioning(args: argparse.Namespace, backend) -> dict:
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", required=True, help="the prompt the model memorised")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps per image")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--guidance", type=float, default=GUIDANCE, help=f"classifier-free guidance scale (default {GUIDANCE})")
     p.add_argument("--clip", default=DEFAULT_CLIP, help=f"open_clip model name or local folder (default {DEFAULT_CLIP})")
     p.add_argument("--clip-pretrained", default=DEFAULT_CLIP_PRETRAINED,
                    help="open_clip pretrained tag or checkpoint file (ignored for a local folder)")
@@ -162,6 +164,7 @@ def _indices(text: str) -> list[int]:
 
 def cmd_sd_eval(args: argparse.Namespace) -> int:
     from .atomic import write_file_atomically
+    from .grids import samples_grid
     from .images import expand_paths, load_images
     from .metrics import calibrate_threshold
     from .split import evaluate_prompt
@@ -183,10 +186,10 @@ def cmd_sd_eval(args: argparse.Namespace) -> int:
                                      retained_images=retain, steps=args.steps, guidance=args.guidance,
                                      on_batch=_progress(Path(model).name))
         grid = out / f"{number}_{Path(model).name or 'model'}.png"
-        evaluation.grid().save(grid)
+        samples_grid(evaluation, side=None).save(grid)
         records.append({"model": str(model), "grid": str(grid), **evaluation.summary()})
-        print(f"{model}: {int(evaluation.copies.sum())}/{len(evaluation.seeds)} copies (threshold {threshold:.3f}), "
-              f"mean similarity {evaluation.similarity.mean():.3f}, text score {evaluation.text_score:.3f}, "
+        print(f"{model}: {int(evaluation.flags.sum())}/{evaluation.n} copies (threshold {threshold:.3f}), "
+              f"mean similarity {evaluation.clip_similarity.mean():.3f}, text score {evaluation.text_score:.3f}, "
               f"{'success' if evaluation.success else 'still memorised'}")
     write_file_atomically(out / "metrics.json", json.dumps(records, indent=2))
     print(f"wrote {out}/metrics.json and one grid per model")

@@ -36,9 +36,11 @@ from .backends.latent import LatentBackend
 from .checks import check_request
 from .engine import UnlearnConfig, unlearn
 from .evaluation import Evaluation, OracleLevels, Reference, SamplerSettings, evaluate, evaluate_samples
+from .grids import image_grid
 from .images import tensor_to_pil
+from .presets import GUIDANCE
 from .reports import UnlearnResult
-from .sampling import Samples, image_grid, sample
+from .sampling import Samples, sample
 
 MIN_GENERATIONS = 4  # two clusters need a few members each to say which one is tighter
 # The paper generates 128 images per memorised prompt before splitting. At 512 px on a CPU that
@@ -66,7 +68,7 @@ def generate(
     n: int = 16,
     seed: int = 0,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float = GUIDANCE,
     batch_size: int = 8,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> Samples:
@@ -268,62 +270,29 @@ def unlearn_prompt(
 
 # ----------------------------------------------------------------------------- evaluation
 @dataclass
-class PromptEvaluation:
-    """How much a model still reproduces the memorised images for one prompt: a view of
-    `retrack.evaluation.Evaluation` under the names the Stable Diffusion tools use.
+class PromptEvaluation(Evaluation):
+    """An `Evaluation` of one prompt's generations, as the Stable Diffusion tools report it.
 
-    similarity[i] is sample i's highest CLIP cosine similarity to any memorised image; a sample
-    at or above `threshold` counts as a copy. The prompt is "unlearned" (success) when no sample
-    is a copy. text_score is the mean CLIP cosine between the samples and the prompt (fidelity).
-    With the split's retained generations as the oracle, `excess_over_oracle` says how many more
-    near-copies the model makes than those generations hold by chance.
+    A sample is a copy by CLIP (`Evaluation.flags`: its highest similarity to a memorised image at
+    or above the prompt's threshold); the prompt is unlearned (`success`) when no sample is one.
+    `text_score` is the mean CLIP cosine between the samples and the prompt (fidelity). With the
+    split's retained generations as the oracle, the excess says how many more near-copies the
+    model makes than those generations hold by chance.
     """
 
-    prompt: str
-    evaluation: Evaluation
-
-    @property
-    def seeds(self) -> list[int]:
-        return self.evaluation.samples.seeds
-
-    @property
-    def samples(self) -> Tensor:  # (N, 3, H, W) in [-1, 1]
-        return self.evaluation.samples.images
-
-    @property
-    def similarity(self) -> np.ndarray:  # (N,)
-        return self.evaluation.clip_similarity
-
-    @property
-    def threshold(self) -> float:
-        return self.evaluation.threshold
-
-    @property
-    def text_score(self) -> float:
-        return self.evaluation.text_score
-
-    @property
-    def copies(self) -> np.ndarray:
-        return self.evaluation.flags
-
-    @property
-    def memorisation_rate(self) -> float:
-        return self.evaluation.rate
+    prompt: str = ""
 
     @property
     def success(self) -> bool:
-        return not bool(self.copies.any())
+        return not bool(self.flags.any())
 
     def summary(self) -> dict:
-        return {"prompt": self.prompt, "seeds": self.seeds, "similarity": [round(float(s), 4) for s in self.similarity],
-                "mean_similarity": float(self.similarity.mean()), "max_similarity": float(self.similarity.max()),
-                "threshold": self.threshold, "memorisation_rate": self.memorisation_rate, "success": self.success,
-                "text_score": self.text_score, "excess_over_oracle": self.evaluation.excess()}
-
-    def grid(self, **kwargs):
-        """The samples captioned with their similarity; copies framed in red (before/after grids
-        from the same seeds compare tile by tile)."""
-        return image_grid(self.samples, labels=[f"{s:.2f}" for s in self.similarity], flags=list(self.copies), **kwargs)
+        """The record `retrack sd-eval` writes per model: every sample's similarity and the verdict."""
+        similarity = self.clip_similarity
+        return {"prompt": self.prompt, "seeds": self.samples.seeds, "similarity": [round(float(s), 4) for s in similarity],
+                "mean_similarity": float(similarity.mean()), "max_similarity": float(similarity.max()),
+                "threshold": self.threshold, "memorisation_rate": self.rate, "success": self.success,
+                "text_score": self.text_score, "excess_over_oracle": self.excess()}
 
 
 def prompt_reference(scorer, memorised_images: Tensor, threshold: float,
@@ -350,7 +319,7 @@ def evaluate_prompt(
     retained_images: Optional[Tensor] = None,
     n: int = 16,
     steps: int = 50,
-    guidance: float = 7.5,
+    guidance: float = GUIDANCE,
     batch_size: int = 8,
     on_batch: Optional[Callable[[int, int], None]] = None,
 ) -> PromptEvaluation:
@@ -365,4 +334,4 @@ def evaluate_prompt(
     reference, oracle = prompt_reference(scorer, memorised_images, threshold, retained_images)
     settings = SamplerSettings(n_samples=n, seed=seed, steps=steps, prompt=prompt, guidance=guidance,
                                batch_size=batch_size)
-    return PromptEvaluation(prompt=prompt, evaluation=evaluate(backend, settings, reference, oracle, on_batch))
+    return PromptEvaluation(prompt=prompt, **vars(evaluate(backend, settings, reference, oracle, on_batch)))

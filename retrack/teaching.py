@@ -21,16 +21,17 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from .evaluation import EvalSettings
 from .backends import load_backend
 from .backends.base import Backend
 from .devices import resolve_device
 from .forget_set import ForgetSet, build_forget_set, gallery_items
+from .grids import display_grid, renoise_grid
 from .images import uint8_to_tensor
+from .job_settings import EvalSettings
 from .likelihood import LikelihoodRow, NLLSettings, model_likelihoods
 from .models import ModelInfo, TrainingData, oracle_folder
 from .objectives import retrack_targets
-from .sampling import Samples, display_grid, pixel_l2, renoise, renoise_grid, sample
+from .sampling import Samples, pixel_l2, renoise, sample
 
 # ============================================================================ teaching: noise and denoise, likelihood
 TEACHING_RETAIN_IMAGES = 2  # retain images beside the forget image in the likelihood table

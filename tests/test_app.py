@@ -73,7 +73,7 @@ def test_forget_set_drops_every_copy_from_the_retain_set():
 
 
 def test_live_curve_is_evaluated_every_few_steps_and_at_the_last_one():
-    from retrack.evaluation import EvalSettings
+    from retrack.job_settings import EvalSettings
 
     every_ten = EvalSettings(live_every=10)
     assert [step for step in range(1, 26) if every_ten.live_at(step, 25)] == [10, 20, 25]

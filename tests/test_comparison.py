@@ -13,7 +13,7 @@ import torch
 
 from retrack.comparison import MAX_METHODS, Comparison, check_methods
 from retrack.engine import UnlearnConfig
-from retrack.evaluation import EvalSettings
+from retrack.job_settings import EvalSettings
 from retrack.forget_set import build_forget_set
 from retrack.models import open_model
 

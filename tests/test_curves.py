@@ -8,11 +8,11 @@ import pytest
 from PIL import Image
 
 from retrack.backends import load_backend
-from retrack.builtin import builtin_sets
+from retrack.builtin import builtin_reference, builtin_sets
 from retrack.cli import main
 from retrack.curves import CurveSettings, curves_table, time_to_both, time_to_oracle
 from retrack.engine import UnlearnConfig, unlearn
-from retrack.evaluation import OracleLevels, builtin_reference, evaluate
+from retrack.evaluation import OracleLevels, evaluate
 from retrack.paths import BUILTIN_MODEL
 
 

@@ -9,10 +9,13 @@ import torch
 
 from retrack.backends import load_backend
 from retrack.evaluation import (
-    ORACLE_QUANTILE, EvalSettings, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
-    excess_over, oracle_levels, reduce_to_side, reference_subset,
+    ORACLE_QUANTILE, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
+    excess_over, oracle_levels, reference_subset,
 )
-from retrack.metrics import PAPER_L2_THRESHOLD, ClipScorer
+from retrack.grids import reduce_to_side, samples_grid
+from retrack.copies import PAPER_L2_THRESHOLD
+from retrack.job_settings import EvalSettings
+from retrack.metrics import ClipScorer
 from retrack.sampling import Samples
 
 
@@ -113,7 +116,7 @@ def test_clip_rate_counts_exact_copies_when_the_retain_set_is_the_other_samples(
     levels = OracleLevels(levels={"clip": 0.5})
     assert result.excess(levels)["clip"] == pytest.approx(float((result.distances()["clip"] < 0.5).mean()) - 0.01)
     assert reduce_to_side(samples.images, 16).shape == (7, 3, 16, 16) and reduce_to_side(samples.images, 64) is samples.images
-    assert result.grid(ncol=7).size == result.grid(ncol=7, side=16).size  # small tiles are enlarged to ~96 px anyway
+    assert samples_grid(result, ncol=7).size == samples_grid(result, ncol=7, side=16).size  # small tiles are enlarged to ~96 px anyway
 
 
 def test_thresholds_must_come_from_somewhere():

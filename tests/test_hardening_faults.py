@@ -19,7 +19,7 @@ import torch
 from diffusers import DDPMPipeline
 
 from helpers import folder_digest
-from retrack.evaluation import EvalSettings
+from retrack.job_settings import EvalSettings
 from retrack.backends import PixelBackend, load_backend
 from retrack.cli import main
 from retrack.engine import UnlearnConfig, save_model, unlearn

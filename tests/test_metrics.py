@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from retrack import paths
-from retrack.metrics import (ClipScorer, calibrate_threshold, calibrated_l2_threshold, class_histogram,
-                             classifier_forget_rate, confident_digit_rate, digit_inception_score, distance_quantiles,
-                             frechet_distance, inception_style_score, l2_memorised, max_cosine_similarity,
-                             memorisation_rate, memorisation_scores, nearer_forget_than_retain, nearest_l2_distances,
-                             paper_l2_rate, save_open_clip_folder)
+from retrack.copies import (PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, nearer_forget_than_retain,
+                            pixel_copies)
+from retrack.metrics import (ClipScorer, calibrate_threshold, calibrated_l2_threshold, class_shares, confident_digit_rate,
+                             digit_inception_score, distance_quantiles, frechet_distance, inception_style_score,
+                             max_cosine_similarity, memorisation_scores, nearest_l2_distances, save_open_clip_folder)
 
 # Small enough to build in a fraction of a second; the full CLIP vocabulary keeps the real tokenizer.
 TINY_CLIP_CONFIG = {
@@ -59,7 +59,7 @@ def test_inception_style_score_and_histogram():
     assert inception_style_score(one_hot) == pytest.approx(10.0, rel=1e-6)
     one_class = np.eye(10)[np.zeros(50, dtype=int)]  # confident but all the same
     assert inception_style_score(one_class) == pytest.approx(1.0)
-    histogram = class_histogram(np.eye(3)[[0, 0, 1, 2]])
+    histogram = class_shares(np.eye(3)[[0, 0, 1, 2]])
     assert histogram.tolist() == [0.5, 0.25, 0.25]
 
 
@@ -85,8 +85,8 @@ def test_classifier_measures_on_hand_built_probabilities():
                       [0.6, 0.3] + [0.0] * 8 + [0.1],  # a hesitant zero
                       [0.0] * 10 + [1.0],              # a T-shirt
                       [0.45] + [0.0] * 9 + [0.55]])    # a ghost: barely over the T-shirt threshold
-    assert classifier_forget_rate(probs, forget_class=10) == pytest.approx(0.5)
-    assert classifier_forget_rate(probs, forget_class=10, threshold=0.6) == pytest.approx(0.25)
+    assert copy_rate(classifier_copies(probs[:, 10])) == pytest.approx(0.5)
+    assert copy_rate(classifier_copies(probs[:, 10], threshold=0.6)) == pytest.approx(0.25)
     assert confident_digit_rate(probs) == pytest.approx(0.25)
     assert confident_digit_rate(probs, threshold=0.6) == pytest.approx(0.5)
 
@@ -96,8 +96,8 @@ def test_memorisation_on_hand_built_features():
     samples = np.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
     scores = max_cosine_similarity(samples, forget)
     assert scores == pytest.approx([1.0, 0.0, np.sqrt(0.5)], abs=1e-6)
-    assert memorisation_rate(scores, 0.9) == pytest.approx(1 / 3)
-    assert memorisation_rate(np.array([]), 0.5) == 0.0
+    assert copy_rate(clip_copies(scores, 0.9)) == pytest.approx(1 / 3)
+    assert copy_rate(clip_copies(np.array([]), 0.5)) == 0.0
 
     # Forget copies are identical (band 1.0); the closest retain image has cosine 0.6.
     retain = np.array([[0.6, 0.8, 0.0], [0.0, 0.0, 1.0]])
@@ -115,15 +115,16 @@ def test_pixel_l2_criterion():
     threshold = calibrated_l2_threshold(forget, retain)
     assert threshold == pytest.approx(np.sqrt(8) / 2)
     samples = np.stack([forget[0], forget[0] * 0.9, retain[0]])  # a copy, a dimmed copy, a retain image
-    assert l2_memorised(samples, forget, threshold).tolist() == [True, True, False]
+    assert pixel_copies(nearest_l2_distances(samples, forget), threshold).tolist() == [True, True, False]
 
     # Nearest-image criterion: a copy with a 3-pixel smudge lies sqrt(3) = 1.73 from the forget
     # image, beyond the threshold (1.41), yet much nearer to it than to any retain image (>= 3.3).
     smudged = forget[0].copy()
     smudged[2, :3] = 1.0
     both = np.stack([smudged, retain[1]])
-    assert l2_memorised(both, forget, threshold).tolist() == [False, False]
-    assert nearer_forget_than_retain(both, forget, retain).tolist() == [True, False]
+    assert pixel_copies(nearest_l2_distances(both, forget), threshold).tolist() == [False, False]
+    assert nearer_forget_than_retain(nearest_l2_distances(both, forget),
+                                     nearest_l2_distances(both, retain)).tolist() == [True, False]
 
 
 def test_paper_l2_rate_and_distance_quantiles():
@@ -131,8 +132,9 @@ def test_paper_l2_rate_and_distance_quantiles():
     tshirt[0, :, :16] = 1.0  # 448 bright pixels: an all-black image lies at sqrt(448) = 21.2
     samples = np.stack([tshirt[0], tshirt[0] * 0.6, np.zeros((28, 28)), tshirt[0] * 0.5])
     # Distances: 0, 0.4 sqrt(448) = 8.47 (< 10), 21.17, 0.5 sqrt(448) = 10.58 (>= 10).
-    assert paper_l2_rate(samples, tshirt) == pytest.approx(0.5)
-    assert paper_l2_rate(samples, tshirt, threshold=11.0) == pytest.approx(0.75)
+    distances = nearest_l2_distances(samples, tshirt)
+    assert copy_rate(pixel_copies(distances, PAPER_L2_THRESHOLD)) == pytest.approx(0.5)
+    assert copy_rate(pixel_copies(distances, 11.0)) == pytest.approx(0.75)
     quantiles = distance_quantiles(nearest_l2_distances(samples, tshirt), (0.0, 1.0))
     assert quantiles == pytest.approx({"0.0": 0.0, "1.0": np.sqrt(448)})
 
@@ -175,7 +177,7 @@ def test_builtin_clip_counts_degraded_tshirt_copies_and_no_digit():
     from torchvision.transforms.v2.functional import gaussian_blur
 
     from retrack.data import CLASS_NAMES, classifier_held_out, draw_tshirt, mnist_digits
-    from retrack.evaluation import builtin_reference
+    from retrack.builtin import builtin_reference
 
     rng = np.random.default_rng(0)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import REPO
 
-from retrack.evaluation import EvalSettings
+from retrack.job_settings import EvalSettings
 from retrack.backends import load_backend
 from retrack.cli import main
 from retrack.engine import UnlearnConfig, unlearn

@@ -17,7 +17,8 @@ from retrack.backends import load_backend
 from retrack.backends.pixel import PixelBackend
 from retrack.cli import main
 from retrack.evaluation import noise_and_denoise_return
-from retrack.sampling import nearest_renoise_t, pixel_l2, renoise, renoise_grid
+from retrack.grids import renoise_grid
+from retrack.sampling import nearest_renoise_t, pixel_l2, renoise
 
 
 class PointMassModel(PixelBackend):
@@ -111,7 +112,7 @@ def test_app_job_live_points_carry_the_return(tiny_app_model, tmp_path):
     """Every live point of a job (step 0, then every step here) carries the return at both t, for
     16 noisy copies of each of the 2 forget images; the status names it in words while training."""
     from retrack.engine import UnlearnConfig
-    from retrack.evaluation import EvalSettings
+    from retrack.job_settings import EvalSettings
     from retrack.forget_set import build_forget_set
     from retrack.jobs import Job
     from retrack.models import open_model

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from retrack import paths
-from retrack.evaluation import Evaluation, Reference, class_shares
+from retrack.evaluation import Evaluation, Reference
+from retrack.metrics import class_shares
 from retrack.sampling import Samples
 
 
@@ -35,7 +36,7 @@ def test_class_shares_count_each_sample_in_its_most_probable_class():
 
 def run_job(model_folder: Path, data_folder: str, picks: list[int], tmp_path: Path, samples: int):
     from retrack.engine import UnlearnConfig
-    from retrack.evaluation import EvalSettings
+    from retrack.job_settings import EvalSettings
     from retrack.forget_set import build_forget_set
     from retrack.jobs import Job
     from retrack.models import open_model

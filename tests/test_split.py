@@ -12,6 +12,7 @@ from sd_fixtures import one_thread, quick_config, tiny_clip, tiny_sd_model  # no
 
 from retrack.backends.latent import LatentBackend
 from retrack.engine import save_model
+from retrack.grids import samples_grid
 from retrack.images import list_image_files, load_images
 from retrack.metrics import ClipScorer, calibrate_threshold
 from retrack.neighbours import knn
@@ -127,16 +128,16 @@ def test_the_whole_path_generate_split_unlearn_sample(tiny_sd_model, tiny_clip, 
     # The neighbours were searched among the retain set's VAE latents.
     forget_x0, retain_x0 = backend.encode(split.forget_images()), backend.encode(split.retain_images())
     assert torch.equal(result.neighbours, knn(forget_x0, retain_x0, result.config.k)[1])
-    assert before.seeds == after.seeds and not torch.equal(before.samples, after.samples)
-    assert before.similarity.shape == (4,) and -1 <= before.text_score <= 1
+    assert before.samples.seeds == after.samples.seeds and not torch.equal(before.samples.images, after.samples.images)
+    assert before.clip_similarity.shape == (4,) and -1 <= before.text_score <= 1
     summary = after.summary()
     assert summary["success"] == (summary["memorisation_rate"] == 0.0) and summary["threshold"] == threshold
-    assert before.grid().size == after.grid().size
+    assert samples_grid(before).size == samples_grid(after).size
     # The split's retained generations play the oracle: each rate is also read as the excess over them.
     read = evaluate_prompt(backend, PROMPT, scorer, split.forget_images(), threshold, n=4, seed=100, steps=3,
                            retained_images=split.retain_images())
     assert set(read.summary()["excess_over_oracle"]) == {"l2", "clip"} and before.summary()["excess_over_oracle"] == {}
-    np.testing.assert_array_equal(read.similarity, after.similarity)
+    np.testing.assert_array_equal(read.clip_similarity, after.clip_similarity)
 
     out = save_model(backend, tmp_path / "unlearned", result.metadata(prompt=PROMPT))
     reloaded = StableDiffusionPipeline.from_pretrained(out, local_files_only=True)

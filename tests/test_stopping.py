@@ -7,10 +7,9 @@ import json
 import pytest
 
 from retrack.backends import load_backend
-from retrack.builtin import builtin_sets
+from retrack.builtin import builtin_reference, builtin_sets
 from retrack.cli import main
 from retrack.engine import UnlearnConfig, unlearn
-from retrack.evaluation import builtin_reference
 from retrack.paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from retrack.stopping import UntilForgotten
 
@@ -72,7 +71,7 @@ def test_cli_until_forgotten_records_each_check(tmp_path, capsys):
 def test_app_job_with_stop_when_forgotten_records_where_it_stopped(tiny_app_model, tmp_path):
     """The app's switch: the job checks at its live points, stops at the first that passes (or
     runs to the cap), says which in its last message and records every check in retrack.json."""
-    from retrack.evaluation import EvalSettings
+    from retrack.job_settings import EvalSettings
     from retrack.forget_set import build_forget_set
     from retrack.jobs import Job
     from retrack.models import open_model

@@ -18,6 +18,7 @@ import pandas as pd
 
 from retrack.comparison import MAX_METHODS, Comparison, ComparisonState
 from retrack.evaluation import RETURN_TIMESTEPS, Evaluation
+from retrack.grids import samples_grid
 from retrack.jobs import JobState
 from retrack.objectives import METHODS
 
@@ -147,7 +148,7 @@ def render_comparison(state: ComparisonState, sent: dict[str, object]) -> tuple:
             continue
         s, label = state.states[i], labels(state)[i]
         grids.append(once(f"grid_{i}", (id(s.after),) if s.after is not None else (None,),
-                          lambda s=s, label=label: gr.update(value=s.after.grid(limit=s.grid_samples),
+                          lambda s=s, label=label: gr.update(value=samples_grid(s.after, limit=s.grid_samples),
                                                              label=f"After: {label}", visible=True)))
     shown = dict(
         status=state.message,

@@ -19,7 +19,7 @@ from retrack.forget_set import (
     ForgetSet, GalleryItem, build_forget_set, format_picks, generate_split, parse_picks, split_items, toggle_pick,
 )
 from retrack.models import TrainingData
-from retrack.sampling import display_grid
+from retrack.grids import display_grid
 from retrack.split import PAPER_GENERATIONS
 
 from .common import USER_ERRORS, Page, number, readable_errors, tiles, whole

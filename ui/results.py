@@ -16,7 +16,8 @@ from typing import Callable, Optional
 import gradio as gr
 import pandas as pd
 
-from retrack.evaluation import Evaluation, Return, nearest_rows_grid
+from retrack.evaluation import Evaluation, Return
+from retrack.grids import nearest_rows_grid, samples_grid
 from retrack.jobs import JobState
 
 # The outputs of /unlearn, in order: `render` returns one value for each.
@@ -75,9 +76,9 @@ def render(state: JobState, sent: dict[str, object]) -> tuple:
         sent[name] = value
         return make()
 
-    before = once("before", state.before, lambda: state.before.grid(limit=state.grid_samples))
-    after = once("after", state.after, lambda: state.after.grid(limit=state.grid_samples))
-    oracle = once("oracle", state.oracle, lambda: state.oracle.grid(limit=state.grid_samples))
+    before = once("before", state.before, lambda: samples_grid(state.before, limit=state.grid_samples))
+    after = once("after", state.after, lambda: samples_grid(state.after, limit=state.grid_samples))
+    oracle = once("oracle", state.oracle, lambda: samples_grid(state.oracle, limit=state.grid_samples))
     nearest = once("neighbours", state.neighbours, lambda: state.neighbours)
     archive = once("archive", state.archive, lambda: str(state.archive))
     picture = once("trajectory", state.trajectory, lambda: state.trajectory)
@@ -104,7 +105,7 @@ def render(state: JobState, sent: dict[str, object]) -> tuple:
 
 def nearest_picture(*models: tuple[str, Optional[Evaluation]]):
     """The NEAREST samples nearest the forget images (`Evaluation.nearest`) of each (label,
-    evaluation), e.g. before, after and the oracle's, one row each (`evaluation.nearest_rows_grid`);
+    evaluation), e.g. before, after and the oracle's, one row each (`grids.nearest_rows_grid`);
     a model without an evaluation has no row."""
     return nearest_rows_grid([(label, evaluation.nearest(NEAREST)) for label, evaluation in models
                               if evaluation is not None])

@@ -15,11 +15,13 @@ import gradio as gr
 
 from retrack.comparison import Comparison
 from retrack.engine import UnlearnConfig
-from retrack.evaluation import MAX_EVAL_SAMPLES, RETURN_TIMESTEPS, EvalSettings
+from retrack.evaluation import RETURN_TIMESTEPS
 from retrack.forget_set import ForgetSet, build_forget_set, parse_picks
+from retrack.job_settings import MAX_EVAL_SAMPLES, EvalSettings
 from retrack.jobs import Job, JobState
 from retrack.models import ModelInfo
 from retrack.objectives import METHODS
+from retrack.presets import GUIDANCE
 
 from .common import USER_ERRORS, Page, log, number, whole
 from .results import render, status_only
@@ -136,7 +138,7 @@ def method_settings(first: dict, limits: Optional[SpaceLimits]) -> dict[str, gr.
             controls["trajectory_points"] = gr.Number(first["trajectory_points"], label="Trajectory points",
                                                       elem_id="trajectory-points", precision=0, minimum=2, maximum=20,
                                                       info="Timesteps shown in the teaching view.")
-            controls["guidance"] = gr.Number(7.5, label="Guidance scale", elem_id="guidance", minimum=0, maximum=50,
+            controls["guidance"] = gr.Number(GUIDANCE, label="Guidance scale", elem_id="guidance", minimum=0, maximum=50,
                                              info="Text-to-image models only: classifier-free guidance.")
     return controls
 

@@ -23,7 +23,7 @@ from retrack import paths  # noqa: E402
 from retrack.checks import check_range  # noqa: E402
 from retrack.devices import resolve_device  # noqa: E402
 from retrack.engine import UnlearnConfig  # noqa: E402
-from retrack.evaluation import EvalSettings  # noqa: E402
+from retrack.job_settings import EvalSettings  # noqa: E402
 from retrack.split import default_generations  # noqa: E402
 
 

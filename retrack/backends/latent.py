@@ -36,6 +36,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNe
 from torch import Tensor
 
 from ..loading import MODEL_LOADING
+from ..presets import GUIDANCE
 from .base import Backend
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' LoRA loaders look for
@@ -229,7 +230,7 @@ class LatentBackend(Backend):
             cond = cond.expand(x_t.shape[0], *cond.shape[1:])
         return self.unet(x_t, t, encoder_hidden_states=cond).sample
 
-    def sampling_denoiser(self, cond: Optional[Tensor] = None, guidance: float = 7.5) -> Callable[[Tensor, Tensor], Tensor]:
+    def sampling_denoiser(self, cond: Optional[Tensor] = None, guidance: float = GUIDANCE) -> Callable[[Tensor, Tensor], Tensor]:
         """eps(x_t, t) with classifier-free guidance: eps_u + guidance * (eps_c - eps_u), where eps_u
         is conditioned on the empty prompt. guidance 1 (or cond None) is a single conditional call."""
         if cond is None or guidance == 1.0:

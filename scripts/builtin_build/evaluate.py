@@ -20,7 +20,7 @@ from retrack.data import CLASS_NAMES, TSHIRT_LABEL, BuiltinDataset, build_digits
 from retrack.engine import save_model
 from retrack.evaluation import DDIM, PAPER, Evaluation, Reference, SamplerSettings, draw, evaluate_samples
 from retrack.images import uint8_to_tensor
-from retrack.sampling import save_grid
+from retrack.grids import save_grid
 
 from .cards import write_card
 from .runtime import log, write_json
@@ -84,7 +84,8 @@ def evaluate_model(folder: Path, args: argparse.Namespace, dataset: BuiltinDatas
     sampler's figures under "by_sampler"; samples.png (paper's sampler) and samples-ddim.png show the
     first 100 samples, copies framed in red."""
     from retrack.classifier import DigitClassifier
-    from retrack.metrics import PAPER_L2_THRESHOLD, ClipScorer, distance_quantiles, nearest_l2_distances
+    from retrack.copies import PAPER_L2_THRESHOLD, copy_rate, pixel_copies
+    from retrack.metrics import ClipScorer, distance_quantiles, nearest_l2_distances
     from retrack.paths import BUILTIN_CLASSIFIER
 
     clip_folder = args.out / "clip"
@@ -114,8 +115,8 @@ def evaluate_model(folder: Path, args: argparse.Namespace, dataset: BuiltinDatas
         "tshirt_rate_l2": rates["l2"],
         "l2_threshold": reference.l2_threshold,
         "l2_threshold_rule": reference.l2_rule,
-        "tshirt_rate_paper_l2": float((main.l2 < PAPER_L2_THRESHOLD).mean()),
-        "tshirt_rate_paper_l2_below_10": float((main.l2 < PAPER_L2_THRESHOLD).mean()),
+        "tshirt_rate_paper_l2": copy_rate(pixel_copies(main.l2, PAPER_L2_THRESHOLD)),
+        "tshirt_rate_paper_l2_below_10": copy_rate(pixel_copies(main.l2, PAPER_L2_THRESHOLD)),
         "nearest_distance_to_tshirt_quantiles": distance_quantiles(main.l2),
         "sample_distance_to_tshirt_quantiles": distance_quantiles(main.l2),
         "retain_distance_to_tshirt_quantiles": distance_quantiles(
