@@ -25,7 +25,7 @@ the parameters and ``DATASET_VERSION``; bump the version whenever the generation
 takes about two seconds and is not cached.)
 
 For real data, ``load_mnist_idx`` reads MNIST / Fashion-MNIST IDX files (optionally gzipped) into
-uint8 arrays; a folder of image files is read by ``images.load_image_folder``.
+uint8 arrays; a folder of image files is read by ``models.load_training_folder``.
 """
 
 from __future__ import annotations

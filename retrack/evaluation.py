@@ -391,25 +391,30 @@ def evaluate_samples(samples: Samples, reference: Reference, oracle: Optional[Or
     images = samples.images
     result = Evaluation(samples=samples, reference=reference, oracle=oracle, sampler=sampler,
                         l2=metrics.nearest_l2_distances(unit_pixels(images), unit_pixels(reference.forget)))
-    features = None
+    features = prompt_scores = None
     if reference.scorer is not None:
         features = reference.scorer.image_features(images)
         result.clip_similarity = metrics.max_cosine_similarity(features, reference.forget_features)
-        if prompt.strip():
-            result.text_score = float((features @ reference.scorer.text_features([prompt.strip()]).T).mean())
+        if prompt.strip():  # each sample's CLIP cosine to the prompt
+            prompt_scores = (features @ reference.scorer.text_features([prompt.strip()]).T)[:, 0]
+            result.text_score = float(prompt_scores.mean())
     probs = None
     if reference.classifier is not None:
         probs = reference.classifier.probabilities(images)
         result.forget_probability = probs[:, reference.forget_class]
         result.class_probabilities = probs
-    result.quality_figures = quality_of(result, features, probs)
+    result.quality_figures = quality_of(result, features, probs, prompt_scores)
     return result
 
 
-def quality_of(result: Evaluation, features: Optional[Tensor], probs: Optional[np.ndarray]) -> dict[str, Optional[float]]:
+def quality_of(result: Evaluation, features: Optional[Tensor], probs: Optional[np.ndarray],
+               prompt_scores: Optional[Tensor] = None) -> dict[str, Optional[float]]:
     """Quality on the non-copies, as the paper measures it: copies by the pixel-L2 criterion, or by
     CLIP where there is no pixel criterion (no retain images); figures that need two or more
-    non-copies are None without them."""
+    non-copies are None without them. With the samples' CLIP cosines to the prompt
+    (`prompt_scores`), `prompt_score` is their mean over the non-copies: for a text-to-image model,
+    whether what it still draws for the prompt matches it (collateral damage of unlearning shows as a
+    fall)."""
     reference, images = result.reference, result.samples.images
     copies = result.copies()
     clean = ~copies.get("l2", copies.get("clip", np.zeros(result.n, bool)))
@@ -421,6 +426,8 @@ def quality_of(result: Evaluation, features: Optional[Tensor], probs: Optional[n
         if reference.class_names:
             quality["clip_class_score"] = (metrics.inception_style_score(
                 reference.scorer.zero_shot(images[kept], list(reference.class_names))) if clean.any() else None)
+    if prompt_scores is not None:
+        quality["prompt_score"] = float(prompt_scores[kept].mean()) if clean.any() else None
     if probs is not None:
         quality["confident_digit_rate"] = metrics.confident_digit_rate(probs)
         quality["digit_inception_score"] = metrics.digit_inception_score(probs[clean]) if clean.any() else None

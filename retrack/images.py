@@ -1,10 +1,9 @@
 """Images in and out of the library, converted in one place.
 
 Images enter as files, PIL images or uint8 arrays and leave as NCHW float32 tensors in [-1, 1]
-at the model's resolution and channel count (`load_images`; a folder of them, as one uint8 array:
-`load_image_folder`); tensors go back to uint8 HWC arrays for display, to 8-bit levels for the
-likelihood, to [0, 1] for CLIP and the classifier, and to float64 arrays in [0, 1] for the pixel-L2
-distance (`unit_pixels`).
+at the model's resolution and channel count (`load_images`); tensors go back to uint8 HWC arrays
+for display, to 8-bit levels for the likelihood, to [0, 1] for CLIP and the classifier, and to
+float64 arrays in [0, 1] for the pixel-L2 distance (`unit_pixels`).
 Every refusal is an `ImageError` whose message says which input and why.
 """
 
@@ -15,7 +14,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Iterable, Sequence, Union
 
 import numpy as np
 import torch
@@ -152,9 +151,8 @@ def to_mode(img: Image.Image, channels: int) -> Image.Image:
     return img.convert("L" if channels == 1 else "RGB")
 
 
-def _convert(img: Image.Image, size: Optional[tuple[int, int]], channels: int) -> tuple[np.ndarray, list[str]]:
-    """One opened image -> uint8 (height, width) or (height, width, 3) at `size` (width, height;
-    None keeps its own), and what was changed."""
+def _convert(img: Image.Image, size: int, channels: int) -> tuple[np.ndarray, list[str]]:
+    """One opened image -> uint8 (size, size) or (size, size, 3), and what was changed."""
     changes = []
     try:  # looks for a second frame; the first one is already decoded
         if getattr(img, "is_animated", False):
@@ -165,54 +163,36 @@ def _convert(img: Image.Image, size: Optional[tuple[int, int]], channels: int) -
     if img.mode != target:
         changes.append(f"{img.mode} -> {'grayscale' if channels == 1 else 'RGB'}")
     img = to_mode(img, channels)
-    if size is not None and img.size != size:
-        width, height = size
-        if img.width * height != img.height * width:
-            changes.append("centre-cropped to a square" if width == height else f"centre-cropped to {width}:{height}")
-            scale = min(img.width / width, img.height / height)
-            img = ImageOps.fit(img, (round(width * scale), round(height * scale)))
-        changes.append(f"resized {img.width}x{img.height} -> {width}x{height}")
-        img = img.resize(size, Image.Resampling.LANCZOS if img.width > width else Image.Resampling.BICUBIC)
+    if img.size != (size, size):
+        if img.width != img.height:
+            changes.append("centre-cropped to a square")
+            img = ImageOps.fit(img, (min(img.size),) * 2)
+        changes.append(f"resized {img.width}x{img.height} -> {size}x{size}")
+        img = img.resize((size, size), Image.Resampling.LANCZOS if img.width > size else Image.Resampling.BICUBIC)
     return np.asarray(img, dtype=np.uint8), changes
 
 
-def load_images(items: Sequence[ImageLike], size: Union[int, tuple[int, int], None], channels: int) -> Loaded:
-    """Open, convert and resize images to an (N, channels, height, width) tensor in [-1, 1].
+def load_images(items: Sequence[ImageLike], size: int, channels: int) -> Loaded:
+    """Open, convert and resize images to an (N, channels, size, size) tensor in [-1, 1].
 
-    `size` is an int for a square or (width, height); images of another shape are centre-cropped
-    to its shape first. With `size` None every image keeps its own size, and they must all share
-    one. Raises ImageError naming the first unusable input; `Loaded.notes` lists every conversion
-    so the user can see what happened.
+    Non-square images are centre-cropped to a square first. Raises ImageError naming the first
+    unusable input; `Loaded.notes` lists every conversion so the user can see what happened.
+    (A folder of them: `list_image_files`, or `models.load_training_folder` for training data.)
     """
     if len(items) == 0:
         raise ImageError("no images given")
-    target = size if size is None or isinstance(size, tuple) else (size, size)
     arrays, notes = [], []
     for i, item in enumerate(items):
         img = open_image(item, i)
         name = _name(item, i)
         try:
-            arr, changes = _convert(img, target, channels)
+            arr, changes = _convert(img, size, channels)
         except Exception as exc:  # e.g. a mode Pillow cannot convert, or damage found only now
             raise ImageError(f"{name}: the image cannot be converted ({type(exc).__name__}: {exc})") from None
         if changes:
             notes.append(f"{name}: " + ", ".join(changes))
         arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
-    shapes = {arr.shape[1:] for arr in arrays}
-    if len(shapes) > 1:
-        raise ImageError(f"the images have different sizes {sorted(shapes)}; give a size to bring them to one")
     return Loaded(uint8_to_tensor(np.stack(arrays)), notes)
-
-
-def load_image_folder(folder: Union[str, os.PathLike], size: Union[int, tuple[int, int], None] = None,
-                      mode: str = "L") -> np.ndarray:
-    """Every image file in a folder (sorted by name, not recursive) as one uint8 array: (N, H, W)
-    for mode "L", (N, H, W, 3) for "RGB". The folder form of `load_images`: the same `size`, the
-    same conversions and the same ImageError refusals."""
-    if mode not in ("L", "RGB"):
-        raise ValueError(f'mode must be "L" or "RGB", got {mode!r}')
-    pixels = tensor_to_uint8(load_images(list_image_files(folder), size, 1 if mode == "L" else 3).tensor)
-    return pixels[..., 0] if mode == "L" else pixels
 
 
 def list_image_files(folder: Union[str, os.PathLike]) -> list[Path]:

@@ -339,7 +339,7 @@ class Job:
         levels, live_levels = (None if e is None else OracleLevels.from_evaluation(e) for e in (oracle, live_oracle))
         drawn_with = settings.sampler_settings().describe(self.device)
         before = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=True), reference, levels,
-                                  sampler=drawn_with)
+                                  prompt=settings.prompt, sampler=drawn_with)
         teaching_seed, teaching_flagged = before.teaching_seed()
         before_path = trajectory_strip(backend, teaching_seed, settings, cond)
         live = None
@@ -375,7 +375,7 @@ class Job:
 
         self._phase("after", f"Sampling the same {settings.n_samples} seeds after unlearning")
         after = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=False), reference, levels,
-                                 sampler=drawn_with)
+                                 prompt=settings.prompt, sampler=drawn_with)
         after_path = trajectory_strip(backend, teaching_seed, settings, cond)
         after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
         self._set(after=after, trajectory=trajectory_image(before_path, after_path, teaching_flagged, after_flagged),
@@ -426,8 +426,10 @@ class Job:
         untrained = lambda: load_backend(self.model.path, device=self.device)  # noqa: E731
         drawn_with = settings.describe(self.device)
         before = evaluate_samples(cached_samples(untrained, self.model.cache_key, self.device, settings,
-                                                 on_batch=self._check_cancel), reference, levels, sampler=drawn_with)
-        after = evaluate_samples(self._samples(unlearned, settings, cached=False), reference, levels, sampler=drawn_with)
+                                                 on_batch=self._check_cancel), reference, levels,
+                                  prompt=settings.prompt, sampler=drawn_with)
+        after = evaluate_samples(self._samples(unlearned, settings, cached=False), reference, levels,
+                                 prompt=settings.prompt, sampler=drawn_with)
         return {"before": before, "after": after, "oracle": oracle}
 
     def _on_step(self, event: StepEvent, sampling_seconds: float, live: Optional[Callable[[StepEvent], None]]) -> None:

@@ -221,6 +221,7 @@ def test_short_retrack_job_streams_progress_losses_grids_and_scores(client):
     assert len(bars) == 33 and sum(bar[1] for bar in bars) == pytest.approx(300.0)
     # The oracle's column: its own rate and each model's excess over it.
     assert "| | before | after | oracle |" in metrics and "excess over the oracle" in metrics
+    assert "to the prompt" not in metrics  # the prompt score is for text-to-image models
     # before, after and the oracle under the paper's sampler, and again under DDIM-50 on the same seeds
     assert "memorisation rate" in metrics and len(re.findall(r"\d+% \(\d+ of 4\)", metrics)) == 6
     assert "Rates with the paper's sampler (DDPM" in metrics and "under DDIM-50" in metrics
@@ -405,6 +406,9 @@ def test_text_to_image_model_with_a_folder_to_keep(client, tiny_text_to_image):
     page = merged(job.outputs())
     assert page[0].startswith("Done"), page[0]
     assert Path(page[3]).is_file() and "memorisation rate" in page[4]
+    # Collateral damage for a text-to-image model: the non-copies' CLIP score to the prompt, before and after.
+    assert re.search(r"\| collateral damage: CLIP score of the non-copies to the prompt [^|]*\| -?\d\.\d{3} \| -?\d\.\d{3} \|",
+                     page[4]), page[4]
 
     args[4] = ""  # the prompt is required for a text-to-image model
     assert "prompt" in client.predict(*args, api_name="/unlearn")[0]

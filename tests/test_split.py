@@ -130,6 +130,11 @@ def test_the_whole_path_generate_split_unlearn_sample(tiny_sd_model, tiny_clip, 
     assert torch.equal(result.neighbours, knn(forget_x0, retain_x0, result.config.k)[1])
     assert before.samples.seeds == after.samples.seeds and not torch.equal(before.samples.images, after.samples.images)
     assert before.clip_similarity.shape == (4,) and -1 <= before.text_score <= 1
+    # The prompt score (collateral damage): the non-copies' mean CLIP cosine to the prompt.
+    cosines = (scorer.image_features(before.samples.images) @ scorer.text_features([PROMPT]).T)[:, 0]
+    copies = before.copies()
+    clean = torch.from_numpy(~copies.get("l2", copies["clip"]))
+    assert clean.any() and before.quality_figures["prompt_score"] == pytest.approx(float(cosines[clean].mean()))
     summary = after.summary()
     assert summary["success"] == (summary["memorisation_rate"] == 0.0) and summary["threshold"] == threshold
     assert samples_grid(before).size == samples_grid(after).size

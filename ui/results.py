@@ -239,8 +239,15 @@ def rates_table(names: list[str], paper: list[Optional[Evaluation]], ddim: Optio
     if has_oracle:
         rows.append(row("excess over the oracle (share closer than the oracle's 1 % quantile, minus 1 %)", excess,
                         paper))
+    def prompt_score(evaluation) -> str:
+        score = None if evaluation is None else evaluation.quality_figures.get("prompt_score")
+        return "…" if score is None else f"{score:.3f}"
+
     rows += [row("highest memorisation score", top, paper),
              row("quality: CLIP Fréchet distance to the retain set (lower is better)", quality, paper)]
+    if any(e is not None and "prompt_score" in e.quality_figures for e in paper):  # text-to-image models
+        rows.append(row("collateral damage: CLIP score of the non-copies to the prompt (does it still draw what "
+                        "the prompt asks? a fall is damage)", prompt_score, paper))
     if ddim:  # the same seeds under DDIM-50: a verdict that holds under one sampler only is not a verdict
         rows += [row("**under DDIM-50** (deterministic, same seeds): memorisation rate", rate, ddim),
                  row("DDIM-50: pixel-L2 copies", pixel_rate, ddim)]
