@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Optional
 
-from .engine import check_range
+from .checks import check_range
 from .evaluation import RETURN_COPIES, SamplerSettings
 
 MAX_EVAL_SAMPLES = 1024  # an app job's before/after samples at most
