@@ -8,7 +8,8 @@ joined by "+": "freeze" (inductor's weight freezing), "cl" (channels_last), "aut
 max-autotune-no-cudagraphs), "bNNN" (its own batch size, else BATCH). The paper's sampler (DDPM-50)
 under bf16 autocast; the variants draw the same N seeds batch by batch in turn in one process, after
 a first (compiling) call that is reported, not timed. Prints seconds per sample, the 5,000-sample
-projection, the pixel-L2 copies and the mean pixel difference to the first variant. Results are
+projection, the pixel-L2 copies and the mean pixel difference to the first variant, then the run
+record (machine, load, what ran beside: `--beside`). Results are
 pasted into benchmarks/results/compile_options.md (this script writes no file).
 """
 from __future__ import annotations
@@ -33,6 +34,7 @@ from retrack.evaluation import SamplerSettings, draw  # noqa: E402
 from retrack.images import unit_pixels  # noqa: E402
 from retrack.metrics import nearest_l2_distances  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
+from retrack.runrecord import RunRecord, add_beside_argument, describe_run, script_command  # noqa: E402
 
 
 def prepared(backend: Backend, variant: str) -> Backend:
@@ -51,7 +53,9 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("n", type=int, help="samples each variant draws")
     parser.add_argument("batch", type=int, help="batch size of the variants without their own")
     parser.add_argument("variants", help='comma-separated, e.g. "compiled+b50,eager+b50"')
+    add_beside_argument(parser)
     args = parser.parse_args(argv)
+    record = RunRecord.start(script_command(__file__, argv), args.beside)
     variants = args.variants.split(",")
     backend = load_backend(BUILTIN_MODEL, device="cpu")
     settings = SamplerSettings(precision="bf16")
@@ -82,6 +86,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         copies = pixel_copies(nearest_l2_distances(pixels, forget), PAPER_L2_THRESHOLD)
         print(f"{name}: {seconds[name] / args.n:.4f} s/sample, 5000 -> {seconds[name] / args.n * 5000 / 60:.2f} min, "
               f"copies {int(copies.sum())}, mean |diff| vs {variants[0]} {abs(pixels - first).mean():.4f}", flush=True)
+    print(describe_run(record.finish()))
 
 
 if __name__ == "__main__":
