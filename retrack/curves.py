@@ -151,11 +151,14 @@ def start_of(settings: CurveSettings, device: str, reference: Reference) -> Star
 
 
 def method_curve(method: str, settings: CurveSettings, device: str, reference: Reference, start: Start,
-                 log: Callable[[str], None], nearest: Optional[dict] = None) -> list[Point]:
+                 log: Callable[[str], None], nearest: Optional[dict] = None,
+                 known: Sequence[dict] = ()) -> list[Point]:
     """Train `method` from the built-in model to the last checkpoint, evaluating at each one under
-    both samplers. Where a checkpoint is at the oracle's level under the paper's sampler, it is
-    re-read on `confirm_samples` (until one confirms). `nearest`, when given, collects per sampler
-    each checkpoint's `Evaluation.nearest(NEAREST)` (the grid to look at)."""
+    both samplers (`known`: points an earlier run of the same training measured, kept as they are).
+    Where a checkpoint is at the oracle's level under the paper's sampler, it is re-read on
+    `confirm_samples` (until one confirms). `nearest`, when given, collects per sampler each
+    evaluated checkpoint's `Evaluation.nearest(NEAREST)` (the grid to look at)."""
+    measured_before = {p["step"]: Point(**p) for p in known if p["step"] > 0}
     forget, retain = builtin_sets()
     backend = load_backend(BUILTIN_MODEL, device=device)
     config = UnlearnConfig.preset("mnist", method=method, steps=max(settings.checkpoints),
@@ -167,6 +170,10 @@ def method_curve(method: str, settings: CurveSettings, device: str, reference: R
 
     def on_step(event: StepEvent) -> None:
         if event.step not in settings.checkpoints:
+            return
+        if event.step in measured_before:
+            points.append(measured_before[event.step])
+            log(f"{method} step {event.step}: kept")
             return
         started, cpu_started = time.perf_counter(), time.process_time()
         by_sampler = {}
@@ -192,6 +199,12 @@ def method_curve(method: str, settings: CurveSettings, device: str, reference: R
     if max(settings.checkpoints) > 0:
         unlearn(backend, forget, retain, config, on_step=on_step)
     return points
+
+
+def first_new(checkpoints: Sequence[int], known: Sequence[dict]) -> int:
+    """The first checkpoint no stored point has: where an extending run's grids start."""
+    stored = {p["step"] for p in known}
+    return next(step for step in checkpoints if step not in stored)
 
 
 def reaches(point: dict, oracle_quality: dict, pretrained: dict, key: str, quality: bool = True) -> bool:
@@ -243,52 +256,63 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
             "oracle": {key: levels.to_dict() for key, levels in start.oracle.items()},
             "oracle_confirming": start.oracle_confirming.to_dict() if start.oracle_confirming else None,
             "pretrained": asdict(start.pretrained), "methods": {}}
-    done = finished_methods(out / "curves.json", data)
+    stored = stored_curves(out / "curves.json", data)
     for method in settings.methods:
-        if method in done:  # measured by an interrupted run with the same settings: keep it
-            data["methods"][method] = done[method]
+        known = stored.get(method, [])
+        if [p["step"] for p in known] == list(settings.checkpoints):  # measured by an earlier run: keep it
+            data["methods"][method] = known
             log(f"{method}: kept from {out / 'curves.json'}")
         else:
             nearest: dict = {}
             data["methods"][method] = [asdict(p) for p in method_curve(method, settings, device, reference, start,
-                                                                        log, nearest)]
+                                                                        log, nearest, known)]
+            # the checkpoints measured now; a run that extends a stored curve names its new steps
+            suffix = f"-from-{first_new(settings.checkpoints, known)}" if known else ""
             for key, rows in nearest.items():
-                save_nearest_rows(rows, out / f"curves-nearest-{method}-{key}.png")
+                save_nearest_rows(rows, out / f"curves-nearest-{method}-{key}{suffix}.png")
         data["meta"].update(record.finish())
         write_curves(data, out)  # after every method, kept ones too (a kept one may come last)
     return data
 
 
-def _settings_but_methods(meta: dict) -> dict:
-    """A run's settings as stored in JSON, without the list of methods: no curve depends on it."""
-    return {k: v for k, v in json.loads(json.dumps(meta.get("settings", {}))).items() if k != "methods"}
+def _settings_but(meta: dict, *names: str) -> dict:
+    """A run's settings as stored in JSON, without `names` (e.g. the list of methods: no curve
+    depends on it; the checkpoints: the start does not depend on them)."""
+    return {k: v for k, v in json.loads(json.dumps(meta.get("settings", {}))).items() if k not in names}
 
 
 def stored_start(path: Path, settings: CurveSettings) -> Optional[Start]:
     """The oracle's levels and the pretrained model's point from an earlier run in `path` with the
-    same settings (the list of methods aside), so a run that adds methods does not redraw them
-    (the confirmation's 5,000 oracle samples alone take minutes); None otherwise."""
+    same settings (the methods and the checkpoints aside), so a run that adds methods or later
+    checkpoints does not redraw them (the confirmation's 5,000 oracle samples alone take minutes);
+    None otherwise."""
     if not path.exists():
         return None
     old = json.loads(path.read_text())
-    if _settings_but_methods(old.get("meta", {})) != _settings_but_methods({"settings": asdict(settings)}):
+    if _settings_but(old.get("meta", {}), "methods", "checkpoints") != \
+            _settings_but({"settings": asdict(settings)}, "methods", "checkpoints"):
         return None
     confirming = old.get("oracle_confirming")
     return Start({key: OracleLevels.from_dict(levels) for key, levels in old["oracle"].items()},
                  Point(**old["pretrained"]), OracleLevels.from_dict(confirming) if confirming else None)
 
 
-def finished_methods(path: Path, data: dict) -> dict:
-    """The method curves already in `path` from a run with the same settings (the list of methods
-    aside) and starting measurements, so a stopped run resumes with the methods it has not
-    measured, in any order; {} otherwise."""
+def stored_curves(path: Path, data: dict) -> dict:
+    """The method curves already in `path` from a run with the same settings (the methods and the
+    checkpoints aside) and starting measurements: a stopped run resumes with the methods it has
+    not measured, in any order, and a run with later checkpoints measures only those (each curve's
+    points at the run's checkpoints; the training is redone from the same seed, so the stored
+    points belong to it); {} otherwise."""
     if not path.exists():
         return {}
     old = json.loads(path.read_text())
-    same = (_settings_but_methods(old.get("meta", {})) == _settings_but_methods(data["meta"])
+    same = (_settings_but(old.get("meta", {}), "methods", "checkpoints")
+            == _settings_but(data["meta"], "methods", "checkpoints")
             and old.get("oracle") == json.loads(json.dumps(data["oracle"]))
             and old.get("pretrained") == json.loads(json.dumps(data["pretrained"])))
-    return old.get("methods", {}) if same else {}
+    checkpoints = set(data["meta"]["settings"]["checkpoints"])
+    return {method: [p for p in points if p["step"] in checkpoints]
+            for method, points in old.get("methods", {}).items()} if same else {}
 
 
 # ============================================================================ reading the curves

@@ -73,6 +73,21 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
     resumed = json.loads((out / "curves.json").read_text())["methods"]
     assert list(resumed) == ["retrack", "siss"] and resumed["siss"][-1]["seconds"] == 123.0
 
+    # Later checkpoints extend the stored curves: the start and the stored points are kept (the
+    # training is redone from the same seed), only the new checkpoint is measured, and its grids
+    # are named by it.
+    assert main(["bench", "--curves", "--quick", "--methods", "retrack,siss", "--checkpoints", "0,1,2,3",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "start: kept" in printed and "siss step 2: kept" in printed and "retrack step 1: kept" in printed
+    extended = json.loads((out / "curves.json").read_text())
+    assert extended["meta"]["settings"]["checkpoints"] == [0, 1, 2, 3]
+    for method in ("retrack", "siss"):
+        assert [p["step"] for p in extended["methods"][method]] == [0, 1, 2, 3]
+        assert extended["methods"][method][:3] == resumed[method]
+    assert extended["methods"]["siss"][2]["seconds"] == 123.0
+    assert (out / "curves-nearest-siss-paper-from-3.png").is_file()
+
     assert main(["bench", "--curves", "--quick", "--checkpoints", "2,1", "--out", str(out)]) == 2
     assert "increasing order" in capsys.readouterr().err
     assert main(["bench", "--curves", "--checkpoints", "ten", "--out", str(out)]) == 2
