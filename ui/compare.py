@@ -98,11 +98,11 @@ class CompareSection:
                                     self.page.settings.output_dir,
                                     training_prompt=form.training_prompt if model.family == "latent" else "").start()
         except USER_ERRORS as exc:
-            yield (f"⚠ {exc}",) + tuple(gr.skip() for _ in COMPARE_OUTPUTS[1:])
+            yield comparison_status_only(f"⚠ {exc}")
             return
         except Exception as exc:  # never a stack trace in the page
             log.exception("could not start a comparison")
-            yield (f"⚠ Unexpected error ({type(exc).__name__}: {exc})",) + tuple(gr.skip() for _ in COMPARE_OUTPUTS[1:])
+            yield comparison_status_only(f"⚠ Unexpected error ({type(exc).__name__}: {exc})")
             return
         sent: dict[str, object] = {}
         yield from stream(self.page, request.session_hash or comparison.id, comparison, progress,
@@ -117,6 +117,11 @@ class CompareSection:
                               concurrency_limit=limits.concurrent_runs if limits else 16, concurrency_id="unlearn")
         self.cancel_button.click(cancel, None, self.status, api_name="cancel_comparison", concurrency_limit=None,
                                  show_progress="hidden")
+
+
+def comparison_status_only(message: str) -> tuple:
+    """The COMPARE_OUTPUTS when a comparison could not start: the message, everything else unchanged."""
+    return (message,) + tuple(gr.skip() for _ in COMPARE_OUTPUTS[1:])
 
 
 def shared(state: ComparisonState) -> Optional[JobState]:
