@@ -36,7 +36,9 @@ Part 4 (x0): what the pretrained model and the published run's model predict as 
 at high noise, from noised retain digits: its distance to the T-shirt and to the neighbours' mean.
 
 Writes retrack_t_diagnosis.json, .md, -nearest.png (part 2), -switch-nearest.png (part 3) and
--neighbours.png (the T-shirt, its neighbours and their mean) into --out.
+-neighbours.png (the T-shirt, its neighbours and their mean) into --out. The oracle's levels and
+part 3's evaluations are kept in --out/retrack_t_diagnosis-parts/ as they are finished, so a
+stopped part 3 started again with the same arguments resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import os
 import sys
@@ -67,7 +70,7 @@ from retrack.objectives import (METHODS, Batch, NoiseSchedule, Params, Terms, re
                                 retrack_unlearn_loss, sum_sq)
 from retrack.paths import BUILTIN_MODEL, BUILTIN_ORACLE  # noqa: E402
 from retrack.runrecord import (  # noqa: E402
-    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+    RunRecord, add_beside_argument, describe_run, resumable, script_command, write_json_and_markdown,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "builtin"
@@ -183,24 +186,30 @@ def hybrid(early, late, tau: int):
 
 
 def switch_runs(method: str, taus: list[int], sampler: SamplerSettings, reference,
-                oracle: OracleLevels) -> tuple[list[dict], list]:
+                oracle: OracleLevels, parts: Path) -> tuple[list[dict], list]:
     """Rates of P, the published run of `method` (U) and the hybrids "U above tau, P below" and
-    "P above tau, U below"."""
+    "P above tau, U below". Each model's evaluation is kept in `parts` as it is finished (a stopped
+    run resumes there); the published run is trained only when one still needs it."""
     pretrained = load_backend(BUILTIN_MODEL, device="cpu")
-    unlearned, _ = published_model(method)
+    unlearned = functools.cache(lambda: published_model(method)[0])
     title, short = METHODS[method].title, METHODS[method].title[0]
-    # (name, the grid's short label, model)
-    models = [("pretrained", "P", pretrained), (title, short, unlearned)]
-    models += [(f"{title} above {tau}, pretrained below", f"{short}>{tau}", hybrid(unlearned, pretrained, tau))
-               for tau in taus]
-    models += [(f"pretrained above {tau}, {title} below", f"P>{tau}", hybrid(pretrained, unlearned, tau))
-               for tau in taus]
+    # (name, the grid's short label, the model, built when needed)
+    models = [("pretrained", "P", lambda: pretrained), (title, short, unlearned)]
+    models += [(f"{title} above {tau}, pretrained below", f"{short}>{tau}",
+                lambda tau=tau: hybrid(unlearned(), pretrained, tau)) for tau in taus]
+    models += [(f"pretrained above {tau}, {title} below", f"P>{tau}",
+                lambda tau=tau: hybrid(pretrained, unlearned(), tau)) for tau in taus]
     rows, nearest = [], []
     for name, label, model in models:
-        evaluation = evaluate(model, sampler, reference, oracle)
-        rows.append(dict(model=name, rates=evaluation.rates(), excess=evaluation.excess(),
-                         quality=evaluation.quality_figures))
-        nearest.append((label, evaluation.nearest(16)))
+        def measure() -> tuple[dict, tuple]:
+            evaluation = evaluate(model(), sampler, reference, oracle)
+            return dict(model=name, rates=evaluation.rates(), excess=evaluation.excess(),
+                        quality=evaluation.quality_figures), evaluation.nearest(16)
+
+        row, near = resumable(parts / f"switch-{method}-{label}-{sampler.sampler}{sampler.steps}-n{sampler.n_samples}.pt",
+                              measure)
+        rows.append(row)
+        nearest.append((label, near))
         print(f"{name}: rates {rows[-1]['rates']}", flush=True)
     return rows, nearest
 
@@ -263,8 +272,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     sampler = SamplerSettings(n_samples=args.samples, sampler=args.sampler, steps=args.sample_steps)
     reference = builtin_reference("cpu") if args.part in ("runs", "switch", "all") else None
     oracle = None
+    parts = out / "retrack_t_diagnosis-parts"  # finished evaluations, for resuming (see switch_runs)
     if reference is not None:  # the oracle's levels under this very sampler and seeds
-        oracle = oracle_levels(load_backend(BUILTIN_ORACLE, device="cpu"), sampler, reference, BUILTIN_ORACLE.name)
+        oracle = resumable(parts / f"oracle-{sampler.sampler}{sampler.steps}-n{sampler.n_samples}.pt",
+                           lambda: oracle_levels(load_backend(BUILTIN_ORACLE, device="cpu"), sampler, reference,
+                                                 BUILTIN_ORACLE.name))
     data["sampler"], data["oracle"] = sampler.describe("cpu"), None if oracle is None else oracle.source
     if args.part in ("runs", "all"):
         data["runs"], nearest = [], []
@@ -278,7 +290,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.part in ("switch", "all"):
         data["switch_method"] = args.method
         data["switch"], nearest = switch_runs(args.method, [int(v) for v in args.taus.split(",")], sampler,
-                                              reference, oracle)
+                                              reference, oracle, parts)
         save_nearest_rows(nearest, out / "retrack_t_diagnosis-switch-nearest.png")
     if args.part in ("x0", "all"):
         data["x0_method"] = args.method
@@ -319,7 +331,7 @@ def markdown(data: dict) -> str:
         title = METHODS[data.get("switch_method", "retrack")].title
         short = title[0]
         measures = list(data["switch"][0]["rates"])
-        lines += ["## Part 3: which model samples where (DDIM timesteps above / at and below tau)", "",
+        lines += ["## Part 3: which model samples where (the sampler's timesteps above / at and below tau)", "",
                   f"Evaluation: {data['sampler']}. Grid: retrack_t_diagnosis-switch-nearest.png, one row per model in "
                   f"the table's order: P (pretrained), {short} ({title}), {short}>tau ({title}'s network above tau, "
                   "the pretrained one's below), P>tau (the reverse).", "",

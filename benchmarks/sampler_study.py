@@ -20,7 +20,9 @@ the bf16 rate within one binomial standard error of the fp32 rate on the same se
 same check for the ancestral sampler, with the paired difference and its standard error, and the
 seconds per sample of both on this machine (a ratio: they run one after the other in one process).
 
-Writes sampler_study-<part>.json, .md and -nearest.png into --out.
+Writes sampler_study-<part>.json, .md and -nearest.png into --out. Each cell (and the trained
+ReTrack network) is kept in --out/sampler_study-parts/ as it is finished, so a stopped run started
+again with the same arguments resumes at the first cell it had not finished.
 """
 
 from __future__ import annotations
@@ -41,17 +43,22 @@ from retrack.evaluation import SamplerSettings, evaluate  # noqa: E402
 from retrack.grids import save_nearest_rows  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.runrecord import (  # noqa: E402
-    RunRecord, add_beside_argument, describe_run, script_command, write_json_and_markdown,
+    RunRecord, add_beside_argument, describe_run, resumable, script_command, write_json_and_markdown,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def models() -> dict:
-    """The pretrained built-in model and the published ReTrack run's model."""
-    forget, retain = builtin_sets()
+def models(parts: Path) -> dict:
+    """The pretrained built-in model and the published ReTrack run's model (trained once, kept in `parts`)."""
+    def published_retrack() -> dict:
+        forget, retain = builtin_sets()
+        backend = load_backend(BUILTIN_MODEL, device="cpu")
+        unlearn(backend, forget, retain, UnlearnConfig.preset("mnist", method="retrack", seed=0, device="cpu"))
+        return backend.unet.state_dict()
+
     retrack = load_backend(BUILTIN_MODEL, device="cpu")
-    unlearn(retrack, forget, retain, UnlearnConfig.preset("mnist", method="retrack", seed=0, device="cpu"))
+    retrack.unet.load_state_dict(resumable(parts / "retrack-published-unet.pt", published_retrack))
     return {"pretrained": load_backend(BUILTIN_MODEL, device="cpu"), "retrack": retrack}
 
 
@@ -62,15 +69,19 @@ def cell(result, seconds: float) -> dict:
                 seconds_per_sample=round(seconds / result.n, 4))
 
 
-def steps_part(backends: dict, reference, n: int, steps: list[int]) -> tuple[list[dict], list]:
+def steps_part(backends: dict, reference, n: int, steps: list[int], parts: Path) -> tuple[list[dict], list]:
     rows, nearest = [], []
     for name, backend in backends.items():
         for sampler in ("ddim", "ddpm"):
             for count in steps:
-                t0 = time.perf_counter()
-                result = evaluate(backend, SamplerSettings(n_samples=n, sampler=sampler, steps=count), reference)
-                rows.append(dict(model=name, **cell(result, time.perf_counter() - t0)))
-                nearest.append((f"{name[:4]} {sampler}-{count}", result.nearest(16)))
+                def measure() -> tuple[dict, tuple]:
+                    t0 = time.perf_counter()
+                    result = evaluate(backend, SamplerSettings(n_samples=n, sampler=sampler, steps=count), reference)
+                    return dict(model=name, **cell(result, time.perf_counter() - t0)), result.nearest(16)
+
+                row, near = resumable(parts / f"{name}-{sampler}-{count}-n{n}.pt", measure)
+                rows.append(row)
+                nearest.append((f"{name[:4]} {sampler}-{count}", near))
                 print(f"{name}, {result.sampler}: {rows[-1]['rates']} ({rows[-1]['seconds_per_sample']} s/sample)",
                       flush=True)
     return rows, nearest
@@ -131,9 +142,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     record = RunRecord.start(script_command(__file__, argv), args.beside)
     reference = builtin_reference("cpu")
-    backends = models()
+    parts = out / "sampler_study-parts"
+    backends = models(parts)
     if args.part == "steps":
-        rows, nearest = steps_part(backends, reference, args.n or 200, [int(v) for v in args.steps.split(",")])
+        rows, nearest = steps_part(backends, reference, args.n or 200, [int(v) for v in args.steps.split(",")], parts)
     else:
         rows, nearest = bf16_part(backends, reference, args.n or 1000)
     data = dict(rows=rows, **record.finish())

@@ -17,7 +17,8 @@ and `total_seconds` since `start`. The library's benchmarks (`bench`, `curves`) 
 their files' `meta`; the scripts under benchmarks/ at the top of theirs. `describe_run` writes
 the same record as one Markdown sentence, from a record or any dict that holds its keys (a file
 read back), and `write_json_and_markdown` writes both files atomically
-(`atomic.write_file_atomically`).
+(`atomic.write_file_atomically`). `resumable` keeps a long script's finished parts on disk, so
+that a stopped run picks up where it stopped.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, TypeVar, Union
 
 from .atomic import write_file_atomically
 
 NOT_RECORDED = "not recorded"  # what --beside says when the caller did not say
+Part = TypeVar("Part")
 
 
 def add_beside_argument(parser: argparse.ArgumentParser) -> None:
@@ -156,3 +158,18 @@ def write_json_and_markdown(path: Union[str, Path], data: Mapping[str, Any], mar
     if markdown is not None:
         write_file_atomically(path.with_suffix(".md"), markdown if markdown.endswith("\n") else markdown + "\n")
     return path
+
+
+def resumable(path: Union[str, Path], compute: Callable[[], Part]) -> Part:
+    """`compute()`, kept at `path` (torch.save, written atomically): a later call with the same path
+    loads it instead of computing it again. For the parts of a long benchmark (one cell of a
+    table, one model's evaluation), so that a run stopped part-way resumes at the first part it had
+    not finished. The caller names the path after everything the part depends on."""
+    import torch  # here: the run record itself needs no torch
+
+    path = Path(path)
+    if path.exists():
+        return torch.load(path, weights_only=False)  # our own file, written below
+    part = compute()
+    write_file_atomically(path, lambda tmp: torch.save(part, tmp))
+    return part

@@ -1,15 +1,17 @@
 """The one run record of the benchmarks (retrack/runrecord.py): its keys, the shared --beside
-option, its Markdown sentence and the atomic JSON + Markdown write."""
+option, its Markdown sentence, the atomic JSON + Markdown write and the resumable parts."""
 
 import argparse
 import json
 import re
 
 import pytest
+import torch
 
 from retrack import atomic, runrecord
 from retrack.runrecord import (
-    NOT_RECORDED, RunRecord, add_beside_argument, describe_run, script_command, timestamp, write_json_and_markdown,
+    NOT_RECORDED, RunRecord, add_beside_argument, describe_run, resumable, script_command, timestamp,
+    write_json_and_markdown,
 )
 
 KEYS = {"command", "device", "beside", "load_average_at_start", "load_average_at_end", "created", "total_seconds"}
@@ -92,3 +94,26 @@ def test_a_gpu_is_described_by_its_name_and_index(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: f"Some GPU #{index}")
     assert runrecord.describe_machine("cuda:1") == f"Some GPU #1 (cuda:1), torch {torch.__version__}"
     assert runrecord.describe_machine("cuda") == f"Some GPU #0 (cuda:0), torch {torch.__version__}"
+
+
+def test_resumable_computes_a_part_once_and_loads_it_after(tmp_path):
+    calls = []
+
+    def part():
+        calls.append(1)
+        return {"rows": [1, 2]}, torch.arange(3)
+
+    first = resumable(tmp_path / "cell.pt", part)
+    again = resumable(tmp_path / "cell.pt", part)  # as a resumed run would: loaded, not computed
+    assert len(calls) == 1
+    assert again[0] == first[0] == {"rows": [1, 2]} and torch.equal(again[1], torch.arange(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["cell.pt"]  # no temporary left beside it
+
+
+def test_resumable_writes_nothing_when_the_part_fails(tmp_path):
+    def failing():
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError):
+        resumable(tmp_path / "cell.pt", failing)
+    assert list(tmp_path.iterdir()) == []
