@@ -44,14 +44,6 @@ def classifier_copies(forget_probabilities: np.ndarray, threshold: float = CLASS
     return np.asarray(forget_probabilities) > threshold
 
 
-def nearer_forget_than_retain(to_forget: np.ndarray, to_retain: np.ndarray) -> np.ndarray:
-    """Boolean (N,): the sample's nearest image among forget + retain is a forget image, from its
-    pixel-L2 distances to the nearest of each. A criterion without a threshold that also counts
-    blurred or shifted copies beyond the calibrated one; the evaluation does not use it (it reads
-    such near-copies against the oracle's distance quantile instead)."""
-    return np.asarray(to_forget) < np.asarray(to_retain)
-
-
 def copy_rate(flags: np.ndarray) -> float:
     """The share of copies among the samples; 0 when there are none."""
     flags = np.asarray(flags)
