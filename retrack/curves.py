@@ -154,14 +154,17 @@ def method_curve(method: str, settings: CurveSettings, device: str, reference: R
                  log: Callable[[str], None], nearest: Optional[dict] = None,
                  known: Sequence[dict] = ()) -> list[Point]:
     """Train `method` from the built-in model to the last checkpoint, evaluating at each one under
-    both samplers (`known`: points an earlier run of the same training measured, kept as they are).
+    both samplers (`known`: points an earlier run of the same training measured, kept as they are;
+    the training then stops at the last checkpoint they lack, since a run's first steps do not
+    depend on how many follow).
     Where a checkpoint is at the oracle's level under the paper's sampler, it is re-read on
     `confirm_samples` (until one confirms). `nearest`, when given, collects per sampler each
     evaluated checkpoint's `Evaluation.nearest(NEAREST)` (the grid to look at)."""
     measured_before = {p["step"]: Point(**p) for p in known if p["step"] > 0}
     forget, retain = builtin_sets()
     backend = load_backend(BUILTIN_MODEL, device=device)
-    config = UnlearnConfig.preset("mnist", method=method, steps=max(settings.checkpoints),
+    last_new = max((step for step in settings.checkpoints if step not in measured_before), default=0)
+    config = UnlearnConfig.preset("mnist", method=method, steps=max(last_new, 1),
                                   batch_size=settings.batch_size, seed=settings.seed, device=device)
     points = [start.pretrained] if settings.checkpoints[0] == 0 else []
     evaluating = {"seconds": 0.0, "cpu": 0.0}  # evaluation time so far, taken out of the run's clocks
@@ -196,8 +199,11 @@ def method_curve(method: str, settings: CurveSettings, device: str, reference: R
             + ("" if here.confirmed is None else f"; on {settings.confirm_samples}: excess "
                f"{_short(here.confirmed['excess'])}, at the oracle's level: {here.confirmed['at_oracle_level']}"))
 
-    if max(settings.checkpoints) > 0:
+    if last_new > 0:
         unlearn(backend, forget, retain, config, on_step=on_step)
+    for step in (step for step in settings.checkpoints if step > last_new and step in measured_before):
+        points.append(measured_before[step])
+        log(f"{method} step {step}: kept (not retrained)")
     return points
 
 

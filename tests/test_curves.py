@@ -88,6 +88,20 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
     assert extended["methods"]["siss"][2]["seconds"] == 123.0
     assert (out / "curves-nearest-siss-paper-from-3.png").is_file()
 
+    # A missing checkpoint before stored ones is measured by retraining only as far as it: the
+    # points after it are kept, and the retrained step measures as the first training did.
+    step_2 = extended["methods"]["retrack"].pop(2)
+    extended["methods"]["retrack"][-1]["seconds"] = 456.0  # step 3, a mark only a kept point carries
+    (out / "curves.json").write_text(json.dumps(extended))
+    assert main(["bench", "--curves", "--quick", "--methods", "retrack,siss", "--checkpoints", "0,1,2,3",
+                 "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "retrack step 3: kept (not retrained)" in printed and "siss: kept" in printed
+    filled = json.loads((out / "curves.json").read_text())["methods"]["retrack"]
+    assert [p["step"] for p in filled] == [0, 1, 2, 3] and filled[3]["seconds"] == 456.0
+    assert filled[2]["by_sampler"]["paper"]["rates"] == step_2["by_sampler"]["paper"]["rates"]
+    assert (out / "curves-nearest-retrack-paper-from-2.png").is_file()
+
     assert main(["bench", "--curves", "--quick", "--checkpoints", "2,1", "--out", str(out)]) == 2
     assert "increasing order" in capsys.readouterr().err
     assert main(["bench", "--curves", "--checkpoints", "ten", "--out", str(out)]) == 2

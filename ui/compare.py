@@ -22,9 +22,9 @@ from retrack.grids import samples_grid
 from retrack.jobs import JobState
 from retrack.objectives import METHODS
 
-from .common import USER_ERRORS, Page, log
+from .common import Page
 from .results import LIVE_MEASURES, nearest_picture, rates_table
-from .run import RunForm, prepare, stream
+from .run import RunForm, start_work, stream
 from .settings import gpu_task
 
 COMPARE_OUTPUTS = ("status", "memorisation_plot", "return_plot", "table", *(f"grid_{i}" for i in range(MAX_METHODS)),
@@ -91,18 +91,12 @@ class CompareSection:
                 *values) -> Iterator[tuple]:
         """Start a comparison of `methods` with the RunForm `values` and stream its state to the
         page until it ends (gradio puts the request and progress first, then the inputs)."""
-        form = RunForm(*values)
-        try:
-            model, forget, config, evaluation = prepare(self.page, form)
-            comparison = Comparison(model, forget, config, tuple(methods or ()), evaluation,
-                                    self.page.settings.output_dir,
-                                    training_prompt=form.training_prompt if model.family == "latent" else "").start()
-        except USER_ERRORS as exc:
-            yield comparison_status_only(f"⚠ {exc}")
-            return
-        except Exception as exc:  # never a stack trace in the page
-            log.exception("could not start a comparison")
-            yield comparison_status_only(f"⚠ Unexpected error ({type(exc).__name__}: {exc})")
+        output_root = self.page.settings.output_dir
+        comparison, error = start_work(
+            self.page, RunForm(*values), lambda model, forget, config, evaluation, prompt: Comparison(
+                model, forget, config, tuple(methods or ()), evaluation, output_root, training_prompt=prompt))
+        if comparison is None:
+            yield comparison_status_only(error)
             return
         sent: dict[str, object] = {}
         yield from stream(self.page, request.session_hash or comparison.id, comparison, progress,

@@ -171,6 +171,22 @@ def prepare(page: Page, form: RunForm) -> tuple[ModelInfo, ForgetSet, UnlearnCon
     return model, forget, config, evaluation
 
 
+def start_work(page: Page, form: RunForm, make: Callable[..., Union[Job, Comparison]]
+               ) -> tuple[Optional[Union[Job, Comparison]], str]:
+    """Start what `make(model, forget, config, evaluation, training_prompt)` builds from the form (a
+    job or a comparison) and return it with ""; or None and the message the page shows instead:
+    the user's mistake, or an unexpected error (logged; never a stack trace in the page)."""
+    try:
+        model, forget, config, evaluation = prepare(page, form)
+        prompt = form.training_prompt if model.family == "latent" else ""
+        return make(model, forget, config, evaluation, prompt).start(), ""
+    except USER_ERRORS as exc:
+        return None, f"⚠ {exc}"
+    except Exception as exc:
+        log.exception("could not start")
+        return None, f"⚠ Unexpected error ({type(exc).__name__}: {exc})"
+
+
 def stream(page: Page, session: str, work: Union[Job, Comparison], progress: gr.Progress,
            show: Callable[[Any], tuple]) -> Iterator[tuple]:
     """`show` each state of `work` (a started job or comparison) on the page until it ends, with
@@ -232,17 +248,11 @@ class RunSection:
     def run(self, request: gr.Request, progress=gr.Progress(), *values) -> Iterator[tuple]:
         """Start a job with the RunForm `values` and stream its state to the page until it ends
         (gradio puts the request and progress first, then the form's values)."""
-        form = RunForm(*values)
-        try:
-            model, forget, config, evaluation = prepare(self.page, form)
-            job = Job(model, forget, config, evaluation, self.page.settings.output_dir,
-                      training_prompt=form.training_prompt if model.family == "latent" else "").start()
-        except USER_ERRORS as exc:
-            yield status_only(f"⚠ {exc}")
-            return
-        except Exception as exc:  # never a stack trace in the page
-            log.exception("could not start a job")
-            yield status_only(f"⚠ Unexpected error ({type(exc).__name__}: {exc})")
+        output_root = self.page.settings.output_dir
+        job, error = start_work(self.page, RunForm(*values), lambda model, forget, config, evaluation, prompt: Job(
+            model, forget, config, evaluation, output_root, training_prompt=prompt))
+        if job is None:
+            yield status_only(error)
             return
         sent: dict[str, object] = {}
 
