@@ -263,6 +263,9 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
             "oracle_confirming": start.oracle_confirming.to_dict() if start.oracle_confirming else None,
             "pretrained": asdict(start.pretrained), "methods": {}}
     stored = stored_curves(out / "curves.json", data)
+    # written as they are until their turn comes, so a run stopped part-way loses none of them;
+    # a method measured now takes its place in the order of `settings.methods`
+    data["methods"] = {method: stored.get(method) for method in settings.methods}
     for method in settings.methods:
         known = stored.get(method, [])
         if [p["step"] for p in known] == list(settings.checkpoints):  # measured by an earlier run: keep it
@@ -277,7 +280,7 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
             for key, rows in nearest.items():
                 save_nearest_rows(rows, out / f"curves-nearest-{method}-{key}{suffix}.png")
         data["meta"].update(record.finish())
-        write_curves(data, out)  # after every method, kept ones too (a kept one may come last)
+        write_curves({**data, "methods": {m: points for m, points in data["methods"].items() if points}}, out)
     return data
 
 

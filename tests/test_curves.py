@@ -2,6 +2,7 @@
 time-to-oracle reading of the curves."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from retrack.backends import load_backend
 from retrack.builtin import builtin_reference, builtin_sets
 from retrack.cli import main
-from retrack.curves import CurveSettings, curves_table, time_to_both, time_to_oracle
+from retrack.curves import CurveSettings, curves_table, run_curves, time_to_both, time_to_oracle
 from retrack.engine import UnlearnConfig, unlearn
 from retrack.evaluation import OracleLevels, evaluate
 from retrack.paths import BUILTIN_MODEL
@@ -101,6 +102,18 @@ def test_quick_curves_continue_one_run_per_method(tmp_path, capsys):
     assert [p["step"] for p in filled] == [0, 1, 2, 3] and filled[3]["seconds"] == 456.0
     assert filled[2]["by_sampler"]["paper"]["rates"] == step_2["by_sampler"]["paper"]["rates"]
     assert (out / "curves-nearest-retrack-paper-from-2.png").is_file()
+
+    # A run stopped part-way keeps in its file the stored curves of the methods it had not reached.
+    def stop_at_siss(line: str) -> None:
+        if line.startswith("siss"):
+            raise KeyboardInterrupt
+
+    settings = replace(CurveSettings.quick(), methods=("retrack", "siss"), checkpoints=(0, 1, 2, 3, 4), device="cpu")
+    with pytest.raises(KeyboardInterrupt):
+        run_curves(settings, out, log=stop_at_siss)
+    stopped = json.loads((out / "curves.json").read_text())["methods"]
+    assert [p["step"] for p in stopped["retrack"]] == [0, 1, 2, 3, 4]
+    assert [p["step"] for p in stopped["siss"]] == [0, 1, 2, 3] and stopped["siss"][2]["seconds"] == 123.0
 
     assert main(["bench", "--curves", "--quick", "--checkpoints", "2,1", "--out", str(out)]) == 2
     assert "increasing order" in capsys.readouterr().err
