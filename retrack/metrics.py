@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from . import paths
+from .data import TSHIRT_LABEL
 from .images import to_unit_nchw
 from .loading import MODEL_LOADING
 
@@ -351,14 +352,18 @@ def class_shares(probabilities: np.ndarray) -> np.ndarray:
 # Measures on the project's digit + T-shirt classifier (retrack.classifier)
 # --------------------------------------------------------------------------------------------
 
-def confident_digit_rate(probs: np.ndarray, n_digits: int = 10, threshold: float = 0.9) -> float:
+# The project classifier's layout: the ten digits are classes 0..9, the T-shirt follows them.
+DIGIT_CLASSES = TSHIRT_LABEL
+
+
+def confident_digit_rate(probs: np.ndarray, n_digits: int = DIGIT_CLASSES, threshold: float = 0.9) -> float:
     """Share of samples whose most probable class is a digit (among the first ``n_digits``
     classes) with probability at least ``threshold``."""
     probs = np.asarray(probs)
     return float(((probs.argmax(axis=1) < n_digits) & (probs[:, :n_digits].max(axis=1) >= threshold)).mean())
 
 
-def digit_inception_score(probs: np.ndarray, n_digits: int = 10) -> float:
+def digit_inception_score(probs: np.ndarray, n_digits: int = DIGIT_CLASSES) -> float:
     """The paper's MNIST Inception Score: ``inception_style_score`` over the ten digit classes,
     the probabilities of the first ``n_digits`` classes renormalised to sum to 1 per sample."""
     digits = np.asarray(probs, dtype=np.float64)[:, :n_digits]
