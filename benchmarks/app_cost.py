@@ -72,8 +72,8 @@ def timed_job(model, forget, config: UnlearnConfig, evaluation: EvalSettings, ou
     seconds["live curve (inside training)"] = round(state.live_seconds, 2)
     seconds["training without the live curve"] = round(seconds["training"] - state.live_seconds, 2)
     return {"seconds": seconds, "total": round(total, 2), "live_points": len(state.live),
-            "before_rate": state.before.rate, "after_rate": state.after.rate,
-            "oracle_rate": None if state.oracle is None else state.oracle.rate, "message": state.message}
+            "before_rate": state.before.clip_rate, "after_rate": state.after.clip_rate,
+            "oracle_rate": None if state.oracle is None else state.oracle.clip_rate, "message": state.message}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -55,7 +55,6 @@ from torch import Tensor
 
 from . import metrics
 from .backends.base import Backend
-from .checks import check_range
 from .copies import CLASSIFIER_THRESHOLD, PAPER_L2_THRESHOLD, classifier_copies, clip_copies, copy_rate, pixel_copies
 from .images import unit_pixels
 from .presets import EVALUATION_STEPS, GUIDANCE
@@ -344,27 +343,23 @@ class Evaluation:
         """The CLIP Fréchet distance of the non-copies to the retain reference (lower is better)."""
         return self.quality_figures.get("clip_fd")
 
-    # --- the CLIP view the app shows -------------------------------------------------------
+    # --- the CLIP view the app shows (the copy measure that works for any image) -----------
     @property
-    def scores(self) -> np.ndarray:
-        return self.clip_similarity
-
-    @property
-    def threshold(self) -> float:
+    def clip_threshold(self) -> float:
         return self.reference.clip_threshold
 
     @property
-    def flags(self) -> np.ndarray:
+    def clip_flags(self) -> np.ndarray:
         return self.copies()["clip"]
 
     @property
-    def rate(self) -> float:
-        return copy_rate(self.flags)
+    def clip_rate(self) -> float:
+        return copy_rate(self.clip_flags)
 
     def teaching_seed(self) -> tuple[int, bool]:
         """The seed whose sample is closest (CLIP) to a forget image, and whether it is a copy."""
-        best = int(np.argmax(self.scores))
-        return self.samples.seeds[best], bool(self.flags[best])
+        best = int(np.argmax(self.clip_similarity))
+        return self.samples.seeds[best], bool(self.clip_flags[best])
 
     def summary(self) -> dict:
         """Every rate, excess and quality figure, with the thresholds (JSON-ready)."""

@@ -119,9 +119,9 @@ def samples_grid(evaluation: Evaluation, ncol: int = 8, side: Optional[int] = DI
     score; CLIP copies framed in red. Tiles larger than `side` pixels are reduced first (None: as
     they are)."""
     shown = slice(0, limit)
-    labels = [f"{seed}: {score:.2f}" for seed, score in zip(evaluation.samples.seeds[shown], evaluation.scores[shown])]
+    labels = [f"{seed}: {score:.2f}" for seed, score in zip(evaluation.samples.seeds[shown], evaluation.clip_similarity[shown])]
     return image_grid(reduce_to_side(evaluation.samples.images[shown], side), ncol=ncol, labels=labels,
-                      flags=evaluation.flags[shown].tolist())
+                      flags=evaluation.clip_flags[shown].tolist())
 
 
 NearestRow = tuple[Optional[object], tuple[Tensor, list[str], list[bool]]]

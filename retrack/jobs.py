@@ -367,7 +367,7 @@ class Job:
         name = f"{self.model.path.name}-{config.method}"
         metadata = result.metadata(app_job=self.id, forget_sources=self.forget.sources,
                                    training_prompt=self.training_prompt or None,
-                                   evaluation=vars(settings) | {"before_memorisation_rate": before.rate},
+                                   evaluation=vars(settings) | {"before_memorisation_rate": before.clip_rate},
                                    **({} if until is None else {"until_forgotten": until.record()}))
         model_dir = save_model(backend, self.output_dir / name, metadata)
         archive = zip_folder(model_dir, self.output_dir / f"{name}.zip")
@@ -377,7 +377,7 @@ class Job:
         after = evaluate_samples(self._samples(backend, settings.sampler_settings(), cached=False), reference, levels,
                                  prompt=settings.prompt, sampler=drawn_with)
         after_path = trajectory_strip(backend, teaching_seed, settings, cond)
-        after_flagged = bool(after.flags[after.samples.seeds.index(teaching_seed)])
+        after_flagged = bool(after.clip_flags[after.samples.seeds.index(teaching_seed)])
         self._set(after=after, trajectory=trajectory_image(before_path, after_path, teaching_flagged, after_flagged),
                   teaching_note=_teaching_note(before, teaching_seed, teaching_flagged))
         self._set(**self._class_shares(before=before, after=after, oracle=oracle))
@@ -557,7 +557,7 @@ def return_sentence(returns: dict[int, Return], oracle: dict[int, Return], image
 def _teaching_note(before: Evaluation, seed: int, flagged: bool) -> str:
     """Why the teaching view follows this seed."""
     note = (f"Seed {seed}: its sample {'reproduced' if flagged else 'came closest to'} a "
-            f"forget image before unlearning (score {before.scores.max():.2f}, threshold {before.threshold:.2f})")
+            f"forget image before unlearning (score {before.clip_similarity.max():.2f}, threshold {before.clip_threshold:.2f})")
     if not flagged:
         note += "; no sample was above the threshold, so this is the nearest one"
     return note + "."
@@ -569,12 +569,12 @@ def _done_message(before: Evaluation, after: Evaluation, oracle: Optional[Evalua
     the rates under the paper's sampler, then under DDIM-50 when it was drawn."""
     quality = "" if after.quality is None or before.quality is None else \
         f" · quality (CLIP Fréchet distance to the retain set) {before.quality:.3g} → {after.quality:.3g}"
-    reading = "" if oracle is None else f" (the oracle: {oracle.rate:.0%})"
+    reading = "" if oracle is None else f" (the oracle: {oracle.clip_rate:.0%})"
     second = ""
     if deterministic.get("after") is not None:
         d_oracle = deterministic.get("oracle")
-        second = (f"; under DDIM-50 {deterministic['before'].rate:.0%} → {deterministic['after'].rate:.0%}"
-                  + ("" if d_oracle is None else f" (the oracle: {d_oracle.rate:.0%})"))
+        second = (f"; under DDIM-50 {deterministic['before'].clip_rate:.0%} → {deterministic['after'].clip_rate:.0%}"
+                  + ("" if d_oracle is None else f" (the oracle: {d_oracle.clip_rate:.0%})"))
     live = f" (+ {_seconds(live_seconds)} for the live memorisation curve)" if live_seconds else ""
-    return (f"Done in {_seconds(result.seconds - live_seconds)}{live}: memorisation rate {before.rate:.0%} → "
-            f"{after.rate:.0%}{reading} with the paper's sampler{second}{quality} · saved to {model_dir}")
+    return (f"Done in {_seconds(result.seconds - live_seconds)}{live}: memorisation rate {before.clip_rate:.0%} → "
+            f"{after.clip_rate:.0%}{reading} with the paper's sampler{second}{quality} · saved to {model_dir}")

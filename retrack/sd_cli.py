@@ -188,7 +188,7 @@ def cmd_sd_eval(args: argparse.Namespace) -> int:
         grid = out / f"{number}_{Path(model).name or 'model'}.png"
         samples_grid(evaluation, side=None).save(grid)
         records.append({"model": str(model), "grid": str(grid), **evaluation.summary()})
-        print(f"{model}: {int(evaluation.flags.sum())}/{evaluation.n} copies (threshold {threshold:.3f}), "
+        print(f"{model}: {int(evaluation.clip_flags.sum())}/{evaluation.n} copies (threshold {threshold:.3f}), "
               f"mean similarity {evaluation.clip_similarity.mean():.3f}, text score {evaluation.text_score:.3f}, "
               f"{'success' if evaluation.success else 'still memorised'}")
     write_file_atomically(out / "metrics.json", json.dumps(records, indent=2))

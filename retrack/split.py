@@ -273,7 +273,7 @@ def unlearn_prompt(
 class PromptEvaluation(Evaluation):
     """An `Evaluation` of one prompt's generations, as the Stable Diffusion tools report it.
 
-    A sample is a copy by CLIP (`Evaluation.flags`: its highest similarity to a memorised image at
+    A sample is a copy by CLIP (`Evaluation.clip_flags`: its highest similarity to a memorised image at
     or above the prompt's threshold); the prompt is unlearned (`success`) when no sample is one.
     `text_score` is the mean CLIP cosine between the samples and the prompt (fidelity). With the
     split's retained generations as the oracle, the excess says how many more near-copies the
@@ -284,14 +284,14 @@ class PromptEvaluation(Evaluation):
 
     @property
     def success(self) -> bool:
-        return not bool(self.flags.any())
+        return not bool(self.clip_flags.any())
 
     def summary(self) -> dict:
         """The record `retrack sd-eval` writes per model: every sample's similarity and the verdict."""
         similarity = self.clip_similarity
         return {"prompt": self.prompt, "seeds": self.samples.seeds, "similarity": [round(float(s), 4) for s in similarity],
                 "mean_similarity": float(similarity.mean()), "max_similarity": float(similarity.max()),
-                "threshold": self.threshold, "memorisation_rate": self.rate, "success": self.success,
+                "threshold": self.clip_threshold, "memorisation_rate": self.clip_rate, "success": self.success,
                 "text_score": self.text_score, "excess_over_oracle": self.excess()}
 
 

@@ -102,8 +102,8 @@ def test_clip_rate_counts_exact_copies_when_the_retain_set_is_the_other_samples(
     assert reference.clip_threshold == pytest.approx((1.0 + float(similarity)) / 2, abs=1e-5)
     samples = Samples(torch.cat([forget, others, forget]), list(range(7)))
     result = evaluate_samples(samples, reference)
-    assert result.rates()["clip"] == pytest.approx(2 / 7) and result.rate == pytest.approx(2 / 7)
-    assert result.flags.tolist() == [True, False, False, False, False, False, True]
+    assert result.rates()["clip"] == pytest.approx(2 / 7) and result.clip_rate == pytest.approx(2 / 7)
+    assert result.clip_flags.tolist() == [True, False, False, False, False, False, True]
     np.testing.assert_allclose(result.distances()["clip"][[0, 6]], 0.0, atol=1e-5)
     assert result.teaching_seed() == (0, True)
     # Quality: the CLIP Fréchet distance of the non-copies (the five retain images) to the retain set is 0.

@@ -216,7 +216,7 @@ def rates_table(names: list[str], paper: list[Optional[Evaluation]], ddim: Optio
 
     def rate(evaluation) -> str:
         return "…" if evaluation is None else \
-            f"{evaluation.rate:.0%} ({int(evaluation.flags.sum())} of {len(evaluation.scores)})"
+            f"{evaluation.clip_rate:.0%} ({int(evaluation.clip_flags.sum())} of {len(evaluation.clip_similarity)})"
 
     def pixel_rate(evaluation) -> str:
         return "…" if evaluation is None else f"{evaluation.rates().get('l2', float('nan')):.0%}"
@@ -229,12 +229,12 @@ def rates_table(names: list[str], paper: list[Optional[Evaluation]], ddim: Optio
         return "…" if evaluation is None or evaluation.quality is None else f"{evaluation.quality:.3g}"
 
     def top(evaluation) -> str:
-        return "…" if evaluation is None else f"{evaluation.scores.max():.2f}"
+        return "…" if evaluation is None else f"{evaluation.clip_similarity.max():.2f}"
 
     def row(title: str, cell: Callable, columns: list[Optional[Evaluation]]) -> str:
         return f"| {title} | " + " | ".join(cell(evaluation) for evaluation in columns) + " |"
 
-    rows = [row(f"memorisation rate (samples scoring above {paper[0].threshold:.2f})", rate, paper),
+    rows = [row(f"memorisation rate (samples scoring above {paper[0].clip_threshold:.2f})", rate, paper),
             row("pixel-L2 copies (within the calibrated distance of a forget image)", pixel_rate, paper)]
     if has_oracle:
         rows.append(row("excess over the oracle (share closer than the oracle's 1 % quantile, minus 1 %)", excess,
