@@ -69,10 +69,11 @@ def cell(result, seconds: float) -> dict:
                 seconds_per_sample=round(seconds / result.n, 4))
 
 
-def steps_part(backends: dict, reference, n: int, steps: list[int], parts: Path) -> tuple[list[dict], list]:
+def steps_part(backends: dict, reference, n: int, steps: list[int], parts: Path,
+               samplers: list[str]) -> tuple[list[dict], list]:
     rows, nearest = [], []
     for name, backend in backends.items():
-        for sampler in ("ddim", "ddpm"):
+        for sampler in samplers:
             for count in steps:
                 def measure() -> tuple[dict, tuple]:
                     t0 = time.perf_counter()
@@ -135,6 +136,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--part", choices=("steps", "bf16"), required=True)
     parser.add_argument("--n", type=int, help="samples per cell (default: steps 200, bf16 1000)")
     parser.add_argument("--steps", default="50,250,1000", help="part steps: step counts")
+    parser.add_argument("--models", default="pretrained,retrack", help="part steps: which models, in this order")
+    parser.add_argument("--samplers", default="ddim,ddpm",
+                        help="part steps: which samplers. Processes given different models or samplers share the "
+                             "work through the kept cells; a last run with all of them writes the table")
     add_beside_argument(parser)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -143,9 +148,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     record = RunRecord.start(script_command(__file__, argv), args.beside)
     reference = builtin_reference("cpu")
     parts = out / "sampler_study-parts"
-    backends = models(parts)
+    loaded = models(parts)
+    backends = {name: loaded[name] for name in args.models.split(",")}
     if args.part == "steps":
-        rows, nearest = steps_part(backends, reference, args.n or 200, [int(v) for v in args.steps.split(",")], parts)
+        rows, nearest = steps_part(backends, reference, args.n or 200, [int(v) for v in args.steps.split(",")], parts,
+                                   args.samplers.split(","))
     else:
         rows, nearest = bf16_part(backends, reference, args.n or 1000)
     data = dict(rows=rows, **record.finish())
