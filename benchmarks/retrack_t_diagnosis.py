@@ -274,9 +274,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     oracle = None
     parts = out / "retrack_t_diagnosis-parts"  # finished evaluations, for resuming (see switch_runs)
     if reference is not None:  # the oracle's levels under this very sampler and seeds
-        oracle = resumable(parts / f"oracle-{sampler.sampler}{sampler.steps}-n{sampler.n_samples}.pt",
-                           lambda: oracle_levels(load_backend(BUILTIN_ORACLE, device="cpu"), sampler, reference,
-                                                 BUILTIN_ORACLE.name))
+        oracle = OracleLevels.from_dict(resumable(
+            parts / f"oracle-{sampler.sampler}{sampler.steps}-n{sampler.n_samples}-levels.pt",
+            lambda: oracle_levels(load_backend(BUILTIN_ORACLE, device="cpu"), sampler, reference,
+                                  BUILTIN_ORACLE.name).to_dict()))
     data["sampler"], data["oracle"] = sampler.describe("cpu"), None if oracle is None else oracle.source
     if args.part in ("runs", "all"):
         data["runs"], nearest = [], []

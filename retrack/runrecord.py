@@ -164,12 +164,14 @@ def resumable(path: Union[str, Path], compute: Callable[[], Part]) -> Part:
     """`compute()`, kept at `path` (torch.save, written atomically): a later call with the same path
     loads it instead of computing it again. For the parts of a long benchmark (one cell of a
     table, one model's evaluation), so that a run stopped part-way resumes at the first part it had
-    not finished. The caller names the path after everything the part depends on."""
+    not finished. The caller names the path after everything the part depends on. A part is plain
+    data (tensors, numbers, strings, and lists, tuples and dicts of them): it is read back with
+    `weights_only=True`, as every file the project loads, so nothing in it can run code."""
     import torch  # here: the run record itself needs no torch
 
     path = Path(path)
     if path.exists():
-        return torch.load(path, weights_only=False)  # our own file, written below
+        return torch.load(path, weights_only=True)
     part = compute()
     write_file_atomically(path, lambda tmp: torch.save(part, tmp))
     return part
