@@ -83,8 +83,7 @@ def steps_part(backends: dict, reference, n: int, steps: list[int], parts: Path,
                 row, near = resumable(parts / f"{name}-{sampler}-{count}-n{n}.pt", measure)
                 rows.append(row)
                 nearest.append((f"{name[:4]} {sampler}-{count}", near))
-                print(f"{name}, {row['sampler']}: {rows[-1]['rates']} ({rows[-1]['seconds_per_sample']} s/sample)",
-                      flush=True)
+                print(f"{name}, {row['sampler']}: {row['rates']} ({row['seconds_per_sample']} s/sample)", flush=True)
     return rows, nearest
 
 

@@ -261,7 +261,7 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
                      **record.finish()},
             "oracle": {key: levels.to_dict() for key, levels in start.oracle.items()},
             "oracle_confirming": start.oracle_confirming.to_dict() if start.oracle_confirming else None,
-            "pretrained": asdict(start.pretrained), "methods": {}}
+            "pretrained": asdict(start.pretrained)}
     stored = stored_curves(out / "curves.json", data)
     # written as they are until their turn comes, so a run stopped part-way loses none of them;
     # a method measured now takes its place in the order of `settings.methods`
