@@ -1,28 +1,33 @@
 """How long one evaluation at the paper's protocol takes: 5,000 samples of the built-in model.
 
-    python benchmarks/eval_speed.py                 # the evaluation's defaults, 5,000 samples
-    python benchmarks/eval_speed.py --batch 125 --precision fp32 --n 500
-    python benchmarks/eval_speed.py --compare --n 250   # fp32, bf16 and compiled bf16 side by side
+    python benchmarks/eval_speed.py --cold          # as `retrack bench` draws, from an empty compile cache
+    python benchmarks/eval_speed.py --eager --batch 125 --precision fp32 --n 500
+    python benchmarks/eval_speed.py --compare --n 500   # four ways of drawing side by side
 
 Draws `--n` samples of the built-in model with the evaluation's default sampler (ancestral DDPM,
-50 steps: the paper's) and measures them with the built-in reference, as `retrack bench` does for
-every model, and splits the seconds into drawing (the network) and measuring (pixel L2, CLIP and
-the classifier, quality). The network's share is what batch size, bf16 and threads act on.
+50 steps: the paper's) and the compiled network `retrack bench` and the curves use
+(`retrack.compiled`; `--eager` without it), measures them with the built-in reference as the
+benchmark does for every model, and splits the wall-clock seconds of the whole evaluation into
+loading (model and reference), drawing (the network, its compilation included) and measuring
+(pixel L2, CLIP and the classifier, quality). `--cold` points inductor at an empty cache first,
+so the figure includes compiling from scratch, as on a fresh machine.
 Writes eval_speed.json and eval_speed.md into --out.
 
-`--compare` draws the same `--n` seeds three ways in one process, interleaved batch by batch so
-that load beside it falls on all three alike: eager fp32, eager bf16 autocast (the default) and
-the UNet under `torch.compile` with bf16 autocast. It reports each one's network seconds per
-sample, the ratio to the default, the 5,000-sample time that implies, how far its samples lie
-from the default's and whether any sample changes side of the L2 < 10 copy line.
-Writes eval_speed-compare.json and .md.
+`--compare` draws the same `--n` seeds four ways in one process, interleaved batch by batch so
+that load beside it falls on all alike: eager fp32, eager bf16 autocast, `torch.compile` of the
+UNet as diffusers builds it, and the compiled network of `retrack.compiled` (its GroupNorm
+rewritten), both under bf16 autocast. It reports each one's network seconds per sample, the ratio
+to eager bf16, the 5,000-sample time that implies, how far its samples lie from eager bf16's and
+whether any sample changes side of the L2 < 10 copy line. Writes eval_speed-compare.json and .md.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -33,6 +38,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from retrack.backends import load_backend  # noqa: E402
 from retrack.builtin import builtin_reference  # noqa: E402
+from retrack.compiled import compiled_backend  # noqa: E402
 from retrack.evaluation import SamplerSettings, draw, evaluate_samples  # noqa: E402
 from retrack.images import unit_pixels  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
@@ -47,47 +53,59 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--n", type=int, default=5000)
     parser.add_argument("--batch", type=int, default=SamplerSettings().batch_size)
     parser.add_argument("--precision", default=SamplerSettings().precision, choices=("fp32", "bf16", "auto"))
-    parser.add_argument("--compare", action="store_true", help="fp32, bf16 and compiled bf16 side by side")
+    parser.add_argument("--eager", action="store_true", help="draw without compiling the network")
+    parser.add_argument("--cold", action="store_true", help="compile into an empty inductor cache (a fresh machine)")
+    parser.add_argument("--compare", action="store_true", help="four ways of drawing side by side")
     add_beside_argument(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
-    settings = SamplerSettings(n_samples=args.n, batch_size=args.batch, precision=args.precision)
+    if args.cold:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    settings = SamplerSettings(n_samples=args.n, batch_size=args.batch, precision=args.precision, compiled=not args.eager)
     record = RunRecord.start(script_command(__file__, argv), args.beside)
     if args.compare:
         return compare(settings, record, Path(args.out))
+    t0 = time.perf_counter()
     reference = builtin_reference("cpu")
     backend = load_backend(BUILTIN_MODEL, device="cpu")
-    t0 = time.perf_counter()
-    samples = draw(backend, settings)
     t1 = time.perf_counter()
-    result = evaluate_samples(samples, reference, sampler=settings.describe("cpu"))
+    samples = draw(backend, settings)
     t2 = time.perf_counter()
-    data = dict(sampler=result.sampler, batch_size=args.batch, samples=args.n, drawing_seconds=round(t1 - t0, 1),
-                measuring_seconds=round(t2 - t1, 1), evaluation_seconds=round(t2 - t0, 1),
-                seconds_per_sample=round((t2 - t0) / args.n, 4), rates=result.rates(), counts=result.counts(),
-                **record.finish())
+    result = evaluate_samples(samples, reference, sampler=settings.describe("cpu"))
+    t3 = time.perf_counter()
+    cache = "empty (--cold)" if args.cold else "as left by earlier runs"
+    data = dict(sampler=result.sampler, batch_size=args.batch, samples=args.n, inductor_cache=cache,
+                loading_seconds=round(t1 - t0, 1), drawing_seconds=round(t2 - t1, 1), measuring_seconds=round(t3 - t2, 1),
+                evaluation_seconds=round(t3 - t0, 1), seconds_per_sample=round((t3 - t0) / args.n, 4),
+                rates=result.rates(), counts=result.counts(), **record.finish())
     text = (f"One evaluation of the built-in model: {args.n} samples ({result.sampler}, batch {args.batch}) took "
-            f"{data['evaluation_seconds']:.0f} s: {data['drawing_seconds']:.0f} s drawing, "
-            f"{data['measuring_seconds']:.0f} s measuring ({data['seconds_per_sample']} s per sample). T-shirt counts "
-            f"{data['counts']}. {describe_run(data)}\n")
+            f"{data['evaluation_seconds']:.0f} s ({data['evaluation_seconds'] / 60:.2f} min) from start to end: "
+            f"{data['loading_seconds']:.0f} s loading the model and the reference, {data['drawing_seconds']:.0f} s drawing"
+            + (f" (compiling included; inductor cache {cache})" if settings.compiled else "")
+            + f", {data['measuring_seconds']:.0f} s measuring; {data['seconds_per_sample']} s per sample. "
+            f"T-shirt counts {data['counts']}. {describe_run(data)}\n")
     write_json_and_markdown(Path(args.out) / "eval_speed.json", data, text)
     print(text)
     return 0
 
 
-VARIANTS = ("fp32", "bf16", "compiled bf16")
+VARIANTS = ("fp32", "bf16", "compiled bf16, nn.GroupNorm", "compiled bf16")
 FULL = 5000  # samples of one evaluation at the paper's protocol
 
 
 def compare(settings: SamplerSettings, record: RunRecord, out: Path) -> int:
-    """The three ways of drawing, batch by batch in turn (see the module docstring)."""
+    """The four ways of drawing, batch by batch in turn (see the module docstring)."""
     backend = load_backend(BUILTIN_MODEL, device="cpu")
-    compiled = copy.copy(backend)
-    compiled.unet = torch.compile(backend.unet, dynamic=False)
-    ways = {"fp32": (backend, "fp32"), "bf16": (backend, "bf16"), "compiled bf16": (compiled, "bf16")}
-    started = time.perf_counter()
-    first = draw(compiled, replace_n(settings, settings.batch_size, "bf16"))  # compile: not timed, reported
-    compile_seconds = time.perf_counter() - started
+    plain = copy.copy(backend)
+    plain.unet = torch.compile(copy.deepcopy(backend.unet), dynamic=False)
+    compiled = compiled_backend(backend)
+    ways = {"fp32": (backend, "fp32"), "bf16": (backend, "bf16"), "compiled bf16, nn.GroupNorm": (plain, "bf16"),
+            "compiled bf16": (compiled, "bf16")}
+    compile_seconds = {}
+    for name in VARIANTS[2:]:  # compile: not timed, reported
+        started = time.perf_counter()
+        first = draw(ways[name][0], replace_n(settings, settings.batch_size, "bf16"))
+        compile_seconds[name] = round(time.perf_counter() - started, 1)
     seconds, images = {name: 0.0 for name in VARIANTS}, {name: [] for name in VARIANTS}
     for start in range(0, settings.n_samples, settings.batch_size):
         n = min(settings.batch_size, settings.n_samples - start)
@@ -109,11 +127,12 @@ def compare(settings: SamplerSettings, record: RunRecord, out: Path) -> int:
                        samples_changing_side_vs_bf16=int((copies[name] != copies["bf16"]).sum()))
             for name in VARIANTS}
     data = dict(sampler=replace_n(settings, settings.n_samples, "bf16").describe(), samples=settings.n_samples,
-                batch_size=settings.batch_size, compile_seconds=round(compile_seconds, 1), variants=rows,
+                batch_size=settings.batch_size, compile_seconds=compile_seconds, variants=rows,
                 first_batch_equal=bool(torch.equal(first.images, images["compiled bf16"][0])), **record.finish())
-    lines = [f"Drawing {settings.n_samples} samples of the built-in model three ways, batch by batch in turn "
-             f"({data['sampler']} for each; batch {settings.batch_size}). The compiled network's first call took "
-             f"{data['compile_seconds']} s (not counted). {describe_run(data)}", "",
+    firsts = ", ".join(f"{name} {seconds} s" for name, seconds in compile_seconds.items())
+    lines = [f"Drawing {settings.n_samples} samples of the built-in model four ways, batch by batch in turn "
+             f"({data['sampler']} for each; batch {settings.batch_size}). The compiled networks' first calls "
+             f"(not counted): {firsts}. {describe_run(data)}", "",
              "| drawing | s per sample | speed vs eager bf16 | 5,000 samples (drawing only) | mean pixel "
              "difference vs eager bf16 | L2 < 10 copies | samples changing side |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {name} | {r['seconds_per_sample']} | {r['speed_vs_bf16']}× | {r['projected_5000_seconds'] / 60:.1f} min "
@@ -126,7 +145,9 @@ def compare(settings: SamplerSettings, record: RunRecord, out: Path) -> int:
 
 
 def replace_n(settings: SamplerSettings, n: int, precision: str, seed: Optional[int] = None) -> SamplerSettings:
-    return replace(settings, n_samples=n, precision=precision, seed=settings.seed if seed is None else seed)
+    """`settings` for one batch of one way of drawing (its network comes compiled or not already)."""
+    return replace(settings, n_samples=n, precision=precision, seed=settings.seed if seed is None else seed,
+                   compiled=False)
 
 
 if __name__ == "__main__":

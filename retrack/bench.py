@@ -71,26 +71,28 @@ class BenchSettings:
     deterministic_steps: int = SECOND_SAMPLER_STEPS
     seed: int = DEFAULTS["seed"]
     device: str = "auto"
+    compiled: bool = True  # draw with the compiled network (retrack.compiled): worth it at thousands of samples
     retain_reference: int = REFERENCE_SIZE  # retain images whose features are the quality reference
 
     def samplers(self) -> dict[str, SamplerSettings]:
         """The two draws every model is measured under, same seeds: the paper's protocol (ancestral
         DDPM) and the deterministic DDIM-50 (`evaluation.SamplerSettings.deterministic`)."""
-        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps)
+        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps, compiled=self.compiled)
         ddim = replace(replace(paper, n_samples=self.deterministic_samples).deterministic(), steps=self.deterministic_steps)
         return {PAPER: paper, DDIM: ddim}
 
     @classmethod
     def quick(cls) -> "BenchSettings":
         return cls(steps=3, batch_size=16, samples=32, deterministic_samples=16, sample_steps=10, deterministic_steps=10,
-                   retain_reference=256)
+                   retain_reference=256, compiled=False)  # compiling would cost more than these few samples
 
     def command(self) -> str:
         """The command line that runs these settings (the DDIM steps and the retain reference have no
         option: `--quick` sets them)."""
         return (f"python -m retrack bench --methods {','.join(self.methods)} --steps {self.steps} "
                 f"--batch {self.batch_size} --samples {self.samples} --ddim-samples {self.deterministic_samples} "
-                f"--sample-steps {self.sample_steps} --seed {self.seed} --device {self.device}")
+                f"--sample-steps {self.sample_steps} --seed {self.seed} --device {self.device}"
+                + ("" if self.compiled else " --eager"))
 
 
 @dataclass
@@ -223,8 +225,9 @@ def finished_rows(path: Path, settings: BenchSettings) -> tuple[dict, dict]:
     if not path.exists():
         return {}, {}
     old = json.loads(path.read_text())
-    def comparable(values: dict) -> dict:
-        return {k: v for k, v in json.loads(json.dumps(values)).items() if k not in ("methods", "device")}
+    def comparable(values: dict) -> dict:  # runs stored before the compiled network existed drew eager
+        values = {"compiled": False, **json.loads(json.dumps(values))}
+        return {k: v for k, v in values.items() if k not in ("methods", "device")}
     if comparable(old.get("meta", {}).get("settings", {})) != comparable(asdict(settings)) or "oracle_levels" not in old:
         return {}, {}
     return {row["method"]: Row(**row) for row in old.get("rows", [])}, old["oracle_levels"]

@@ -266,6 +266,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
     overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "samples", "sample_steps", "seed",
                                                          "deterministic_samples") if getattr(args, name) is not None}
+    if args.eager:
+        overrides["compiled"] = False
     settings = bench.BenchSettings(**{**settings.__dict__, **overrides, "device": args.device,
                                       "methods": tuple(args.methods.split(",")) if args.methods else settings.methods})
     log = lambda line: print(line, flush=True)  # noqa: E731
@@ -294,6 +296,8 @@ def cmd_curves(args: argparse.Namespace) -> int:
                  if getattr(args, name) is not None}
     if args.methods:
         overrides["methods"] = tuple(args.methods.split(","))
+    if args.eager:
+        overrides["compiled"] = False
     if args.checkpoints:
         try:
             overrides["checkpoints"] = tuple(int(step) for step in args.checkpoints.split(","))
@@ -363,6 +367,8 @@ def add_bench_command(sub) -> None:
     p.add_argument("--sample-steps", type=int, help="steps of the paper's sampler (default 50, the released code's)")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
+    p.add_argument("--eager", action="store_true", help="draw with the eager network, not the compiled one (which "
+                   "needs a C++ compiler on a CPU and about 30 s to compile once; see retrack/compiled.py)")
     p.add_argument("--quick", action="store_true", help="a few steps and samples (for CI); with --nll, the cheap "
                                                            "likelihood setting")
     p.add_argument("--curves", action="store_true", help="instead: forgetting curves of vanilla, NegGrad, EraseDiff, "

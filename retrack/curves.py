@@ -68,15 +68,16 @@ class CurveSettings:
     deterministic_steps: int = SECOND_SAMPLER_STEPS
     retain_reference: int = REFERENCE_SIZE
     device: str = "auto"
+    compiled: bool = True  # draw with the compiled network (retrack.compiled): worth it at thousands of samples
 
     @classmethod
     def quick(cls) -> "CurveSettings":
         return cls(checkpoints=(0, 1, 2), batch_size=8, samples=8, deterministic_samples=6, confirm_samples=12,
-                   sample_steps=2, deterministic_steps=2, retain_reference=64)
+                   sample_steps=2, deterministic_steps=2, retain_reference=64, compiled=False)  # a few samples: eager
 
     def samplers(self) -> dict[str, SamplerSettings]:
         """The two draws of every checkpoint (same seeds): the paper's sampler and DDIM."""
-        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps)
+        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps, compiled=self.compiled)
         ddim = replace(paper, n_samples=self.deterministic_samples).deterministic()
         return {PAPER: paper, DDIM: replace(ddim, steps=self.deterministic_steps)}
 
@@ -89,7 +90,8 @@ class CurveSettings:
         return (f"python -m retrack bench --curves --methods {','.join(self.methods)} "
                 f"--checkpoints {','.join(map(str, self.checkpoints))} --batch {self.batch_size} --seed {self.seed} "
                 f"--samples {self.samples} --ddim-samples {self.deterministic_samples} "
-                f"--confirm-samples {self.confirm_samples} --sample-steps {self.sample_steps} --device {self.device}")
+                f"--confirm-samples {self.confirm_samples} --sample-steps {self.sample_steps} --device {self.device}"
+                + ("" if self.compiled else " --eager"))
 
     def validate(self) -> None:
         unknown = set(self.methods) - set(CURVE_METHODS)
@@ -286,8 +288,10 @@ def run_curves(settings: CurveSettings, out: Path, log: Callable[[str], None] = 
 
 def _settings_but(meta: dict, *names: str) -> dict:
     """A run's settings as stored in JSON, without `names` (e.g. the list of methods: no curve
-    depends on it; the checkpoints: the start does not depend on them)."""
-    return {k: v for k, v in json.loads(json.dumps(meta.get("settings", {}))).items() if k not in names}
+    depends on it; the checkpoints: the start does not depend on them). Runs stored before the
+    compiled network existed drew eager."""
+    stored = {"compiled": False, **json.loads(json.dumps(meta.get("settings", {})))}
+    return {k: v for k, v in stored.items() if k not in names}
 
 
 def stored_start(path: Path, settings: CurveSettings) -> Optional[Start]:

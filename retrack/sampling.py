@@ -27,6 +27,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from torch import Tensor
 
 from .backends.base import Backend
+from .compiled import compiled_backend
 
 
 @dataclass
@@ -130,14 +131,20 @@ def sample(
     trajectory_points: int = 0,
     on_batch: Optional[Callable[[int, int], None]] = None,
     precision: str = "fp32",
+    compiled: bool = False,
 ) -> Samples:
     """Draw n samples with seeds seed, seed+1, ...; `scheduler` is one of SAMPLERS. Optionally
     record predicted x0 at `trajectory_points` evenly spaced timesteps (for the teaching view).
     `precision` "bf16" runs the network under bf16 autocast (the scheduler's arithmetic stays
     float32): on a CPU with AVX512-BF16 it nearly halves the time for a small change in the
-    samples (benchmarks/results/cpu_speed.md); "auto" takes it where the device has bf16 natively."""
+    samples (benchmarks/results/cpu_speed.md); "auto" takes it where the device has bf16 natively.
+    `compiled` draws with a compiled copy of the network (`retrack.compiled`), which is built for
+    one batch shape: a last, smaller batch is filled up with the next seeds and those samples are
+    dropped, so the kept ones are exactly those of a full batch (every sample has its own noise)."""
     if n < 1 or steps < 1:
         raise ValueError("need at least one sample and one step")
+    if compiled:
+        backend = compiled_backend(backend)  # the caller's model is left as it is
     device = backend.device
     precision = resolve_precision(precision, device)
     sched = make_scheduler(scheduler, backend.scheduler.config)
@@ -156,6 +163,9 @@ def sample(
     try:
         for start in range(0, n, batch_size):
             chunk = seeds[start:start + batch_size]
+            kept = len(chunk)
+            if compiled and n > batch_size:  # one batch shape: fill up the last batch (see above)
+                chunk = chunk + list(range(chunk[-1] + 1, chunk[-1] + 1 + batch_size - kept))
             sched.set_timesteps(steps)  # DPM-Solver++ keeps earlier steps' outputs: each chunk starts afresh
             generators = sample_generators(chunk)
             x = seeded_noise(backend.x0_shape, generators).to(device) * sched.init_noise_sigma
@@ -172,8 +182,8 @@ def sample(
                 out = sched.step(eps, t, x, **kwargs)
                 x = out.prev_sample
                 if int(t) in record:
-                    trajectory[int(t)].append(backend.decode(_predicted_x0(sched, out, eps, x_in, t)).float().cpu().clamp(-1, 1))
-            images.append(backend.decode(x).float().cpu().clamp(-1, 1))
+                    trajectory[int(t)].append(backend.decode(_predicted_x0(sched, out, eps, x_in, t)[:kept]).float().cpu().clamp(-1, 1))
+            images.append(backend.decode(x[:kept]).float().cpu().clamp(-1, 1))
             if on_batch is not None:
                 on_batch(min(start + batch_size, n), n)
     finally:
