@@ -55,7 +55,7 @@ from .grids import save_grid, save_nearest_rows
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import DEFAULTS, EVALUATION_STEPS, PRESETS
-from .runrecord import NOT_RECORDED, RunRecord, describe_run, write_json_and_markdown
+from .runrecord import NOT_RECORDED, RECORD_KEYS, RunRecord, describe_run, runs_of, write_json_and_markdown
 
 ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack", "oracle")
 
@@ -72,12 +72,14 @@ class BenchSettings:
     seed: int = DEFAULTS["seed"]
     device: str = "auto"
     compiled: bool = True  # draw with the compiled network (retrack.compiled): worth it at thousands of samples
+    sample_batch: int = SamplerSettings.batch_size  # samples drawn at once (a GPU takes thousands); same samples
     retain_reference: int = REFERENCE_SIZE  # retain images whose features are the quality reference
 
     def samplers(self) -> dict[str, SamplerSettings]:
         """The two draws every model is measured under, same seeds: the paper's protocol (ancestral
         DDPM) and the deterministic DDIM-50 (`evaluation.SamplerSettings.deterministic`)."""
-        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps, compiled=self.compiled)
+        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps, compiled=self.compiled,
+                                batch_size=self.sample_batch)
         ddim = replace(replace(paper, n_samples=self.deterministic_samples).deterministic(), steps=self.deterministic_steps)
         return {PAPER: paper, DDIM: ddim}
 
@@ -91,8 +93,8 @@ class BenchSettings:
         option: `--quick` sets them)."""
         return (f"python -m retrack bench --methods {','.join(self.methods)} --steps {self.steps} "
                 f"--batch {self.batch_size} --samples {self.samples} --ddim-samples {self.deterministic_samples} "
-                f"--sample-steps {self.sample_steps} --seed {self.seed} --device {self.device}"
-                + ("" if self.compiled else " --eager"))
+                f"--sample-steps {self.sample_steps} --sample-batch {self.sample_batch} --seed {self.seed} "
+                f"--device {self.device}" + ("" if self.compiled else " --eager"))
 
 
 @dataclass
@@ -189,10 +191,10 @@ def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print, 
     record = RunRecord.start(settings.command(), beside, device)
     reference = builtin_reference(device, reference_size=settings.retain_reference)
     log(f"thresholds: {reference.thresholds()}")
-    kept_rows, kept_levels = finished_rows(out / "results.json", settings)
+    kept_rows, kept_levels, earlier_runs = finished_rows(out / "results.json", settings)
     levels, oracle_drawn = oracle_levels_by_sampler(settings, device, reference, kept_levels, log)
     forget, retain = builtin_sets()
-    rows = []
+    rows, written = [], 0  # written: how many rows the files hold
     for method in settings.methods:
         if method in kept_rows:
             rows.append(kept_rows[method])
@@ -215,22 +217,26 @@ def run(settings: BenchSettings, out: Path, log: Callable[[str], None] = print, 
                 f"(counts {result.counts()}), excess over the oracle {_percentages(result.excess(levels[key]))}, "
                 f"quality {_figures(result.quality_figures)} ({seconds:.1f} s sampling)")
         rows.append(Row(method=method, by_sampler=by_sampler, **extra))
-        write_results(rows, settings, out, record, device, reference, levels)
+        write_results(rows, settings, out, record, device, reference, levels, earlier_runs)
+        written = len(rows)
+    if 0 < written < len(rows):  # kept rows after the last measured one
+        write_results(rows, settings, out, record, device, reference, levels, earlier_runs)
     return rows
 
 
-def finished_rows(path: Path, settings: BenchSettings) -> tuple[dict, dict]:
+def finished_rows(path: Path, settings: BenchSettings) -> tuple[dict, dict, list]:
     """The rows and oracle levels of an earlier run in `path` with the same settings (the list of
-    methods aside), so a stopped benchmark resumes; ({}, {}) otherwise."""
+    methods and the sample batch aside), so a stopped benchmark resumes, and the records of the runs
+    that measured them (`runrecord.runs_of`); ({}, {}, []) otherwise."""
     if not path.exists():
-        return {}, {}
+        return {}, {}, []
     old = json.loads(path.read_text())
     def comparable(values: dict) -> dict:  # runs stored before the compiled network existed drew eager
         values = {"compiled": False, **json.loads(json.dumps(values))}
-        return {k: v for k, v in values.items() if k not in ("methods", "device")}
+        return {k: v for k, v in values.items() if k not in ("methods", "device", "sample_batch")}
     if comparable(old.get("meta", {}).get("settings", {})) != comparable(asdict(settings)) or "oracle_levels" not in old:
-        return {}, {}
-    return {row["method"]: Row(**row) for row in old.get("rows", [])}, old["oracle_levels"]
+        return {}, {}, []
+    return {row["method"]: Row(**row) for row in old.get("rows", [])}, old["oracle_levels"], runs_of(old["meta"])
 
 
 def verdicts(rows: Sequence[Row]) -> dict[str, dict[str, Optional[bool]]]:
@@ -280,12 +286,15 @@ def _verdict(value: Optional[bool]) -> str:
 
 
 def write_results(rows: list[Row], settings: BenchSettings, out: Path, record: RunRecord, device: str,
-                  reference: Reference, levels: dict) -> None:
-    """results.json, results.md and tradeoff.png."""
+                  reference: Reference, levels: dict, earlier_runs: Sequence[dict] = ()) -> None:
+    """results.json, results.md and tradeoff.png; a resumed run lists every run's record in
+    meta.measured_in (`earlier_runs`, then this one)."""
     samplers = settings.samplers()
     decided = verdicts(rows)
     meta = dict(settings=asdict(settings), thresholds=reference.thresholds(),
                 samplers={key: sampler.describe(device) for key, sampler in samplers.items()}, **record.finish())
+    if earlier_runs:
+        meta["measured_in"] = [*earlier_runs, {k: meta[k] for k in RECORD_KEYS}]
     lines = [
         f"Built-in digits + T-shirt model; {settings.steps} steps x batch {settings.batch_size} per branch; "
         f"every model drawn under the paper's sampler ({samplers[PAPER].describe(device)}) and under the "

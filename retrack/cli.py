@@ -265,7 +265,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_curves(args)
     settings = bench.BenchSettings.quick() if args.quick else bench.BenchSettings()
     overrides = {name: getattr(args, name) for name in ("steps", "batch_size", "samples", "sample_steps", "seed",
-                                                         "deterministic_samples") if getattr(args, name) is not None}
+                                                         "deterministic_samples", "sample_batch")
+                 if getattr(args, name) is not None}
     if args.eager:
         overrides["compiled"] = False
     settings = bench.BenchSettings(**{**settings.__dict__, **overrides, "device": args.device,
@@ -365,6 +366,8 @@ def add_bench_command(sub) -> None:
     p.add_argument("--ddim-samples", dest="deterministic_samples", type=int,
                    help="evaluation samples per model under the deterministic DDIM-50 (default 1000; --curves: 500)")
     p.add_argument("--sample-steps", type=int, help="steps of the paper's sampler (default 50, the released code's)")
+    p.add_argument("--sample-batch", type=int, help="samples drawn at once (default 250; a GPU takes thousands); "
+                                                    "the samples do not depend on it")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")
     p.add_argument("--eager", action="store_true", help="draw with the eager network, not the compiled one (which "

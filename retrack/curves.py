@@ -379,7 +379,8 @@ def curves_table(data: dict) -> str:
         f"At the oracle's level (retrack.evaluation.at_oracle_level): every T-shirt measure ({', '.join(FORGET_MEASURES)}) "
         f"has an excess over the oracle of at most 0 under that sampler, while {figure} (lower is better) is no worse "
         "than the worse of the oracle's and the pretrained model's. Steps (training seconds in brackets: k-NN "
-        "search included, evaluation excluded). Forgotten = at the oracle's level under both samplers.",
+        "search included, evaluation excluded). Forgotten = at the oracle's level under both samplers."
+        + _runs_caveat(meta),
         "",
         "| method | paper's sampler: first step at the oracle's level | confirmed on | the same, T-shirt measures "
         "alone (quality aside) | DDIM-50: first step | both (forgotten) | T-shirt rate (L2) at the last step, paper / "
@@ -414,6 +415,16 @@ def curves_table(data: dict) -> str:
                          f"{'never' if not retrack else format(retrack['seconds'], '.1f') + ' s'}, SISS "
                          f"{'never' if not siss else format(siss['seconds'], '.1f') + ' s'} within these checkpoints).")
     return "\n".join(lines) + "\n"
+
+
+def _runs_caveat(meta: dict) -> str:
+    """A warning when the points were measured in several runs (`meta["measured_in"]`, one entry per
+    run that added checkpoints or methods): their seconds then come from different loads."""
+    runs = meta.get("measured_in", [])
+    if len(runs) < 2:
+        return ""
+    return (f" These points come from {len(runs)} runs under different loads (meta.measured_in in the JSON): "
+            "compare steps, not seconds, between them.")
 
 
 def plot_curves(data: dict, path: Path) -> None:

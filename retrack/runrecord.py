@@ -123,6 +123,16 @@ class RunRecord:
                 "created": timestamp(), "total_seconds": round(time.perf_counter() - self.started, 1)}
 
 
+RECORD_KEYS = ("command", "device", "beside", "load_average_at_start", "load_average_at_end", "created",
+               "total_seconds")
+
+
+def runs_of(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The runs a stored result was measured in: its `measured_in` list when it was resumed before,
+    else its own record (the `RunRecord.finish()` keys of `meta`), so a resumed run can list them all."""
+    return list(meta.get("measured_in") or [{k: meta[k] for k in RECORD_KEYS if k in meta}])
+
+
 def describe_run(record: Mapping[str, Any]) -> str:
     """The record as one Markdown sentence, from `RunRecord.finish()` or a dict holding its keys
     (what is missing is left out): command, machine, what ran beside, load, seconds, time."""
@@ -136,7 +146,12 @@ def describe_run(record: Mapping[str, Any]) -> str:
     if "load_average_at_start" in record or "load_average_at_end" in record:
         parts.append(f"Load average {_load(record.get('load_average_at_start'))} at the start, "
                      f"{_load(record.get('load_average_at_end'))} at the end.")
-    if record.get("total_seconds") is not None:
+    runs = record.get("measured_in") or []
+    if len(runs) > 1:
+        seconds = sum(run.get("total_seconds") or 0 for run in runs)
+        parts.append(f"Resumed: measured in {len(runs)} runs of {seconds:.0f} s together (meta.measured_in); "
+                     f"the last took {record.get('total_seconds', 0):.0f} s.")
+    elif record.get("total_seconds") is not None:
         parts.append(f"{record['total_seconds']:.0f} s in all.")
     if record.get("created"):
         parts.append(f"Written {record['created']}.")

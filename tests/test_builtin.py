@@ -2,6 +2,7 @@
 benchmark run writes the table, the JSON and the trade-off plot."""
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -81,10 +82,18 @@ def test_short_benchmark_writes_table_json_and_plot(tmp_path):
     nearest = Image.open(tmp_path / "nearest-retrack-paper.png")  # the 6 samples (of 6) nearest the T-shirt, one row
     assert nearest.size[0] > 5 * nearest.size[1] and np.asarray(nearest).std() > 0
 
-    # A stopped run resumes: methods measured with the same settings are kept, not redone.
+    # A stopped run resumes: methods measured with the same settings are kept, not redone, and the
+    # record lists both runs (a different sample batch draws the same samples, so it still resumes).
     stored["rows"][1]["unlearn_seconds"] = 1234.5  # a mark only a kept row carries
+    stored["rows"] = [row for row in stored["rows"] if row["method"] != "siss"]  # stopped before SISS
     (tmp_path / "results.json").write_text(json.dumps(stored))
     lines = []
-    bench.run(settings, tmp_path, log=lines.append)
+    bench.run(replace(settings, sample_batch=4), tmp_path, log=lines.append)
     assert "retrack: kept" in "\n".join(lines) and not any(line.startswith("oracle, ") for line in lines)
-    assert json.loads((tmp_path / "results.json").read_text())["rows"][1]["unlearn_seconds"] == 1234.5
+    assert any(line.startswith("siss, ") for line in lines)
+    resumed = json.loads((tmp_path / "results.json").read_text())
+    assert resumed["rows"][1]["unlearn_seconds"] == 1234.5
+    assert [r["method"] for r in resumed["rows"]] == ["pretrained", "retrack", "siss", "oracle"]
+    first, last = resumed["meta"]["measured_in"]
+    assert first["created"] == stored["meta"]["created"] and last["created"] == resumed["meta"]["created"]
+    assert "Resumed: measured in 2 runs" in (tmp_path / "results.md").read_text()

@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 from retrack.backends import load_backend
 from retrack.compiled import GroupStatsNorm, compiled_backend, with_group_stats_norms
@@ -58,5 +59,12 @@ def test_compiled_draw_matches_eager_and_leaves_the_model_alone(tiny_pixel_model
     assert (full.images - eager.images).abs().mean() < 0.02
     assert [type(m) for m in backend.unet.modules()] == norms
     assert all(torch.equal(v, weights[k]) for k, v in backend.unet.state_dict().items())
-    # the compiled copy shares the weights: a change to the model is drawn without copying it again
+    # the compiled copy shares the weights, and a new copy after the weights changed (a model being
+    # trained, measured at checkpoints) draws with the new weights and reuses the compiled kernels
     assert compiled_backend(backend).unet._orig_mod.conv_in.weight is backend.unet.conv_in.weight
+    graphs = counters["stats"]["unique_graphs"]
+    with torch.no_grad():
+        backend.unet.conv_out.bias.add_(0.5)
+    moved = sample(backend, 6, seed=3, steps=4, scheduler="ddpm", batch_size=3, precision="bf16", compiled=True)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not torch.equal(moved.images, full.images)

@@ -158,3 +158,7 @@ def test_time_to_oracle_needs_no_excess_and_quality_in_range_under_each_sampler(
     assert "ReTrack 30.0 s, SISS never" in table
     data["methods"]["siss"] = [points[0], at(100, 60.0, -0.02, -0.02, 1.0)]
     assert "ratio ReTrack / SISS = 0.50" in curves_table(data)
+    # points measured in several runs (under different loads) are flagged: compare steps, not seconds
+    assert "different loads" not in curves_table(data)
+    data["meta"]["measured_in"] = [{"steps": [0, 10]}, {"steps": [25, 50, 75]}]
+    assert "come from 2 runs under different loads" in curves_table(data)

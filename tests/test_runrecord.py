@@ -10,7 +10,7 @@ import torch
 
 from retrack import atomic, runrecord
 from retrack.runrecord import (
-    NOT_RECORDED, RunRecord, add_beside_argument, describe_run, resumable, script_command, timestamp,
+    NOT_RECORDED, RunRecord, add_beside_argument, describe_run, resumable, runs_of, script_command, timestamp,
     write_json_and_markdown,
 )
 
@@ -117,3 +117,12 @@ def test_resumable_writes_nothing_when_the_part_fails(tmp_path):
     with pytest.raises(RuntimeError):
         resumable(tmp_path / "cell.pt", failing)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_resumed_run_lists_every_run_and_their_seconds_together():
+    first = {"command": "python -m retrack bench", "total_seconds": 500.0, "created": "2025-01-01T00:00:00Z"}
+    assert runs_of(first) == [first]  # a result measured in one run: its own record
+    last = {**first, "total_seconds": 60.0, "created": "2025-01-02T00:00:00Z"}
+    resumed = {**last, "measured_in": [first, last]}
+    assert runs_of(resumed) == [first, last]
+    assert "Resumed: measured in 2 runs of 560 s together (meta.measured_in); the last took 60 s." in describe_run(resumed)
