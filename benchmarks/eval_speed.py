@@ -3,6 +3,7 @@
     python benchmarks/eval_speed.py --cold          # as `retrack bench` draws, from an empty compile cache
     python benchmarks/eval_speed.py --eager --batch 125 --precision fp32 --n 500
     python benchmarks/eval_speed.py --compare --n 500   # four ways of drawing side by side
+    python benchmarks/eval_speed.py --ceiling           # this machine's matrix-multiply rate: the floor
 
 Draws `--n` samples of the built-in model with the evaluation's default sampler (ancestral DDPM,
 50 steps: the paper's) and the compiled network `retrack bench` and the curves use
@@ -19,6 +20,13 @@ UNet as diffusers builds it, and the compiled network of `retrack.compiled` (its
 rewritten), both under bf16 autocast. It reports each one's network seconds per sample, the ratio
 to eager bf16, the 5,000-sample time that implies, how far its samples lie from eager bf16's and
 whether any sample changes side of the L2 < 10 copy line. Writes eval_speed-compare.json and .md.
+
+`--ceiling` measures what the machine's arithmetic allows: the network's FLOPs per sample (torch's
+FLOP counter, one call times the sampler's steps) and the rate of a large matrix product in fp32
+and bf16 on all threads, the best any layer of the network can reach. Their quotient is a floor
+under the drawing time of `--n` samples that no batch size or compiler can beat. The 2-core
+machines these sessions get differ (an Intel Xeon with AMX, an AMD EPYC without), so a figure in
+seconds is read with this floor beside it. Writes eval_speed-ceiling.json and .md.
 """
 
 from __future__ import annotations
@@ -56,6 +64,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--eager", action="store_true", help="draw without compiling the network")
     parser.add_argument("--cold", action="store_true", help="compile into an empty inductor cache (a fresh machine)")
     parser.add_argument("--compare", action="store_true", help="four ways of drawing side by side")
+    parser.add_argument("--ceiling", action="store_true", help="the floor the machine's arithmetic sets")
     add_beside_argument(parser)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
@@ -65,6 +74,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     record = RunRecord.start(script_command(__file__, argv), args.beside)
     if args.compare:
         return compare(settings, record, Path(args.out))
+    if args.ceiling:
+        return ceiling(settings, record, Path(args.out))
     t0 = time.perf_counter()
     reference = builtin_reference("cpu")
     backend = load_backend(BUILTIN_MODEL, device="cpu")
@@ -140,6 +151,39 @@ def compare(settings: SamplerSettings, record: RunRecord, out: Path) -> int:
               for name, r in rows.items()]
     text = "\n".join(lines) + "\n"
     write_json_and_markdown(out / "eval_speed-compare.json", data, text)
+    print(text)
+    return 0
+
+
+def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 10) -> float:
+    """GFLOP/s of a size x size x size matrix product on all of torch's threads (after 3 warm-ups)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    started = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size ** 3 * repeats / (time.perf_counter() - started) / 1e9
+
+
+def ceiling(settings: SamplerSettings, record: RunRecord, out: Path) -> int:
+    """The network's FLOPs for `settings.n_samples` samples against the machine's matrix-product rate."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    backend = load_backend(BUILTIN_MODEL, device="cpu")
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        backend.unet(torch.randn(1, *backend.x0_shape), torch.tensor([500]))
+    per_sample = counter.get_total_flops() * settings.steps / 1e9
+    rates = {name: round(matmul_rate(dtype)) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    floors = {name: round(per_sample * settings.n_samples / rate) for name, rate in rates.items()}
+    data = dict(sampler=settings.describe(), gflop_per_sample=round(per_sample, 2), matmul_gflop_per_s=rates,
+                floor_seconds=floors, threads=torch.get_num_threads(), **record.finish())
+    text = (f"The built-in network costs {per_sample:.1f} GFLOP per sample ({settings.steps} calls). A 2048-cube matrix "
+            f"product runs at {rates['fp32']} GFLOP/s in fp32 and {rates['bf16']} in bf16 on {data['threads']} threads "
+            f"here, so drawing {settings.n_samples} samples takes at least {floors['bf16']} s "
+            f"({floors['bf16'] / 60:.1f} min) in bf16 and {floors['fp32']} s in fp32, whatever the batch or compiler. "
+            f"{describe_run(data)}\n")
+    write_json_and_markdown(out / "eval_speed-ceiling.json", data, text)
     print(text)
     return 0
 

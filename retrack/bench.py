@@ -49,7 +49,7 @@ from .devices import resolve_device
 from .engine import UnlearnConfig, unlearn
 from .evaluation import (
     DDIM, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference, SamplerSettings, at_oracle_level,
-    evaluate,
+    copies_beyond_oracle, evaluate,
 )
 from .grids import save_grid, save_nearest_rows
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
@@ -241,7 +241,7 @@ def finished_rows(path: Path, settings: BenchSettings) -> tuple[dict, dict, list
 
 def verdicts(rows: Sequence[Row]) -> dict[str, dict[str, Optional[bool]]]:
     """Per method and sampler, whether it is at the oracle's level (`evaluation.at_oracle_level`:
-    no excess over the oracle by pixel L2 or the classifier, quality no worse than the oracle's and
+    no excess over the oracle by pixel L2 or the classifier, no more copies beyond sampling error, quality no worse than the oracle's and
     the pretrained model's), and under "both"; None where the oracle or pretrained row is missing."""
     by_method = {row.method: row for row in rows}
     out = {}
@@ -251,10 +251,10 @@ def verdicts(rows: Sequence[Row]) -> dict[str, dict[str, Optional[bool]]]:
             if "oracle" not in by_method or "pretrained" not in by_method:
                 out[row.method][key] = None
                 continue
-            mine = row.by_sampler[key]
-            out[row.method][key] = at_oracle_level(mine["excess"], mine["quality"],
-                                                   by_method["oracle"].by_sampler[key]["quality"],
-                                                   by_method["pretrained"].by_sampler[key]["quality"])
+            mine, oracle = row.by_sampler[key], by_method["oracle"].by_sampler[key]
+            more = copies_beyond_oracle(mine["counts"], mine["samples"], oracle["rates"], oracle["samples"])
+            out[row.method][key] = at_oracle_level(mine["excess"], mine["quality"], oracle["quality"],
+                                                   by_method["pretrained"].by_sampler[key]["quality"], more)
         known = [v for v in out[row.method].values() if v is not None]
         out[row.method]["both"] = all(known) if len(known) == 2 else None
     return out
@@ -320,7 +320,8 @@ def write_results(rows: list[Row], settings: BenchSettings, out: Path, record: R
               f"Thresholds (retrack.evaluation): pixel L2 {reference.l2_threshold:.3f} ({reference.l2_rule}); "
               f"CLIP similarity {reference.clip_threshold:.3f}; classifier: p(T-shirt) > 0.5. 'Excess over oracle': "
               "share of samples closer to the T-shirt than the oracle's 1 % quantile under the same sampler, minus 1 %. "
-              "'At the oracle's level' (evaluation.at_oracle_level): no excess by pixel L2 or the classifier, and the "
+              "'At the oracle's level' (evaluation.at_oracle_level): no excess by pixel L2 or the classifier, no more "
+              "copies by either than the oracle beyond sampling error (95 % Wilson intervals apart), and the "
               "digit FD no worse than the oracle's and the pretrained model's. Quality on the samples that are not "
               "pixel-L2 copies."]
     data = dict(meta=meta, oracle_levels={key: value.to_dict() for key, value in levels.items()},

@@ -41,7 +41,7 @@ from .devices import resolve_device
 from .engine import UnlearnConfig, unlearn
 from .evaluation import (
     DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference,
-    SamplerSettings, at_oracle_level, evaluate, evaluate_samples, quality_figure,
+    SamplerSettings, at_oracle_level, copies_beyond_oracle, evaluate, evaluate_samples, quality_figure,
 )
 from .grids import save_nearest_rows
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
@@ -190,7 +190,7 @@ def method_curve(method: str, settings: CurveSettings, device: str, reference: R
         here = Point(event.step, event.seconds - evaluating["seconds"], cpu_started - cpu_start - evaluating["cpu"],
                      by_sampler)
         already = any(p.confirmed and p.confirmed["at_oracle_level"] for p in points)
-        if start.oracle_confirming is not None and not already and reaches(asdict(here), start.oracle[PAPER].quality,
+        if start.oracle_confirming is not None and not already and reaches(asdict(here), start.oracle[PAPER].to_dict(),
                                                                                         pretrained, PAPER):
             here.confirmed = confirmation(backend, settings, reference, start)
         points.append(here)
@@ -215,23 +215,28 @@ def first_new(checkpoints: Sequence[int], known: Sequence[dict]) -> int:
     return next(step for step in checkpoints if step not in stored)
 
 
-def reaches(point: dict, oracle_quality: dict, pretrained: dict, key: str, quality: bool = True) -> bool:
+def reaches(point: dict, oracle: dict, pretrained: dict, key: str, quality: bool = True) -> bool:
     """Whether a checkpoint (as a dict) is at the oracle's level under sampler `key`
-    (`evaluation.at_oracle_level`), the oracle's quality under that sampler given; with `quality`
-    False, by the forget measures alone (what the table shows beside the verdict)."""
+    (`evaluation.at_oracle_level`), `oracle` the oracle's levels under that sampler as a dict; with
+    `quality` False, by the forget measures alone (what the table shows beside the verdict)."""
     mine = point["by_sampler"][key]
+    more = copies_beyond_oracle(mine.get("counts", {}), mine["samples"], oracle["rates"], oracle.get("n_samples", 0))
     if not quality:
-        return all(mine["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES)
-    return at_oracle_level(mine["excess"], mine["quality"], oracle_quality, pretrained["by_sampler"][key]["quality"])
+        return all(mine["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES) and not more
+    return at_oracle_level(mine["excess"], mine["quality"], oracle["quality"], pretrained["by_sampler"][key]["quality"],
+                           more)
 
 
 def confirmation(backend, settings: CurveSettings, reference: Reference, start: Start) -> dict:
     """The paper's sampler on `confirm_samples`, read against the oracle's levels on as many: the
-    forget measures' excess must stay at most 0 (quality is judged on the checkpoint's own draw,
-    since a Fréchet distance depends on the number of samples)."""
+    forget measures' excess must stay at most 0 and the copies within the oracle's (quality is
+    judged on the checkpoint's own draw, since a Fréchet distance depends on the number of samples)."""
     result = evaluate(backend, settings.confirming(), reference, start.oracle_confirming)
     figures = measured(result, start.oracle_confirming)
-    figures["at_oracle_level"] = all(figures["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES)
+    oracle = start.oracle_confirming
+    figures["at_oracle_level"] = (all(figures["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES)
+                                  and not copies_beyond_oracle(figures["counts"], figures["samples"], oracle.rates,
+                                                               oracle.n_samples))
     return figures
 
 
@@ -336,7 +341,7 @@ def time_to_oracle(points: Sequence[dict], oracle: dict, pretrained: dict, key: 
     curve re-read it on more samples, confirmed there too; None ("never") when no checkpoint is.
     `oracle`: sampler key -> OracleLevels as a dict."""
     for p in points:
-        if not reaches(p, oracle[key]["quality"], pretrained, key, quality):
+        if not reaches(p, oracle[key], pretrained, key, quality):
             continue
         if key == PAPER and p.get("confirmed") is not None and not p["confirmed"]["at_oracle_level"]:
             continue
@@ -349,7 +354,7 @@ def time_to_both(points: Sequence[dict], oracle: dict, pretrained: dict) -> Opti
     """The first checkpoint at the oracle's level under both samplers (the verdict "forgotten")."""
     for p in points:
         paper = time_to_oracle([p], oracle, pretrained, PAPER)
-        if paper is not None and reaches(p, oracle[DDIM]["quality"], pretrained, DDIM):
+        if paper is not None and reaches(p, oracle[DDIM], pretrained, DDIM):
             return paper
     return None
 
@@ -377,7 +382,8 @@ def curves_table(data: dict) -> str:
         + describe_run(meta),
         "",
         f"At the oracle's level (retrack.evaluation.at_oracle_level): every T-shirt measure ({', '.join(FORGET_MEASURES)}) "
-        f"has an excess over the oracle of at most 0 under that sampler, while {figure} (lower is better) is no worse "
+        f"has an excess over the oracle of at most 0 under that sampler and no more copies than the oracle beyond "
+        f"sampling error (95 % Wilson intervals), while {figure} (lower is better) is no worse "
         "than the worse of the oracle's and the pretrained model's. Steps (training seconds in brackets: k-NN "
         "search included, evaluation excluded). Forgotten = at the oracle's level under both samplers."
         + _runs_caveat(meta),

@@ -247,14 +247,29 @@ def quality_figure(quality: dict) -> Optional[str]:
     return next((name for name in QUALITY_FIGURES if quality.get(name) is not None), None)
 
 
-def at_oracle_level(excess: dict, quality: dict, oracle_quality: dict, pretrained_quality: dict) -> bool:
+def copies_beyond_oracle(counts: dict, n: int, oracle_rates: dict, oracle_n: int) -> bool:
+    """Whether a model draws more copies than the oracle beyond sampling error, by any forget
+    measure: its 95 % Wilson interval lies wholly above the oracle's (same sampler). The excess over
+    the oracle's 1 % quantile cannot see this at low rates: 12 faint T-shirts in 50,000 samples hide
+    among the few hundred digits near that quantile (docs/RESULTS.md, the 50,000-sample benchmark)."""
+    for name in FORGET_MEASURES:
+        if name in counts and name in oracle_rates and n and oracle_n:
+            oracle_count = round(oracle_rates[name] * oracle_n)
+            if metrics.wilson_interval(counts[name], n)[0] > metrics.wilson_interval(oracle_count, oracle_n)[1]:
+                return True
+    return False
+
+
+def at_oracle_level(excess: dict, quality: dict, oracle_quality: dict, pretrained_quality: dict,
+                    more_copies: bool = False) -> bool:
     """The one rule for "forgotten" under one sampler: every forget measure's excess over the oracle
     is at most 0 (no more samples closer to the forget set than the oracle's 1 % quantile than the
-    oracle itself has), and the quality figure (lower is better) is no worse than the worse of the
+    oracle itself has), no more copies than the oracle beyond sampling error (`more_copies`, from
+    `copies_beyond_oracle`), and the quality figure (lower is better) no worse than the worse of the
     oracle's and the pretrained model's under the same sampler. A verdict needs it under both
     samplers (the paper's and `SECOND_SAMPLER`)."""
     figure = quality_figure(pretrained_quality)
-    forgotten = all(excess.get(name, 0.0) <= 0.0 for name in FORGET_MEASURES)
+    forgotten = all(excess.get(name, 0.0) <= 0.0 for name in FORGET_MEASURES) and not more_copies
     if figure is None:
         return forgotten
     ceiling = max(oracle_quality.get(figure) or 0.0, pretrained_quality[figure])

@@ -148,8 +148,9 @@ def describe_run(record: Mapping[str, Any]) -> str:
                      f"{_load(record.get('load_average_at_end'))} at the end.")
     runs = record.get("measured_in") or []
     if len(runs) > 1:
-        seconds = sum(run.get("total_seconds") or 0 for run in runs)
-        parts.append(f"Resumed: measured in {len(runs)} runs of {seconds:.0f} s together (meta.measured_in); "
+        timed = [run["total_seconds"] for run in runs if run.get("total_seconds") is not None]
+        together = f" of {sum(timed):.0f} s together" if len(timed) == len(runs) else ""
+        parts.append(f"Resumed: measured in {len(runs)} runs{together} (meta.measured_in); "
                      f"the last took {record.get('total_seconds', 0):.0f} s.")
     elif record.get("total_seconds") is not None:
         parts.append(f"{record['total_seconds']:.0f} s in all.")

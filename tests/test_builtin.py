@@ -97,3 +97,17 @@ def test_short_benchmark_writes_table_json_and_plot(tmp_path):
     first, last = resumed["meta"]["measured_in"]
     assert first["created"] == stored["meta"]["created"] and last["created"] == resumed["meta"]["created"]
     assert "Resumed: measured in 2 runs" in (tmp_path / "results.md").read_text()
+
+
+def test_verdict_counts_copies_beyond_the_oracle_that_its_quantile_misses():
+    """The H200 benchmark at 50,000 samples: ReTrack's excess at the oracle's 1 % quantile is negative,
+    but it draws 12 faint T-shirts against the oracle's 1, so it is not at the oracle's level."""
+    def row(method, count, fd=17.7, excess=-0.0078):
+        reading = {"samples": 50000, "rates": {"l2": count / 50000, "classifier": count / 50000},
+                   "counts": {"l2": count, "classifier": count}, "excess": {"l2": excess, "classifier": excess},
+                   "quality": {"classifier_fd": fd}}
+        return bench.Row(method=method, by_sampler={"paper": reading, "ddim": reading})
+    rows = [row("pretrained", 537, excess=0.011), row("retrack", 12), row("siss", 2), row("oracle", 1, excess=0.0)]
+    decided = bench.verdicts(rows)
+    assert decided["retrack"] == {"paper": False, "ddim": False, "both": False}
+    assert decided["siss"]["both"] and decided["oracle"]["both"] and not decided["pretrained"]["paper"]

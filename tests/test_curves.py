@@ -11,7 +11,7 @@ from PIL import Image
 from retrack.backends import load_backend
 from retrack.builtin import builtin_reference, builtin_sets
 from retrack.cli import main
-from retrack.curves import CurveSettings, curves_table, run_curves, time_to_both, time_to_oracle
+from retrack.curves import CurveSettings, curves_table, reaches, run_curves, time_to_both, time_to_oracle
 from retrack.engine import UnlearnConfig, unlearn
 from retrack.evaluation import OracleLevels, evaluate
 from retrack.paths import BUILTIN_MODEL
@@ -156,6 +156,15 @@ def test_time_to_oracle_needs_no_excess_and_quality_in_range_under_each_sampler(
     # the T-shirt measures alone: step 25 has no excess, only its quality (2.5) is out of range
     assert time_to_oracle(points, oracle, pretrained, quality=False)["step"] == 25
     assert "ReTrack 30.0 s, SISS never" in table
+    # More copies than the oracle beyond sampling error fail the check even with no excess at its 1 % quantile
+    # (12 faint T-shirts in 50,000 against the oracle's 1: the 50,000-sample benchmark).
+    oracle_50k = {key: {**levels, "rates": {"l2": 1 / 50000}, "n_samples": 50000} for key, levels in oracle.items()}
+    tail = at(50, 30.0, -0.01, -0.01, 1.9)
+    tail["by_sampler"]["paper"].update(samples=50000, counts={"l2": 12})
+    assert not reaches(tail, oracle_50k["paper"], pretrained, "paper")
+    assert not reaches(tail, oracle_50k["paper"], pretrained, "paper", quality=False)
+    tail["by_sampler"]["paper"]["counts"] = {"l2": 3}  # within sampling error of 1 in 50,000
+    assert reaches(tail, oracle_50k["paper"], pretrained, "paper")
     data["methods"]["siss"] = [points[0], at(100, 60.0, -0.02, -0.02, 1.0)]
     assert "ratio ReTrack / SISS = 0.50" in curves_table(data)
     # points measured in several runs (under different loads) are flagged: compare steps, not seconds

@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from retrack.backends import load_backend
+from retrack import metrics
 from retrack.evaluation import (
-    ORACLE_QUANTILE, Evaluation, OracleLevels, Reference, SamplerSettings, draw, evaluate, evaluate_samples,
-    excess_over, oracle_levels, reference_subset,
+    ORACLE_QUANTILE, Evaluation, OracleLevels, Reference, SamplerSettings, at_oracle_level, copies_beyond_oracle, draw,
+    evaluate, evaluate_samples, excess_over, oracle_levels, reference_subset,
 )
 from retrack.grids import reduce_to_side, samples_grid
 from retrack.copies import PAPER_L2_THRESHOLD
@@ -66,6 +67,20 @@ def test_excess_over_the_oracle_is_the_share_below_its_quantile_minus_the_quanti
 
     restored = OracleLevels.from_dict(json.loads(json.dumps(levels.to_dict())))
     assert restored == levels
+
+
+def test_copies_beyond_the_oracle_by_wilson_intervals_that_do_not_overlap():
+    # The 50,000-sample benchmark: ReTrack 12 copies (95 % interval 0.014-0.042 %), the oracle 1
+    # (0.000-0.011 %): beyond sampling error. At 5,000 samples 0, 1 or 7 against the oracle's 1 are not.
+    assert metrics.wilson_interval(12, 50000)[0] > metrics.wilson_interval(1, 50000)[1]
+    assert copies_beyond_oracle({"l2": 12, "classifier": 15}, 50000, {"l2": 1 / 50000, "classifier": 0.0}, 50000)
+    assert copies_beyond_oracle({"l2": 0, "classifier": 15}, 50000, {"l2": 0.0, "classifier": 0.0}, 50000)
+    for count in (0, 1, 7):
+        assert not copies_beyond_oracle({"l2": count}, 5000, {"l2": 1 / 5000}, 5000)
+    assert not copies_beyond_oracle({"clip": 500}, 5000, {"clip": 0.0}, 5000)  # CLIP is not a forget measure
+    quality = {"classifier_fd": 1.0}
+    assert at_oracle_level({"l2": -0.01, "classifier": -0.01}, quality, quality, quality)
+    assert not at_oracle_level({"l2": -0.01, "classifier": -0.01}, quality, quality, quality, more_copies=True)
 
 
 def test_nearest_lists_the_samples_closest_to_the_forget_image_first_with_their_copy_flags():
