@@ -287,47 +287,52 @@ def _verdict(value: Optional[bool]) -> str:
 
 def write_results(rows: list[Row], settings: BenchSettings, out: Path, record: RunRecord, device: str,
                   reference: Reference, levels: dict, earlier_runs: Sequence[dict] = ()) -> None:
-    """results.json, results.md and tradeoff.png; a resumed run lists every run's record in
-    meta.measured_in (`earlier_runs`, then this one)."""
-    samplers = settings.samplers()
-    decided = verdicts(rows)
+    """results.json, results.md (`results_table`) and tradeoff.png; a resumed run lists every run's
+    record in meta.measured_in (`earlier_runs`, then this one)."""
     meta = dict(settings=asdict(settings), thresholds=reference.thresholds(),
-                samplers={key: sampler.describe(device) for key, sampler in samplers.items()}, **record.finish())
+                samplers={key: sampler.describe(device) for key, sampler in settings.samplers().items()},
+                **record.finish())
     if earlier_runs:
         meta["measured_in"] = [*earlier_runs, {k: meta[k] for k in RECORD_KEYS}]
+    data = dict(meta=meta, oracle_levels={key: value.to_dict() for key, value in levels.items()},
+                rows=[asdict(r) for r in rows], verdicts=verdicts(rows))
+    write_json_and_markdown(out / "results.json", data, results_table(data))
+    plot_tradeoff(rows, out / "tradeoff.png")
+
+
+def results_table(data: dict) -> str:
+    """results.md from results.json's data alone (so a stored result can be rendered again)."""
+    meta, settings, thresholds = data["meta"], data["meta"]["settings"], data["meta"]["thresholds"]
     lines = [
-        f"Built-in digits + T-shirt model; {settings.steps} steps x batch {settings.batch_size} per branch; "
-        f"every model drawn under the paper's sampler ({samplers[PAPER].describe(device)}) and under the "
-        f"deterministic DDIM ({samplers[DDIM].describe(device)}), the same seeds for every model. "
-        + describe_run(meta),
+        f"Built-in digits + T-shirt model; {settings['steps']} steps x batch {settings['batch_size']} per branch; "
+        f"every model drawn under the paper's sampler ({meta['samplers'][PAPER]}) and under the deterministic DDIM "
+        f"({meta['samplers'][DDIM]}), the same seeds for every model. " + describe_run(meta),
         "",
         "| method | T-shirt rate, paper's sampler (L2 < 10; count; 95 % CI) | excess over oracle (L2 / classifier) | "
         "digit FD ↓ | T-shirt rate, DDIM-50 (L2 < 10; count; 95 % CI) | excess over oracle, DDIM (L2 / classifier) | "
         "digit FD, DDIM ↓ | at the oracle's level: paper / DDIM / both | unlearning time (s) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda row: ALL_METHODS.index(row.method)):
+    for r in sorted(data["rows"], key=lambda row: ALL_METHODS.index(row["method"])):
         cells = []
         for key in (PAPER, DDIM):
-            m = r.by_sampler[key]
+            m = r["by_sampler"][key]
             cells += [rate_with_interval(m), f"{_fmt(m['excess'].get('l2'), '+.2%')} / "
                       f"{_fmt(m['excess'].get('classifier'), '+.2%')}", _fmt(m["quality"].get("classifier_fd"), ".3g")]
-        v = decided[r.method]
-        lines.append(f"| {r.method} | {' | '.join(cells)} | {_verdict(v[PAPER])} / {_verdict(v[DDIM])} / "
-                     f"{_verdict(v['both'])} | {_fmt(r.unlearn_seconds, '.1f')} |")
+        v = data["verdicts"][r["method"]]
+        lines.append(f"| {r['method']} | {' | '.join(cells)} | {_verdict(v[PAPER])} / {_verdict(v[DDIM])} / "
+                     f"{_verdict(v['both'])} | {_fmt(r.get('unlearn_seconds'), '.1f')} |")
     lines += ["", "Every rate, count and quality figure per sampler (T-shirt by the classifier and CLIP, the "
               "CLIP Fréchet distance, the confident-digit rate, seconds of sampling) is in results.json.", "",
-              f"Thresholds (retrack.evaluation): pixel L2 {reference.l2_threshold:.3f} ({reference.l2_rule}); "
-              f"CLIP similarity {reference.clip_threshold:.3f}; classifier: p(T-shirt) > 0.5. 'Excess over oracle': "
+              f"Thresholds (retrack.evaluation): pixel L2 {thresholds['l2']:.3f} ({thresholds['l2_rule']}); "
+              f"CLIP similarity {_fmt(thresholds.get('clip_similarity'), '.3f')}; classifier: p(T-shirt) > "
+              f"{_fmt(thresholds.get('classifier_probability'), 'g')}. 'Excess over oracle': "
               "share of samples closer to the T-shirt than the oracle's 1 % quantile under the same sampler, minus 1 %. "
               "'At the oracle's level' (evaluation.at_oracle_level): no excess by pixel L2 or the classifier, no more "
               "copies by either than the oracle beyond sampling error (95 % Wilson intervals apart), and the "
               "digit FD no worse than the oracle's and the pretrained model's. Quality on the samples that are not "
               "pixel-L2 copies."]
-    data = dict(meta=meta, oracle_levels={key: value.to_dict() for key, value in levels.items()},
-                rows=[asdict(r) for r in rows], verdicts=decided)
-    write_json_and_markdown(out / "results.json", data, "\n".join(lines))
-    plot_tradeoff(rows, out / "tradeoff.png")
+    return "\n".join(lines)
 
 
 def plot_tradeoff(rows: list[Row], path: Path) -> None:

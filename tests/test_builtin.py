@@ -66,6 +66,7 @@ def test_short_benchmark_writes_table_json_and_plot(tmp_path):
     stored = json.loads((tmp_path / "results.json").read_text())
     assert [r["method"] for r in stored["rows"]] == ["pretrained", "retrack", "siss", "oracle"]
     assert stored["meta"]["settings"]["samples"] == 6
+    assert bench.results_table(stored).strip() == table.strip()  # the table renders from the JSON alone
     # Every model under both samplers, with its count and interval; the oracle at its own level.
     described = {key: sampler.describe("cpu") for key, sampler in settings.samplers().items()}
     assert described["paper"].startswith("DDPM, 2 steps, seeds 0..5") and described["ddim"].startswith("DDIM, 3 steps, seeds 0..4")
