@@ -59,9 +59,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     variants = args.variants.split(",")
     backend = load_backend(BUILTIN_MODEL, device="cpu")
     settings = SamplerSettings(precision="bf16")
-    ways, batches = {}, {}
+    batches = {name: next((int(t[1:]) for t in name.split("+") if t.startswith("b")), args.batch) for name in variants}
+    largest = max(batches.values())
+    if args.n % largest or any(largest % batch for batch in batches.values()):  # the variants draw the same seeds
+        parser.error(f"every batch size must divide the largest ({largest}), and it must divide N ({args.n})")
+    ways = {}
     for name in variants:
-        batches[name] = next((int(t[1:]) for t in name.split("+") if t.startswith("b")), args.batch)
         inductor.freezing = "freeze" in name.split("+")  # read when the first call compiles
         ways[name] = prepared(backend, name)
         started = time.perf_counter()
@@ -70,7 +73,6 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(name, "first call", round(time.perf_counter() - started, 1), "s", flush=True)
     inductor.freezing = False
     seconds, images = {name: 0.0 for name in ways}, {name: [] for name in ways}
-    largest = max(batches.values())
     for start in range(0, args.n, largest):  # every variant draws the same seeds, in turn
         for name, way in ways.items():
             for seed in range(start, start + largest, batches[name]):

@@ -48,8 +48,8 @@ from .builtin import builtin_dataset, builtin_reference, builtin_sets
 from .devices import resolve_device
 from .engine import UnlearnConfig, unlearn
 from .evaluation import (
-    DDIM, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference, SamplerSettings, at_oracle_level,
-    copies_beyond_oracle, evaluate,
+    COMPILED_BATCH, DDIM, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference, SamplerSettings,
+    at_oracle_level, copies_beyond_oracle, evaluate,
 )
 from .grids import save_grid, save_nearest_rows
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
@@ -72,7 +72,7 @@ class BenchSettings:
     seed: int = DEFAULTS["seed"]
     device: str = "auto"
     compiled: bool = True  # draw with the compiled network (retrack.compiled): worth it at thousands of samples
-    sample_batch: int = SamplerSettings.batch_size  # samples drawn at once (a GPU takes thousands); same samples
+    sample_batch: int = COMPILED_BATCH  # samples drawn at once (a GPU takes thousands); the samples do not change
     retain_reference: int = REFERENCE_SIZE  # retain images whose features are the quality reference
 
     def samplers(self) -> dict[str, SamplerSettings]:
@@ -241,8 +241,9 @@ def finished_rows(path: Path, settings: BenchSettings) -> tuple[dict, dict, list
 
 def verdicts(rows: Sequence[Row]) -> dict[str, dict[str, Optional[bool]]]:
     """Per method and sampler, whether it is at the oracle's level (`evaluation.at_oracle_level`:
-    no excess over the oracle by pixel L2 or the classifier, no more copies beyond sampling error, quality no worse than the oracle's and
-    the pretrained model's), and under "both"; None where the oracle or pretrained row is missing."""
+    no excess over the oracle by pixel L2 or the classifier, no more copies beyond sampling error,
+    quality no worse than the oracle's and the pretrained model's), and under "both"; None where the
+    oracle or pretrained row is missing."""
     by_method = {row.method: row for row in rows}
     out = {}
     for row in rows:

@@ -366,7 +366,7 @@ def add_bench_command(sub) -> None:
     p.add_argument("--ddim-samples", dest="deterministic_samples", type=int,
                    help="evaluation samples per model under the deterministic DDIM-50 (default 1000; --curves: 500)")
     p.add_argument("--sample-steps", type=int, help="steps of the paper's sampler (default 50, the released code's)")
-    p.add_argument("--sample-batch", type=int, help="samples drawn at once (default 250; a GPU takes thousands); "
+    p.add_argument("--sample-batch", type=int, help="samples drawn at once (default 100; a GPU takes thousands); "
                                                     "the samples do not depend on it")
     p.add_argument("--seed", type=int)
     p.add_argument("--device", default="auto")

@@ -40,8 +40,8 @@ from .builtin import builtin_reference, builtin_sets
 from .devices import resolve_device
 from .engine import UnlearnConfig, unlearn
 from .evaluation import (
-    DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels, Reference,
-    SamplerSettings, at_oracle_level, copies_beyond_oracle, evaluate, evaluate_samples, quality_figure,
+    COMPILED_BATCH, DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels,
+    Reference, SamplerSettings, at_oracle_level, copies_beyond_oracle, evaluate, evaluate_samples, quality_figure,
 )
 from .grids import save_nearest_rows
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
@@ -77,7 +77,8 @@ class CurveSettings:
 
     def samplers(self) -> dict[str, SamplerSettings]:
         """The two draws of every checkpoint (same seeds): the paper's sampler and DDIM."""
-        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps, compiled=self.compiled)
+        paper = SamplerSettings(n_samples=self.samples, seed=self.seed, steps=self.sample_steps, compiled=self.compiled,
+                                batch_size=COMPILED_BATCH if self.compiled else SamplerSettings.batch_size)
         ddim = replace(paper, n_samples=self.deterministic_samples).deterministic()
         return {PAPER: paper, DDIM: replace(ddim, steps=self.deterministic_steps)}
 

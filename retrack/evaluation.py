@@ -78,6 +78,11 @@ RETURN_COPIES = 16
 
 
 # ============================================================================ settings
+# The batch the compiled network draws with on a CPU: batches of 50-100 drew 10-20 % faster than 250
+# on an Intel Xeon (AMX) machine and no differently on an AMD EPYC one (benchmarks/results/compile_options.md).
+COMPILED_BATCH = 100
+
+
 @dataclass(frozen=True)
 class SamplerSettings:
     """Which samples are drawn: the same settings give the same samples under every model."""
@@ -91,6 +96,7 @@ class SamplerSettings:
     batch_size: int = 250
     precision: str = DEFAULT_SAMPLER_PRECISION  # of the network call: fp32, bf16 (autocast) or auto
     compiled: bool = False  # draw with the compiled network (`retrack.compiled`): for thousands of samples
+    # (then with batch_size COMPILED_BATCH, as the benchmark and the curves do)
 
     @classmethod
     def paper(cls, preset: str, **fields) -> "SamplerSettings":
