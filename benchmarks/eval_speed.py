@@ -25,9 +25,9 @@ whether any sample changes side of the L2 < 10 copy line. Writes eval_speed-comp
 FLOP counter, one call times the sampler's steps) and the rate of a large matrix product in fp32
 and bf16 on all threads, the best any layer of the network can reach while its convolutions are
 computed as direct products (as PyTorch's CPU kernels, eager or compiled, compute them). Their
-quotient is a floor under the drawing time of `--n` samples that no batch size or compiler beats. The 2-core
-machines these sessions get differ (an Intel Xeon with AMX, an AMD EPYC without), so a figure in
-seconds is read with this floor beside it. Writes eval_speed-ceiling.json and .md.
+quotient is a floor under the drawing time of `--n` samples that no batch size or compiler beats.
+The 2-core machines these sessions get differ (an Intel Xeon with AMX, an AMD EPYC without), so a
+figure in seconds is read with this floor beside it. Writes eval_speed-ceiling.json and .md.
 """
 
 from __future__ import annotations

@@ -55,7 +55,7 @@ from .grids import save_grid, save_nearest_rows
 from .likelihood import LikelihoodRow, NLLSettings, likelihood_table, model_likelihoods
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
 from .presets import DEFAULTS, EVALUATION_STEPS, PRESETS
-from .runrecord import NOT_RECORDED, RECORD_KEYS, RunRecord, describe_run, runs_of, write_json_and_markdown
+from .runrecord import NOT_RECORDED, RunRecord, describe_run, runs_of, write_json_and_markdown
 
 ALL_METHODS = ("pretrained", "vanilla", "neggrad", "erasediff", "siss", "retrack", "oracle")
 
@@ -294,7 +294,7 @@ def write_results(rows: list[Row], settings: BenchSettings, out: Path, record: R
                 samplers={key: sampler.describe(device) for key, sampler in settings.samplers().items()},
                 **record.finish())
     if earlier_runs:
-        meta["measured_in"] = [*earlier_runs, {k: meta[k] for k in RECORD_KEYS}]
+        meta["measured_in"] = [*earlier_runs, *runs_of(meta)]  # this run's own record last
     data = dict(meta=meta, oracle_levels={key: value.to_dict() for key, value in levels.items()},
                 rows=[asdict(r) for r in rows], verdicts=verdicts(rows))
     write_json_and_markdown(out / "results.json", data, results_table(data))

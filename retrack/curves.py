@@ -41,7 +41,8 @@ from .devices import resolve_device
 from .engine import UnlearnConfig, unlearn
 from .evaluation import (
     COMPILED_BATCH, DDIM, FORGET_MEASURES, PAPER, REFERENCE_SIZE, SECOND_SAMPLER_STEPS, Evaluation, OracleLevels,
-    Reference, SamplerSettings, at_oracle_level, copies_beyond_oracle, evaluate, evaluate_samples, quality_figure,
+    Reference, SamplerSettings, at_oracle_level, copies_beyond_oracle, evaluate, evaluate_samples,
+    forget_measures_at_oracle, quality_figure,
 )
 from .grids import save_nearest_rows
 from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
@@ -223,7 +224,7 @@ def reaches(point: dict, oracle: dict, pretrained: dict, key: str, quality: bool
     mine = point["by_sampler"][key]
     more = copies_beyond_oracle(mine.get("counts", {}), mine["samples"], oracle["rates"], oracle.get("n_samples", 0))
     if not quality:
-        return all(mine["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES) and not more
+        return forget_measures_at_oracle(mine["excess"], more)
     return at_oracle_level(mine["excess"], mine["quality"], oracle["quality"], pretrained["by_sampler"][key]["quality"],
                            more)
 
@@ -235,9 +236,8 @@ def confirmation(backend, settings: CurveSettings, reference: Reference, start: 
     result = evaluate(backend, settings.confirming(), reference, start.oracle_confirming)
     figures = measured(result, start.oracle_confirming)
     oracle = start.oracle_confirming
-    figures["at_oracle_level"] = (all(figures["excess"].get(name, 0.0) <= 0.0 for name in FORGET_MEASURES)
-                                  and not copies_beyond_oracle(figures["counts"], figures["samples"], oracle.rates,
-                                                               oracle.n_samples))
+    more = copies_beyond_oracle(figures["counts"], figures["samples"], oracle.rates, oracle.n_samples)
+    figures["at_oracle_level"] = forget_measures_at_oracle(figures["excess"], more)
     return figures
 
 

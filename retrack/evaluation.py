@@ -266,6 +266,12 @@ def copies_beyond_oracle(counts: dict, n: int, oracle_rates: dict, oracle_n: int
     return False
 
 
+def forget_measures_at_oracle(excess: dict, more_copies: bool = False) -> bool:
+    """The memorisation half of the rule: no forget measure's excess over the oracle above 0, and
+    no more copies than the oracle beyond sampling error (`copies_beyond_oracle`)."""
+    return all(excess.get(name, 0.0) <= 0.0 for name in FORGET_MEASURES) and not more_copies
+
+
 def at_oracle_level(excess: dict, quality: dict, oracle_quality: dict, pretrained_quality: dict,
                     more_copies: bool = False) -> bool:
     """The one rule for "forgotten" under one sampler: every forget measure's excess over the oracle
@@ -275,7 +281,7 @@ def at_oracle_level(excess: dict, quality: dict, oracle_quality: dict, pretraine
     oracle's and the pretrained model's under the same sampler. A verdict needs it under both
     samplers (the paper's and `SECOND_SAMPLER`)."""
     figure = quality_figure(pretrained_quality)
-    forgotten = all(excess.get(name, 0.0) <= 0.0 for name in FORGET_MEASURES) and not more_copies
+    forgotten = forget_measures_at_oracle(excess, more_copies)
     if figure is None:
         return forgotten
     ceiling = max(oracle_quality.get(figure) or 0.0, pretrained_quality[figure])
