@@ -26,8 +26,12 @@ FLOP counter, one call times the sampler's steps) and the rate of a large matrix
 and bf16 on all threads, the best any layer of the network can reach while its convolutions are
 computed as direct products (as PyTorch's CPU kernels, eager or compiled, compute them). Their
 quotient is a floor under the drawing time of `--n` samples that no batch size or compiler beats.
-The 2-core machines these sessions get differ (an Intel Xeon with AMX, an AMD EPYC without), so a
-figure in seconds is read with this floor beside it. Writes eval_speed-ceiling.json and .md.
+It then profiles a few calls of the compiled network at the evaluation's batch under bf16 and splits
+their time by kind of operation (convolutions, attention, inductor's fused kernels for the norms,
+activations and adds, the rest), so the seconds `--n` samples spend in convolutions alone, and the
+rate those reach, stand beside the floor. The 2-core machines these sessions get differ (an Intel
+Xeon with AMX, an AMD EPYC without), so a figure in seconds is read with this floor beside it.
+Writes eval_speed-ceiling.json and .md.
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from retrack.backends import load_backend  # noqa: E402
 from retrack.builtin import builtin_reference  # noqa: E402
 from retrack.compiled import compiled_backend  # noqa: E402
-from retrack.evaluation import SamplerSettings, draw, evaluate_samples  # noqa: E402
+from retrack.evaluation import COMPILED_BATCH, SamplerSettings, draw, evaluate_samples  # noqa: E402
 from retrack.images import unit_pixels  # noqa: E402
 from retrack.paths import BUILTIN_MODEL  # noqa: E402
 from retrack.sampling import Samples  # noqa: E402
@@ -60,7 +64,7 @@ from retrack.runrecord import (  # noqa: E402
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--n", type=int, default=5000)
-    parser.add_argument("--batch", type=int, default=SamplerSettings().batch_size)
+    parser.add_argument("--batch", type=int, default=COMPILED_BATCH, help="rows per network call (default: the benchmark's)")
     parser.add_argument("--precision", default=SamplerSettings().precision, choices=("fp32", "bf16", "auto"))
     parser.add_argument("--eager", action="store_true", help="draw without compiling the network")
     parser.add_argument("--cold", action="store_true", help="compile into an empty inductor cache (a fresh machine)")
@@ -172,26 +176,63 @@ def matmul_rate(dtype: torch.dtype, size: int = 2048, repeats: int = 10, rounds:
 
 
 def ceiling(settings: SamplerSettings, record: RunRecord, out: Path) -> int:
-    """The network's FLOPs for `settings.n_samples` samples against the machine's matrix-product rate."""
+    """The network's FLOPs for `settings.n_samples` samples against the machine's matrix-product rate,
+    and where the compiled network's time goes (see the module docstring)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     backend = load_backend(BUILTIN_MODEL, device="cpu")
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         backend.unet(torch.randn(1, *backend.x0_shape), torch.tensor([500]))
+    calls = settings.steps * settings.n_samples  # network calls of one sample each
     per_sample = counter.get_total_flops() * settings.steps / 1e9
+    conv_flops = sum(flops for op, flops in counter.get_flop_counts()["Global"].items() if "convolution" in str(op))
     rates = {name: round(matmul_rate(dtype)) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     floors = {name: round(per_sample * settings.n_samples / rate) for name, rate in rates.items()}
-    data = dict(sampler=settings.describe(), gflop_per_sample=round(per_sample, 2), matmul_gflop_per_s=rates,
-                floor_seconds=floors, threads=torch.get_num_threads(), **record.finish())
-    text = (f"The built-in network costs {per_sample:.1f} GFLOP per sample ({settings.steps} calls). A 2048-cube matrix "
+    per_call = profile_compiled_calls(backend, settings.batch_size)
+    spent = {kind: round(seconds * calls / settings.batch_size) for kind, seconds in per_call.items()}
+    conv_rate = round(conv_flops * settings.batch_size / per_call["convolutions"] / 1e9)
+    data = dict(sampler=settings.describe(), gflop_per_sample=round(per_sample, 2),
+                convolution_share_of_flops=round(conv_flops * settings.steps / 1e9 / per_sample, 3),
+                matmul_gflop_per_s=rates, floor_seconds=floors, threads=torch.get_num_threads(),
+                profiled_batch=settings.batch_size, profiled_ms_per_call={k: round(v * 1e3, 1) for k, v in per_call.items()},
+                projected_seconds_by_kind=spent, convolution_gflop_per_s=conv_rate, **record.finish())
+    kinds = ", ".join(f"{kind} {seconds} s" for kind, seconds in spent.items())
+    text = (f"The built-in network costs {per_sample:.1f} GFLOP per sample ({settings.steps} calls), "
+            f"{100 * data['convolution_share_of_flops']:.0f} % of it in convolutions. A 2048-cube matrix "
             f"product runs at {rates['fp32']} GFLOP/s in fp32 and {rates['bf16']} in bf16 on {data['threads']} threads "
             f"here, so drawing {settings.n_samples} samples takes at least {floors['bf16']} s "
             f"({floors['bf16'] / 60:.1f} min) in bf16 and {floors['fp32']} s in fp32 at that rate, whatever the batch or "
-            f"compiler (convolutions computed as direct products). "
+            f"compiler (convolutions computed as direct products). Profiled, the compiled network under bf16 at batch "
+            f"{settings.batch_size} would spend, over {settings.n_samples} samples: {kinds} (self time on the calling "
+            f"thread, {PROFILED_CALLS} calls); its convolutions run at {conv_rate} GFLOP/s. "
             f"{describe_run(data)}\n")
     write_json_and_markdown(out / "eval_speed-ceiling.json", data, text)
     print(text)
     return 0
+
+
+PROFILED_CALLS = 5
+KINDS = (("convolutions", "convolution"), ("attention", "attention"), ("fused kernels", "CompiledFxGraph"))
+
+
+def profile_compiled_calls(backend, batch_size: int) -> dict[str, float]:
+    """Seconds per call of the compiled network (bf16 autocast, `batch_size` rows) by kind of operation:
+    the profiler's self CPU time, whose kinds add up to the call's wall-clock time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    denoise = compiled_backend(backend).sampling_denoiser(None, 1.0)
+    x, t = torch.randn(batch_size, *backend.x0_shape), torch.tensor([500])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for _ in range(3):  # compile and warm up
+            denoise(x, t)
+        with profile(activities=[ProfilerActivity.CPU]) as profiled:
+            for _ in range(PROFILED_CALLS):
+                denoise(x, t)
+    seconds = {kind: 0.0 for kind, _ in KINDS} | {"other": 0.0}
+    for event in profiled.key_averages():
+        kind = next((kind for kind, key in KINDS if key in event.key), "other")
+        seconds[kind] += event.self_cpu_time_total / 1e6 / PROFILED_CALLS
+    return seconds
 
 
 def replace_n(settings: SamplerSettings, n: int, precision: str, seed: Optional[int] = None) -> SamplerSettings:
