@@ -293,8 +293,8 @@ def at_oracle_level(excess: dict, quality: dict, oracle_quality: dict, pretraine
 class Evaluation:
     """Seeded samples with every memorisation measure and quality figure.
 
-    The app reads the CLIP view through `scores`, `threshold`, `flags`, `rate` and `quality`
-    (the CLIP Fréchet distance), as it shows them.
+    The app reads the CLIP view through `clip_similarity`, `clip_threshold`, `clip_flags`,
+    `clip_rate` and `quality` (the CLIP Fréchet distance), as it shows them.
     """
 
     samples: Samples
