@@ -5,6 +5,7 @@
     python -m retrack sample --model outputs/no-tshirt --n 64 --out grid.png
     python -m retrack renoise --model builtin outputs/no-tshirt --t 300 500 --out renoise.png
     python -m retrack nll --model outputs/no-tshirt --images tshirt.png digit.png
+    python -m retrack evaluate --model outputs/no-tshirt
 
 Argument and input errors print one line (`retrack: error: ...`) and exit with status 2; a
 diverged or cancelled run, or one that runs out of memory, prints `retrack: stopped: ...` and exits
@@ -41,8 +42,10 @@ def load_sets(args: argparse.Namespace, backend, model_path: Path) -> tuple:
     """Forget and retain x0 for a run: the built-in sets, or images the user names (the retain
     images without the near-duplicates of the forget images: `leave_out_near_duplicates`)."""
     from .images import expand_paths, load_images
+    from .paths import BUILTIN_MODEL
 
-    if args.model == "builtin" and not args.forget:
+    builtin = Path(model_path).resolve() == BUILTIN_MODEL.resolve()
+    if builtin and not args.forget:
         from .builtin import builtin_sets
 
         forget, retain = builtin_sets()
@@ -55,7 +58,7 @@ def load_sets(args: argparse.Namespace, backend, model_path: Path) -> tuple:
         retain_files = expand_paths([args.retain])
         retain_images = load_images(retain_files, backend.image_size, backend.channels).tensor
         retain_names = [f.name for f in retain_files]
-    elif args.model == "builtin":
+    elif builtin:
         from .builtin import builtin_sets
 
         retain_images = builtin_sets()[1]
@@ -258,6 +261,71 @@ def cmd_nll(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Measure saved models' copies of the forget images and their quality under both samplers, read
+    against the oracle (`retrack.model_eval`)."""
+    import shlex
+
+    from .backends import load_backend
+    from .devices import resolve_device
+    from .model_eval import Candidate, EvaluateSettings, evaluate_models
+    from .presets import preset_for
+    from .runrecord import RunRecord
+
+    if Path(args.out).exists() and not args.overwrite:
+        raise FileExistsError(f"{args.out} already exists; choose a new --out folder or pass --overwrite")
+    settings = EvaluateSettings(samples=args.samples, deterministic_samples=args.ddim_samples,
+                                sample_steps=args.sample_steps, deterministic_steps=args.ddim_steps, seed=args.seed,
+                                compiled=args.compiled)
+    settings.validate()
+    device = resolve_device(args.device)
+    record = RunRecord.start(shlex.join(["python", "-m", "retrack", *args.argv]), args.beside, str(device))
+    paths = [_model_path(name) for name in args.model]
+    first = load_backend(paths[0], device=device)
+    if first.family != "pixel":
+        raise ValueError("evaluate measures pixel models (DDPM folders); for Stable Diffusion use sd-eval")
+    reference, before, oracle = evaluation_reference(args, first, paths[0])
+    rows = [Candidate(name, path, "before" if before and path == before[1] else "model")
+            for name, path in zip(args.model, paths)]
+    if before and before[1] not in paths:
+        rows.insert(0, Candidate(*before, "before"))
+    if oracle:
+        rows.append(Candidate(*oracle, "oracle"))
+    evaluate_models(rows, reference, settings, preset_for(first), str(device), Path(args.out), record,
+                    log=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite)
+    print(Path(args.out, "evaluation.md").read_text())
+    return 0
+
+
+def evaluation_reference(args: argparse.Namespace, backend, model_path: Path) -> tuple:
+    """`evaluate`'s reference and its (name, folder) of the model before unlearning and of the
+    oracle (None when not given): from --forget and --retain (less the forget images'
+    near-duplicates, as `unlearn` leaves them out) with --scorer or the model's own, or, without
+    --forget, the built-in T-shirt's, with the built-in model and its oracle by default."""
+    from .builtin import builtin_reference
+    from .checks import check_sets
+    from .evaluation import Reference
+    from .metrics import load_scorer
+    from .models import own_scorer
+    from .paths import BUILTIN_MODEL, BUILTIN_ORACLE
+
+    named = lambda name: (name, _model_path(name)) if name else None  # noqa: E731
+    if not args.forget:
+        if backend.x0_shape != (1, 28, 28):
+            raise ValueError("--forget and --retain are required (image files or folders) unless the models are the "
+                             "built-in model's")
+        return (builtin_reference(str(backend.device)), named(args.before) or ("builtin", BUILTIN_MODEL),
+                named(args.oracle) or ("builtin oracle", BUILTIN_ORACLE))
+    forget, retain, notes = load_sets(args, backend, model_path)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    forget, retain = forget.cpu(), retain.cpu()
+    check_sets(forget, retain)
+    scorer_spec = args.scorer or own_scorer(model_path)
+    scorer, note = load_scorer(str(scorer_spec), str(backend.device)) if scorer_spec else (None, "")
+    return Reference.build(forget, retain, scorer=scorer, note=note), named(args.before), named(args.oracle)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from . import bench
 
@@ -439,6 +507,34 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.set_defaults(run=cmd_nll)
 
+    p = sub.add_parser("evaluate", help="did a saved model forget? copies and quality under both samplers, "
+                                        "read against the oracle")
+    p.add_argument("--model", nargs="+", required=True, help="model folders to evaluate ('builtin' for the built-in model)")
+    p.add_argument("--forget", nargs="+", help="images or folders that should be forgotten (default: the built-in T-shirt)")
+    p.add_argument("--retain", help="folder of images kept (the training data): calibrates the copy threshold and is "
+                                    "the quality reference")
+    p.add_argument("--keep-near-duplicates", action="store_true",
+                   help="keep retain images that are a forget image up to small changes (left out by default)")
+    p.add_argument("--before", help="the model before unlearning, drawn too (default for the built-in T-shirt: the "
+                                    "built-in model)")
+    p.add_argument("--oracle", help="the model retrained without the forget images, which the verdict reads against "
+                                    "(default for the built-in T-shirt: its shipped oracle)")
+    p.add_argument("--scorer", help="CLIP scorer for CLIP copies and quality: a folder or name:pretrained-tag (default: "
+                                    "the model's own beside it, if any)")
+    p.add_argument("--samples", type=int, default=1000, help="samples per model under the paper's sampler (default 1000)")
+    p.add_argument("--ddim-samples", type=int, default=1000, help="samples per model under DDIM (default 1000)")
+    p.add_argument("--sample-steps", type=int, help="steps of the paper's sampler (default: the released code's for "
+                                                    "the model family, 50 for MNIST-like models)")
+    p.add_argument("--ddim-steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--seed", type=int, default=0, help="sample i uses seed + i, for every model")
+    p.add_argument("--compiled", action="store_true", help="draw with the compiled network (needs a C++ compiler on "
+                                                           "a CPU; pays from about a thousand samples)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="folder for evaluation.json, evaluation.md and the nearest-sample grids")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    add_beside_argument(p)
+    p.set_defaults(run=cmd_evaluate)
+
     add_sd_commands(sub)  # split, sd-eval (Stable Diffusion models)
     return parser
 
@@ -446,6 +542,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for run records
     from .errors import Cancelled, Diverged, OutOfMemory, is_out_of_memory
     from .images import ImageError
 
