@@ -292,9 +292,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if oracle:
         rows.append(Candidate(*oracle, "oracle"))
     evaluate_models(rows, reference, settings, preset_for(first), str(device), Path(args.out), record,
-                    log=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite)
+                    log=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite,
+                    progress=sample_bar)
     print(Path(args.out, "evaluation.md").read_text())
     return 0
+
+
+def sample_bar(label: str):
+    """A tqdm bar for one draw, as an `on_batch(done, total)` callback (opened at the first batch)."""
+    from tqdm import tqdm
+
+    bar = None
+
+    def on_batch(done: int, total: int) -> None:
+        nonlocal bar
+        bar = bar or tqdm(total=total, desc=label, unit="sample", leave=False)
+        bar.update(done - bar.n)
+        if done >= total:
+            bar.close()
+
+    return on_batch
 
 
 def evaluation_reference(args: argparse.Namespace, backend, model_path: Path) -> tuple:

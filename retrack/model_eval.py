@@ -36,6 +36,9 @@ from .grids import save_nearest_rows
 from .runrecord import RunRecord, describe_run, write_json_and_markdown
 
 
+OnBatch = Callable[[int, int], None]  # (samples done, samples in all)
+
+
 @dataclass(frozen=True)
 class EvaluateSettings:
     samples: int = 1000  # under the paper's sampler
@@ -72,10 +75,11 @@ class Candidate:
 
 def evaluate_models(rows: Sequence[Candidate], reference: Reference, settings: EvaluateSettings, preset: str,
                     device: str, out: Path, record: RunRecord, log: Callable[[str], None] = print,
-                    overwrite: bool = False) -> dict:
+                    overwrite: bool = False, progress: Optional[Callable[[str], OnBatch]] = None) -> dict:
     """Draw and measure every row under both samplers (the oracle's first: its levels are what the
     others are read against), then write the folder `out` in one piece (`atomic`): evaluation.json,
-    evaluation.md and each row's nearest-samples grids. Returns the data written."""
+    evaluation.md and each row's nearest-samples grids. `progress(label)` gives each draw's
+    `on_batch(done, total)`. Returns the data written."""
     samplers = settings.samplers(preset)
     levels: dict[str, OracleLevels] = {}
     measured: dict[str, dict] = {}
@@ -85,7 +89,8 @@ def evaluate_models(rows: Sequence[Candidate], reference: Reference, settings: E
         measured[row.name] = {}
         for key, sampler in samplers.items():
             started = time.perf_counter()
-            result = evaluate(backend, sampler, reference, oracle=levels.get(key))
+            on_batch = progress(f"{row.name}, {sampler.sampler.upper()}") if progress else None
+            result = evaluate(backend, sampler, reference, oracle=levels.get(key), on_batch=on_batch)
             if row.role == "oracle":
                 levels[key] = result.oracle = OracleLevels.from_evaluation(result, source=f"{row.name}, {result.sampler}")
             measured[row.name][key] = {**result.summary(), "seconds": round(time.perf_counter() - started, 1)}

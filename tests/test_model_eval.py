@@ -52,8 +52,9 @@ def test_evaluate_before_after_and_oracle_of_a_pixel_model(tiny_pixel_model, ima
     out = tmp_path / "report"
     code = main(["evaluate", "--model", str(after), "--before", str(tiny_pixel_model), "--oracle", str(oracle),
                  "--forget", str(forget), "--retain", str(retain), *FEW, "--out", str(out)])
-    printed = capsys.readouterr().out
+    printed, err = capsys.readouterr()
     assert code == 0
+    assert err.count("/6 [") >= 3 and err.count("/4 [") >= 3  # a progress bar per draw (tqdm)
     data = json.loads((out / "evaluation.json").read_text())
     assert [(r["role"], r["path"]) for r in data["rows"]] == [
         ("before", str(tiny_pixel_model)), ("model", str(after)), ("oracle", str(oracle))]
