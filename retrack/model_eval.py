@@ -30,7 +30,7 @@ from .backends import load_backend
 from .bench import rate_with_interval
 from .evaluation import (
     COMPILED_BATCH, DDIM, PAPER, SECOND_SAMPLER_STEPS, OracleLevels, Reference, SamplerSettings, at_oracle_level,
-    copies_beyond_oracle, evaluate, quality_figure,
+    copies_beyond_oracle, evaluate, forget_measures_at_oracle, quality_figure,
 )
 from .grids import save_nearest_rows
 from .runrecord import RunRecord, describe_run, write_json_and_markdown
@@ -94,7 +94,7 @@ def evaluate_models(rows: Sequence[Candidate], reference: Reference, settings: E
             if row.role == "oracle":
                 levels[key] = result.oracle = OracleLevels.from_evaluation(result, source=f"{row.name}, {result.sampler}")
             measured[row.name][key] = {**result.summary(), "seconds": round(time.perf_counter() - started, 1)}
-            grids[f"nearest-{rows.index(row)}-{row.role}-{key}.png"] = (row.name, result.nearest(16))
+            grids[f"nearest-{rows.index(row)}-{row.role}-{key}.png"] = (None, result.nearest(16))  # named by file
             quality = ", ".join(f"{name} {value:.3g}" for name, value in result.quality_figures.items() if value is not None)
             log(f"{row.name}, {result.sampler}: copies {result.counts()} of {result.n}; quality {quality or '–'}")
     data = dict(meta=dict(settings=asdict(settings), thresholds=reference.thresholds(), note=reference.note,
@@ -117,20 +117,26 @@ def evaluate_models(rows: Sequence[Candidate], reference: Reference, settings: E
 def verdicts(rows: Sequence[dict]) -> dict[str, dict[str, Optional[bool]]]:
     """Per row but the oracle's (the yardstick) and per sampler, whether it is at the oracle's level
     (`evaluation.at_oracle_level`), with the quality ceiling from the oracle and the `before` row
-    (when there is one), and under "both"; {} without an oracle."""
+    (when there is one), and under "both"; under "short", per sampler where it is not, what falls
+    short: "copies" (the memorisation half, `forget_measures_at_oracle`) or else "quality".
+    {} without an oracle."""
     oracle = next((row for row in rows if row["role"] == "oracle"), None)
     if oracle is None:
         return {}
     before = next((row for row in rows if row["role"] == "before"), oracle)
     out = {}
     for row in (row for row in rows if row["role"] != "oracle"):
-        out[row["name"]] = {}
+        out[row["name"]], short = {}, {}
         for key in (PAPER, DDIM):
             mine, theirs = row["by_sampler"][key], oracle["by_sampler"][key]
             more = copies_beyond_oracle(mine["counts"], mine["samples"], theirs["rates"], theirs["samples"])
-            out[row["name"]][key] = at_oracle_level(mine.get("excess_over_oracle", {}), mine["quality"],
-                                                    theirs["quality"], before["by_sampler"][key]["quality"], more)
+            excess = mine.get("excess_over_oracle", {})
+            out[row["name"]][key] = at_oracle_level(excess, mine["quality"], theirs["quality"],
+                                                    before["by_sampler"][key]["quality"], more)
+            if not out[row["name"]][key]:
+                short[key] = "copies" if not forget_measures_at_oracle(excess, more) else "quality"
         out[row["name"]]["both"] = out[row["name"]][PAPER] and out[row["name"]][DDIM]
+        out[row["name"]]["short"] = short
     return out
 
 
@@ -150,8 +156,8 @@ def report_table(data: dict) -> str:
             value = measured["quality"].get(figure) if figure else None
             cells += [rate_with_interval(measured), "–" if value is None else f"{value:.3g}"]
         said = verdict.get(row["name"], {})
-        reading = " / ".join("–" if said.get(key) is None else ("yes" if said[key] else "no") for key in (PAPER, DDIM, "both"))
-        lines.append(f"| {row['name']} ({row['role']}) | {' | '.join(cells)} | {reading} |")
+        lines.append(f"| {row['name']} ({row['role']}) | {' | '.join(cells)} | "
+                     f"{' / '.join(_reading(said, key) for key in (PAPER, DDIM, 'both'))} |")
     thresholds = meta["thresholds"]
     lines += ["", f"Copies: pixel L2 below {thresholds['l2']:.3f} ({thresholds['l2_rule']}); every measure's counts, "
               "the excess over the oracle and every quality figure are in evaluation.json. "
@@ -165,3 +171,12 @@ def report_table(data: dict) -> str:
     if meta.get("note"):
         lines += ["", f"Note: {meta['note']}"]
     return "\n".join(lines)
+
+
+def _reading(said: dict, key: str) -> str:
+    """'yes', 'no (copies)', 'no (quality)', 'no' (under both) or '–' (no verdict)."""
+    if said.get(key) is None:
+        return "–"
+    if said[key]:
+        return "yes"
+    return f"no ({said['short'][key]})" if key in said.get("short", {}) else "no"

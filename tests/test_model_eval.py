@@ -33,9 +33,10 @@ def test_verdicts_read_copies_and_quality_against_the_oracle_and_the_model_befor
     closer = row("closer", "model", measured(1, 50_000, fd=11.0), measured(0, 1000, excess=0.002, fd=24.0))
     said = verdicts([before, forgot, faint, blurred, closer, oracle])
     assert "oracle" not in said  # the yardstick is not judged by itself
-    assert said["forgot"] == {PAPER: True, DDIM: True, "both": True}
-    assert said["faint"] == {PAPER: False, DDIM: True, "both": False}
-    assert said["blurred"][PAPER] is False and said["closer"] == {PAPER: True, DDIM: False, "both": False}
+    assert said["forgot"] == {PAPER: True, DDIM: True, "both": True, "short": {}}
+    assert said["faint"] == {PAPER: False, DDIM: True, "both": False, "short": {PAPER: "copies"}}
+    assert said["blurred"][PAPER] is False and said["blurred"]["short"] == {PAPER: "quality"}
+    assert said["closer"] == {PAPER: True, DDIM: False, "both": False, "short": {DDIM: "copies"}}
     assert said["before"]["both"] is False
     # without the model before, the oracle's quality alone is the ceiling: 11 > 10 fails
     assert verdicts([forgot, oracle])["forgot"][PAPER] is False
