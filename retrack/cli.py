@@ -291,6 +291,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         rows.insert(0, Candidate(*before, "before"))
     if oracle:
         rows.append(Candidate(*oracle, "oracle"))
+    if len({row.path for row in rows}) < len(rows):
+        raise ValueError("a model is named twice (among --model, --before and --oracle): each row must be its own folder")
     evaluate_models(rows, reference, settings, preset_for(first), str(device), Path(args.out), record,
                     log=lambda line: print(line, file=sys.stderr, flush=True), overwrite=args.overwrite,
                     progress=sample_bar)

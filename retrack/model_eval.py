@@ -114,7 +114,7 @@ def evaluate_models(rows: Sequence[Candidate], reference: Reference, settings: E
     return data
 
 
-def verdicts(rows: Sequence[dict]) -> dict[str, dict[str, Optional[bool]]]:
+def verdicts(rows: Sequence[dict]) -> dict[str, dict]:
     """Per row but the oracle's (the yardstick) and per sampler, whether it is at the oracle's level
     (`evaluation.at_oracle_level`), with the quality ceiling from the oracle and the `before` row
     (when there is one), and under "both"; under "short", per sampler where it is not, what falls

@@ -97,6 +97,7 @@ def test_evaluate_the_builtin_model_against_its_oracle_by_default(tmp_path, caps
     ("no forget", "--forget and --retain are required"),
     ("copy kept", "retain item(s) are copies of forget items"),
     ("no samples", "samples and sampler steps must be at least 1"),
+    ("oracle twice", "a model is named twice"),
 ])
 def test_evaluate_refuses_what_it_cannot_measure(tiny_pixel_model, image_folders, tmp_path, capsys, case, message):
     forget, retain = image_folders
@@ -106,6 +107,8 @@ def test_evaluate_refuses_what_it_cannot_measure(tiny_pixel_model, image_folders
         args += ["--forget", str(forget / "secret.png"), "--retain", str(retain)]
     if case == "no samples":
         args += ["--forget", str(forget), "--retain", str(retain), "--samples", "0"]
+    if case == "oracle twice":
+        args += ["--forget", str(forget), "--retain", str(retain), "--oracle", str(tiny_pixel_model)]
     code = main(args)
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and err[-1].startswith("retrack: error:") and message in err[-1], err
