@@ -38,6 +38,14 @@ def _model_path(name: str) -> Path:
     return BUILTIN_MODEL if name == "builtin" else resolve_model_path(name)
 
 
+def refuse_existing_out(args: argparse.Namespace) -> Path:
+    """--out, refused up front when it exists and --overwrite is not given (before any long work;
+    the atomic write would refuse it only at the end)."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    return out
+
 def load_sets(args: argparse.Namespace, backend, model_path: Path) -> tuple:
     """Forget and retain x0 for a run: the built-in sets, or images the user names (the retain
     images without the near-duplicates of the forget images: `leave_out_near_duplicates`)."""
@@ -117,9 +125,7 @@ def cmd_unlearn(args: argparse.Namespace) -> int:
     from .presets import preset_for
     from .sd_cli import sd_conditioning, sd_load_options
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise FileExistsError(f"{out} already exists; choose a new --out folder or pass --overwrite")
+    out = refuse_existing_out(args)
     # Loaded straight onto the training device: Stable Diffusion's VAE and text encoder then encode
     # the images and the prompt there (on a GPU, not the CPU) before the UNet trains.
     model_path = _model_path(args.model)
@@ -272,8 +278,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .presets import preset_for
     from .runrecord import RunRecord
 
-    if Path(args.out).exists() and not args.overwrite:
-        raise FileExistsError(f"{args.out} already exists; choose a new --out folder or pass --overwrite")
+    refuse_existing_out(args)
     settings = EvaluateSettings(samples=args.samples, deterministic_samples=args.ddim_samples,
                                 sample_steps=args.sample_steps, deterministic_steps=args.ddim_steps, seed=args.seed,
                                 compiled=args.compiled)
